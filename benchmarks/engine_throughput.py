@@ -1,0 +1,154 @@
+"""Output tokens/s of splitserve's engine vs Hugging Face transformers `generate`, same model, same machine, same run.
+
+64 requests take their prompt and output lengths from the Azure conversation trace (scaled to the model's context).
+splitserve gets all of them at once (continuous batching). transformers gets them the way a user batches `generate`:
+fixed-size batches, left-padded, each batch running to its longest requested output. Both count only the tokens each
+request asked for, and both include prompt processing in the wall time.
+
+    python benchmarks/engine_throughput.py [--dtype bfloat16] [--requests 64] [--hf-batch 16]
+
+Prints one JSON line per system and the ratio. Not a test: nothing here asserts a time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+TRACE = REPO.parent / "shared" / "data" / "azure-llm-inference-2023" / "conv.csv"
+# A ~156M-parameter Llama shape (the size platform-facts.md measures): 8 layers, hidden 1024, 16 heads, 4 KV heads.
+MODEL_SHAPE = dict(arch="llama", layers=8, hidden=1024, heads=16, kv_heads=4, vocab=32000, intermediate=2816)
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", type=Path, default=REPO / ".cache" / "bench-llama-156m")
+    p.add_argument("--trace", type=Path, default=TRACE)
+    p.add_argument("--requests", type=int, default=64)
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="bfloat16")
+    p.add_argument(
+        "--scale", type=float, default=0.25, help="multiply trace lengths by this (model context is 2048)"
+    )
+    p.add_argument("--hf-batch", type=int, default=16, help="batch size a transformers user would pick")
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--budget", type=int, default=1024, help="splitserve per-step token budget")
+    p.add_argument("--skip-hf", action="store_true")
+    p.add_argument("--seed", type=int, default=0)
+    return p.parse_args()
+
+
+def trace_lengths(path: Path, n: int, scale: float, max_len: int, seed: int) -> list[tuple[int, int]]:
+    """(prompt, output) pairs: n random rows of the trace, scaled, clipped so prompt + output fits max_len."""
+    with path.open() as f:
+        rows = [(int(r["ContextTokens"]), int(r["GeneratedTokens"])) for r in csv.DictReader(f)]
+    picked = random.Random(seed).sample(rows, n)
+    out = []
+    for ctx, gen in picked:
+        gen_s = max(1, round(gen * scale))
+        ctx_s = max(1, min(round(ctx * scale), max_len - gen_s))
+        out.append((ctx_s, gen_s))
+    return out
+
+
+def make_prompts(lengths: list[tuple[int, int]], vocab: int, seed: int) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(3, vocab) for _ in range(p)] for p, _ in lengths]
+
+
+def run_splitserve(model_dir: Path, prompts, lengths, dtype: str, budget: int) -> dict:
+    from engine.config import EngineConfig
+    from engine.engine import LLMEngine
+    from engine.sampling_params import SamplingParams
+
+    engine = LLMEngine(
+        model_dir, EngineConfig(dtype=dtype, max_num_batched_tokens=budget, max_num_seqs=len(prompts))
+    )
+    params = [SamplingParams(max_tokens=g, temperature=0.0, ignore_eos=True) for _, g in lengths]
+    engine.generate([prompts[0][:8]], SamplingParams(max_tokens=2, temperature=0.0))  # warm-up
+    start = time.perf_counter()
+    completions = engine.generate(prompts, params)
+    elapsed = time.perf_counter() - start
+    tokens = sum(len(c.token_ids) for c in completions)
+    return {
+        "system": "splitserve",
+        "output_tokens": tokens,
+        "seconds": elapsed,
+        "tokens_per_s": tokens / elapsed,
+    }
+
+
+def run_transformers(model_dir: Path, prompts, lengths, dtype: str, batch: int) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype)).eval()
+    pad = 0
+    start = time.perf_counter()
+    tokens = 0
+    for i in range(0, len(prompts), batch):
+        group = prompts[i : i + batch]
+        wanted = [g for _, g in lengths[i : i + batch]]
+        width = max(len(p) for p in group)
+        ids = torch.tensor([[pad] * (width - len(p)) + p for p in group])
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in group])
+        with torch.inference_mode():
+            model.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                max_new_tokens=max(wanted),
+                min_new_tokens=max(wanted),
+                do_sample=False,
+                pad_token_id=pad,
+            )
+        tokens += sum(wanted)
+    elapsed = time.perf_counter() - start
+    return {
+        "system": "transformers",
+        "output_tokens": tokens,
+        "seconds": elapsed,
+        "tokens_per_s": tokens / elapsed,
+    }
+
+
+def main() -> int:
+    args = parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import torch
+
+    torch.set_num_threads(args.threads)
+    sys.path.insert(0, str(REPO))
+    from engine.tiny_model import make_tiny_model
+
+    if not (args.model / "config.json").exists():
+        make_tiny_model(
+            args.model, seed=args.seed, dtype=args.dtype, max_position_embeddings=2048, **MODEL_SHAPE
+        )
+    lengths = trace_lengths(args.trace, args.requests, args.scale, 2048, args.seed)
+    prompts = make_prompts(lengths, 1000, args.seed)
+    info = {
+        "requests": len(prompts),
+        "prompt_tokens": sum(p for p, _ in lengths),
+        "output_tokens": sum(g for _, g in lengths),
+        "dtype": args.dtype,
+        "threads": args.threads,
+    }
+    print(json.dumps({"workload": info}))
+    ours = run_splitserve(args.model, prompts, lengths, args.dtype, args.budget)
+    print(json.dumps(ours))
+    if args.skip_hf:
+        return 0
+    theirs = run_transformers(args.model, prompts, lengths, args.dtype, args.hf_batch)
+    print(json.dumps(theirs))
+    print(json.dumps({"ratio_splitserve_over_transformers": ours["tokens_per_s"] / theirs["tokens_per_s"]}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

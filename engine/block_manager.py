@@ -1,0 +1,129 @@
+"""The paged KV pool's bookkeeping: reference-counted blocks and a prefix cache keyed by a hash chain of token ids.
+
+A full block's key is hash(parent block's key, its token ids), so equal keys mean equal whole prefixes. A block is
+registered only once its KV has been computed, so a request can never reuse a block another request is still filling.
+Freed blocks keep their contents and key until they are handed out again, least recently freed first; a sequence frees
+its blocks tail first so that shared prefixes are the last to be evicted.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from engine.sequence import Sequence
+
+_ROOT_HASH = 0x5EED
+
+
+@dataclass(slots=True)
+class PrefixCacheStats:
+    queried_blocks: int = 0  # full prompt blocks looked up at admission
+    hit_blocks: int = 0  # of those, found in the cache
+
+
+class BlockManager:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True) -> None:
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.enable_prefix_caching = enable_prefix_caching
+        self._ref_counts = [0] * num_blocks
+        self._block_key: list[int | None] = [None] * num_blocks
+        self._block_tokens: list[tuple[int, ...] | None] = [None] * num_blocks
+        self._cached: dict[int, int] = {}  # key -> block id
+        self._free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
+        self.stats = PrefixCacheStats()
+
+    @property
+    def num_free_blocks(self) -> int:
+        return len(self._free)
+
+    def blocks_for(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    def ref_count(self, block_id: int) -> int:
+        return self._ref_counts[block_id]
+
+    def admit_with_prefix_cache(self, seq: Sequence) -> None:
+        """Give a new sequence the cached blocks of its longest cached prompt prefix; it computes the rest.
+
+        At least the prompt's last token is always left to compute: its logits are needed to sample.
+        """
+        if not self.enable_prefix_caching:
+            return
+        max_blocks = (seq.num_tokens - 1) // self.block_size
+        key = _ROOT_HASH
+        hits: list[int] = []
+        for i in range(max_blocks):
+            tokens = tuple(seq.token_slice(i * self.block_size, (i + 1) * self.block_size))
+            key = hash((key, tokens))
+            block = self._cached.get(key)
+            if block is None or self._block_tokens[block] != tokens:
+                break
+            hits.append(block)
+        for block in hits:
+            self._acquire(block)
+        seq.block_ids = hits
+        seq.num_computed_tokens = len(hits) * self.block_size
+        seq.num_hashed_blocks = len(hits)
+        seq.num_cached_prompt_tokens = seq.num_computed_tokens
+
+    def record_admission(self, seq: Sequence) -> None:
+        """Count a sequence's prefix-cache lookup once it is actually admitted (retries are not counted twice)."""
+        if self.enable_prefix_caching:
+            self.stats.queried_blocks += (seq.num_tokens - 1) // self.block_size
+            self.stats.hit_blocks += seq.num_cached_prompt_tokens // self.block_size
+
+    def ensure_capacity(self, seq: Sequence, num_tokens: int) -> bool:
+        """Make seq own enough blocks for its first num_tokens tokens; False (and no change) if the pool is short."""
+        missing = self.blocks_for(num_tokens) - len(seq.block_ids)
+        if missing <= 0:
+            return True
+        if missing > len(self._free):
+            return False
+        for _ in range(missing):
+            block, _ = self._free.popitem(last=False)
+            self._forget_key(block)
+            self._ref_counts[block] = 1
+            seq.block_ids.append(block)
+        return True
+
+    def register_computed_blocks(self, seq: Sequence) -> None:
+        """Publish seq's blocks that became full of computed KV, so later requests can share them."""
+        if not self.enable_prefix_caching:
+            return
+        full = min(seq.num_computed_tokens // self.block_size, len(seq.block_ids))
+        if full <= seq.num_hashed_blocks:
+            return
+        key = _ROOT_HASH
+        if seq.num_hashed_blocks:
+            key = self._block_key[seq.block_ids[seq.num_hashed_blocks - 1]] or _ROOT_HASH
+        for i in range(seq.num_hashed_blocks, full):
+            tokens = tuple(seq.token_slice(i * self.block_size, (i + 1) * self.block_size))
+            key = hash((key, tokens))
+            block = seq.block_ids[i]
+            self._block_key[block] = key
+            self._block_tokens[block] = tokens
+            self._cached.setdefault(key, block)
+        seq.num_hashed_blocks = full
+
+    def free(self, seq: Sequence) -> None:
+        """Drop seq's references, tail first; blocks nobody references become reusable (their cache entry stays)."""
+        for block in reversed(seq.block_ids):
+            self._ref_counts[block] -= 1
+            if self._ref_counts[block] == 0:
+                self._free[block] = None
+        seq.block_ids = []
+        seq.num_hashed_blocks = 0
+
+    def _acquire(self, block: int) -> None:
+        if self._ref_counts[block] == 0:
+            del self._free[block]
+        self._ref_counts[block] += 1
+
+    def _forget_key(self, block: int) -> None:
+        key = self._block_key[block]
+        if key is not None and self._cached.get(key) == block:
+            del self._cached[key]
+        self._block_key[block] = None
+        self._block_tokens[block] = None

@@ -1,0 +1,391 @@
+"""LLMEngine: one model, one paged KV pool, one scheduler; the same code path for all three roles.
+
+Request life cycle by role:
+- colocated: add_request -> waiting -> running (prompt in chunks, then one token per step) -> finished.
+- prefill:   add_request -> waiting -> running (prompt) -> first token sampled -> PREFILLED: the output carries a
+             KVHandoff (block ids + per-layer cache tensors); the blocks stay held until release(request_id).
+             A hook set with set_kv_layer_hook is called after every layer's KV write, for layer-wise streaming.
+- decode:    reserve(prompt) -> RESERVED (blocks held, KV written into them from outside) -> admit(first token)
+             -> running (one token per step) -> finished.
+Finished, aborted and released requests give every block back exactly once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from engine.block_manager import BlockManager, PrefixCacheStats
+from engine.config import EngineConfig, EngineRole, ModelConfig
+from engine.detokenizer import IncrementalDetokenizer
+from engine.devices import resolve_device, resolve_dtype
+from engine.errors import InvalidRequestError, ModelLoadError, ResourceExhaustedError, UnknownRequestError
+from engine.model_runner import ModelRunner
+from engine.models.decoder import DecoderModel
+from engine.sampler import SampledToken, sample
+from engine.sampling_params import SamplingParams
+from engine.scheduler import Scheduler, SchedulerOutput
+from engine.sequence import FinishReason, Sequence, SequenceStatus, TokenLogprob
+from engine.tokenizer import Tokenizer
+
+
+@dataclass(slots=True)
+class KVLayerWrite:
+    """One request's KV that a step wrote into one layer: tokens [start, end) living in block_ids."""
+
+    request_id: str
+    block_ids: list[int]  # the blocks holding tokens start..end-1, in order
+    start: int
+    end: int
+
+
+KVLayerHook = Callable[[int, list[KVLayerWrite]], None]
+
+
+@dataclass(slots=True)
+class KVHandoff:
+    """What a prefill engine hands to a transport once a prompt is done."""
+
+    block_ids: list[int]  # the request's blocks, in token order
+    num_tokens: int  # prompt tokens whose KV the blocks hold
+    kv_layers: list[
+        torch.Tensor
+    ]  # per layer: the whole pool [num_blocks, 2, block_size, KVH, D]; index by block_ids
+    first_token_id: int
+    first_logprob: TokenLogprob | None
+
+
+@dataclass(slots=True)
+class RequestOutput:
+    """What one step produced for one request (a streaming delta)."""
+
+    request_id: str
+    new_token_ids: list[int]
+    new_text: str
+    new_logprobs: list[TokenLogprob]
+    finished: bool
+    finish_reason: FinishReason | None
+    num_prompt_tokens: int
+    num_cached_prompt_tokens: int
+    kv: KVHandoff | None = None
+
+
+@dataclass(slots=True)
+class Completion:
+    """A whole request's result, as returned by generate()."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    text: str
+    finish_reason: FinishReason
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    num_cached_prompt_tokens: int = 0
+
+
+@dataclass(slots=True)
+class EngineStats:
+    num_blocks: int
+    num_free_blocks: int
+    num_waiting: int
+    num_running: int
+    num_held: int  # reserved (decode) or handed-over-but-unreleased (prefill) requests
+    num_preemptions: int
+    prefix_cache: PrefixCacheStats
+
+
+class LLMEngine:
+    def __init__(self, model_dir: str | Path, config: EngineConfig | None = None) -> None:
+        self.config = config or EngineConfig()
+        model_dir = Path(model_dir)
+        if not model_dir.is_dir():
+            raise ModelLoadError(f"{model_dir}: model directory does not exist")
+        self.model_config = ModelConfig.from_dir(model_dir)
+        self.tokenizer = Tokenizer.from_dir(model_dir)
+        device = resolve_device(self.config.device)
+        dtype = resolve_dtype(self.config.dtype, self.model_config.torch_dtype, device)
+        self.max_model_len = self.config.max_model_len or self.model_config.max_position_embeddings
+        self.model = DecoderModel.load(model_dir, self.model_config, dtype, device, self.max_model_len)
+        num_blocks = self.config.num_kv_blocks or max(
+            1,
+            self.config.kv_cache_memory_bytes
+            // ModelRunner.bytes_per_block(self.model, self.config.block_size),
+        )
+        self.runner = ModelRunner(self.model, num_blocks, self.config.block_size)
+        self.blocks = BlockManager(num_blocks, self.config.block_size, self.config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.blocks, self.config.max_num_batched_tokens, self.config.max_num_seqs)
+        # A lone sequence must always fit in the pool, or preemption could never make room for it.
+        self.max_seq_tokens = min(self.max_model_len, num_blocks * self.config.block_size)
+        self.eos_token_ids = set(self.model_config.eos_token_ids) | self.tokenizer.eos_token_ids
+        self._seqs: dict[str, Sequence] = {}
+        self._held: dict[str, Sequence] = {}  # RESERVED or PREFILLED: blocks held outside the scheduler
+        self._pending: list[RequestOutput] = []
+        self._admitted = 0
+        self._preemptions = 0
+        self._kv_layer_hook: KVLayerHook | None = None
+        self._rng = torch.Generator().manual_seed(self.config.seed)
+
+    # ---- requests -------------------------------------------------------------------------------------------------
+
+    def add_request(
+        self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None
+    ) -> None:
+        """Queue a request. Raises InvalidRequestError for bad input; nothing is queued then."""
+        seq = self._new_sequence(request_id, prompt, params or SamplingParams())
+        self._seqs[request_id] = seq
+        self.scheduler.add(seq)
+
+    def abort(self, request_id: str) -> None:
+        """Cancel a request in any state and free its blocks; unknown or finished ids are ignored."""
+        seq = self._seqs.pop(request_id, None)
+        if seq is None:
+            return
+        self.scheduler.remove(seq)
+        self._held.pop(request_id, None)
+        self.blocks.free(seq)
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = FinishReason.ABORT
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work or bool(self._pending)
+
+    def set_kv_layer_hook(self, hook: KVLayerHook | None) -> None:
+        """Prefill role: hook(layer, writes) runs right after each layer's new KV is in the cache."""
+        self._kv_layer_hook = hook
+
+    # ---- prefill role: hand-over ----------------------------------------------------------------------------------
+
+    def release(self, request_id: str) -> None:
+        """Free the blocks of a prefilled request once its KV has been copied out."""
+        seq = self._held.get(request_id)
+        if seq is None or seq.status != SequenceStatus.PREFILLED:
+            raise UnknownRequestError(f"no prefilled request {request_id!r} to release")
+        self._forget(seq)
+
+    # ---- decode role: reserve, receive KV, admit --------------------------------------------------------------------
+
+    @property
+    def kv_layers(self) -> list[torch.Tensor]:
+        """Per-layer KV pool tensors [num_blocks, 2, block_size, KVH, D]; transports read and write blocks here."""
+        return self.runner.kv_caches
+
+    def reserve(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams | None = None
+    ) -> list[int]:
+        """Hold blocks for a prompt whose KV will be written from outside. Raises ResourceExhaustedError if short."""
+        self._require_role_other_than(EngineRole.PREFILL, "reserve")
+        seq = self._new_sequence(request_id, list(prompt_token_ids), params or SamplingParams())
+        if not self.blocks.ensure_capacity(seq, seq.num_prompt_tokens):
+            raise ResourceExhaustedError(
+                f"need {self.blocks.blocks_for(seq.num_prompt_tokens)} KV blocks for {request_id!r}, "
+                f"{self.blocks.num_free_blocks} free"
+            )
+        seq.status = SequenceStatus.RESERVED
+        self._seqs[request_id] = seq
+        self._held[request_id] = seq
+        return list(seq.block_ids)
+
+    def admit(self, request_id: str, first_token_id: int, first_logprob: TokenLogprob | None = None) -> None:
+        """The prompt's KV is in the reserved blocks: start generating after the prefill engine's first token."""
+        seq = self._held.get(request_id)
+        if seq is None or seq.status != SequenceStatus.RESERVED:
+            raise UnknownRequestError(f"no reserved request {request_id!r} to admit")
+        if not 0 <= first_token_id < self.model_config.vocab_size:
+            raise InvalidRequestError(f"first token id {first_token_id} is outside the vocabulary")
+        del self._held[request_id]
+        seq.num_computed_tokens = seq.num_prompt_tokens
+        self.blocks.register_computed_blocks(seq)
+        self.scheduler.add_running(seq)
+        out = self._append_token(seq, SampledToken(first_token_id, first_logprob))
+        self._pending.append(out)
+        if seq.is_finished:
+            self._finish(seq)
+
+    # ---- the step ---------------------------------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        """Run one batch; return a delta for every request that produced a token (or finished) in it."""
+        outputs, self._pending = self._pending, []
+        if not self.scheduler.has_work:
+            return outputs
+        sched = self.scheduler.schedule()
+        self._preemptions += len(sched.preempted)
+        if not sched.chunks:
+            return outputs
+        logits = self.runner.run(sched, self._layer_hook_for(sched))
+        completing = [c.seq for c in sched.chunks if c.completes_sequence]
+        for chunk in sched.chunks:
+            chunk.seq.num_computed_tokens += chunk.num_tokens
+            self.blocks.register_computed_blocks(chunk.seq)
+        for seq, sampled in zip(completing, sample(logits, completing, self._rng), strict=True):
+            outputs.append(self._append_token(seq, sampled))
+            if seq.is_finished:
+                self._finish(seq)
+            elif self.config.role == EngineRole.PREFILL:
+                outputs[-1] = self._hand_over(seq, outputs[-1])
+        return outputs
+
+    def generate(
+        self, prompts: Iterable[str | list[int]], params: SamplingParams | list[SamplingParams] | None = None
+    ) -> list[Completion]:
+        """Run prompts to completion together (continuous batching) and return them in order."""
+        prompts = list(prompts)
+        per_prompt = params if isinstance(params, list) else [params or SamplingParams()] * len(prompts)
+        ids = [f"generate-{self._admitted + i}" for i in range(len(prompts))]
+        for request_id, prompt, p in zip(ids, prompts, per_prompt, strict=True):
+            self.add_request(request_id, prompt, p)
+        done: dict[str, Completion] = {}
+        seqs = {rid: self._seqs[rid] for rid in ids}
+        while len(done) < len(ids) and self.has_unfinished():
+            for out in self.step():
+                if out.finished and out.request_id in seqs:
+                    seq = seqs[out.request_id]
+                    done[out.request_id] = _completion(seq)
+        return [done[rid] for rid in ids]
+
+    def stats(self) -> EngineStats:
+        return EngineStats(
+            num_blocks=self.blocks.num_blocks,
+            num_free_blocks=self.blocks.num_free_blocks,
+            num_waiting=len(self.scheduler.waiting),
+            num_running=len(self.scheduler.running),
+            num_held=len(self._held),
+            num_preemptions=self._preemptions,
+            prefix_cache=self.blocks.stats,
+        )
+
+    # ---- internals --------------------------------------------------------------------------------------------------
+
+    def _new_sequence(self, request_id: str, prompt: str | list[int], params: SamplingParams) -> Sequence:
+        if not isinstance(request_id, str) or not request_id:
+            raise InvalidRequestError("request_id must be a non-empty string")
+        if request_id in self._seqs:
+            raise InvalidRequestError(f"request id {request_id!r} is already in use")
+        if not isinstance(params, SamplingParams):
+            raise InvalidRequestError(f"params must be SamplingParams, got {type(params).__name__}")
+        params.validate()
+        token_ids = self._tokenize(prompt)
+        if len(token_ids) >= self.max_seq_tokens:
+            limit = "context" if self.max_seq_tokens == self.max_model_len else "KV cache capacity"
+            raise InvalidRequestError(
+                f"prompt has {len(token_ids)} tokens; the model's {limit} is {self.max_seq_tokens} tokens "
+                "and at least one must be left to generate"
+            )
+        seq = Sequence(
+            request_id=request_id,
+            prompt_token_ids=token_ids,
+            params=params,
+            detokenizer=IncrementalDetokenizer(self.tokenizer, token_ids),
+            arrival_index=self._admitted,
+        )
+        seq.text.stops = list(params.stop)
+        self._admitted += 1
+        return seq
+
+    def _tokenize(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            token_ids = self.tokenizer.encode(prompt)
+        elif isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            bad = [t for t in prompt if not 0 <= t < self.model_config.vocab_size]
+            if bad:
+                raise InvalidRequestError(
+                    f"prompt token id {bad[0]} is outside the vocabulary (0..{self.model_config.vocab_size - 1})"
+                )
+            token_ids = list(prompt)
+        else:
+            raise InvalidRequestError("prompt must be a string or a list of token ids")
+        if not token_ids:
+            raise InvalidRequestError("prompt is empty")
+        return token_ids
+
+    def _require_role_other_than(self, role: EngineRole, action: str) -> None:
+        if self.config.role == role:
+            raise InvalidRequestError(f"{action} is not available on an engine in the {role.value} role")
+
+    def _append_token(self, seq: Sequence, sampled: SampledToken) -> RequestOutput:
+        """Record a sampled token, update text and stop state, and describe the change as a delta."""
+        token, params = sampled.token_id, seq.params
+        seq.output_token_ids.append(token)
+        seq.output_counts[token] = seq.output_counts.get(token, 0) + 1
+        if sampled.logprob is not None:
+            seq.logprobs.append(sampled.logprob)
+        stop_token = token in params.stop_token_ids or (not params.ignore_eos and token in self.eos_token_ids)
+        delta = ""
+        if not stop_token and seq.detokenizer is not None:
+            delta = seq.text.feed(seq.detokenizer.push(token))
+        reason = None
+        if stop_token or seq.text.stopped_at is not None:
+            reason = FinishReason.STOP
+        elif len(seq.output_token_ids) >= params.max_tokens or seq.num_tokens >= self.max_seq_tokens:
+            reason = FinishReason.LENGTH
+        if reason is not None:
+            if seq.text.stopped_at is None and seq.detokenizer is not None:
+                seq.text.feed(seq.detokenizer.flush())
+            delta += seq.text.flush()
+            seq.status = SequenceStatus.FINISHED
+            seq.finish_reason = reason
+        return RequestOutput(
+            request_id=seq.request_id,
+            new_token_ids=[token],
+            new_text=delta,
+            new_logprobs=[sampled.logprob] if sampled.logprob is not None else [],
+            finished=reason is not None,
+            finish_reason=reason,
+            num_prompt_tokens=seq.num_prompt_tokens,
+            num_cached_prompt_tokens=seq.num_cached_prompt_tokens,
+        )
+
+    def _hand_over(self, seq: Sequence, out: RequestOutput) -> RequestOutput:
+        """Prefill role: stop after the first token and keep the blocks for the transport."""
+        self.scheduler.remove(seq)
+        seq.status = SequenceStatus.PREFILLED
+        seq.finish_reason = FinishReason.PREFILL_DONE
+        self._held[seq.request_id] = seq
+        out.finished = True
+        out.finish_reason = FinishReason.PREFILL_DONE
+        out.kv = KVHandoff(
+            block_ids=list(seq.block_ids),
+            num_tokens=seq.num_prompt_tokens,
+            kv_layers=self.runner.kv_caches,
+            first_token_id=seq.output_token_ids[0],
+            first_logprob=seq.logprobs[0] if seq.logprobs else None,
+        )
+        return out
+
+    def _finish(self, seq: Sequence) -> None:
+        self.scheduler.remove(seq)
+        self._forget(seq)
+
+    def _forget(self, seq: Sequence) -> None:
+        self.blocks.free(seq)
+        self._held.pop(seq.request_id, None)
+        self._seqs.pop(seq.request_id, None)
+
+    def _layer_hook_for(self, sched: SchedulerOutput) -> Callable[[int], None] | None:
+        hook = self._kv_layer_hook
+        if hook is None or self.config.role != EngineRole.PREFILL:
+            return None
+        bs = self.config.block_size
+        writes = []
+        for chunk in sched.chunks:
+            start = chunk.seq.num_computed_tokens
+            end = start + chunk.num_tokens
+            blocks = chunk.seq.block_ids[start // bs : -(-end // bs)]
+            writes.append(KVLayerWrite(chunk.seq.request_id, blocks, start, end))
+        return lambda layer: hook(layer, writes)
+
+
+def _completion(seq: Sequence) -> Completion:
+    assert seq.finish_reason is not None  # only called for finished sequences
+    return Completion(
+        request_id=seq.request_id,
+        prompt_token_ids=seq.prompt_token_ids,
+        token_ids=list(seq.output_token_ids),
+        text=seq.output_text,
+        finish_reason=seq.finish_reason,
+        logprobs=list(seq.logprobs),
+        num_cached_prompt_tokens=seq.num_cached_prompt_tokens,
+    )

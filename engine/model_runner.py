@@ -1,0 +1,100 @@
+"""Turns a scheduled step into tensors, runs the model over the paged KV cache, and returns logits to sample from."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from engine.models.attention import AttentionBatch, PrefillChunk
+from engine.models.decoder import DecoderModel, LayerHook
+from engine.scheduler import SchedulerOutput
+
+
+@dataclass(slots=True)
+class StepInputs:
+    input_ids: torch.Tensor  # [T]
+    positions: torch.Tensor  # [T]
+    attention: AttentionBatch
+    sample_rows: torch.Tensor  # [N] index in T of the last token of each chunk that completes its sequence
+
+
+class ModelRunner:
+    def __init__(self, model: DecoderModel, num_blocks: int, block_size: int) -> None:
+        cfg = model.config
+        self.model = model
+        self.block_size = block_size
+        self.num_blocks = num_blocks
+        # Zeroed, not empty: masked-out cache slots are still multiplied by zero weights, and NaN * 0 is NaN.
+        self.kv_caches = [
+            torch.zeros(
+                num_blocks,
+                2,
+                block_size,
+                cfg.num_kv_heads,
+                cfg.head_dim,
+                dtype=model.dtype,
+                device=model.device,
+            )
+            for _ in range(cfg.num_layers)
+        ]
+
+    @staticmethod
+    def bytes_per_block(model: DecoderModel, block_size: int) -> int:
+        cfg = model.config
+        element = torch.empty((), dtype=model.dtype).element_size()
+        return cfg.num_layers * 2 * block_size * cfg.num_kv_heads * cfg.head_dim * element
+
+    def run(self, sched: SchedulerOutput, on_layer_stored: LayerHook | None = None) -> torch.Tensor:
+        """Compute the step; returns fp32 logits [N, vocab], one row per chunk that completes its sequence."""
+        inputs = self.prepare(sched)
+        hidden = self.model.forward(
+            inputs.input_ids, inputs.positions, inputs.attention, self.kv_caches, on_layer_stored
+        )
+        return self.model.logits(hidden.index_select(0, inputs.sample_rows))
+
+    def prepare(self, sched: SchedulerOutput) -> StepInputs:
+        bs = self.block_size
+        device = self.model.device
+        ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        sample_rows: list[int] = []
+        decode_tables: list[list[int]] = []
+        decode_lens: list[int] = []
+        prefills: list[PrefillChunk] = []
+        for chunk in sched.chunks:
+            seq = chunk.seq
+            start, end = seq.num_computed_tokens, seq.num_computed_tokens + chunk.num_tokens
+            first_row = len(ids)
+            ids.extend(seq.token_slice(start, end))
+            positions.extend(range(start, end))
+            blocks = seq.block_ids
+            slots.extend(blocks[p // bs] * bs + p % bs for p in range(start, end))
+            if chunk.num_tokens == 1:
+                decode_tables.append(blocks[: -(-end // bs)])
+                decode_lens.append(end)
+            else:
+                table = torch.tensor(blocks[: -(-end // bs)], dtype=torch.long, device=device)
+                prefills.append(PrefillChunk(first_row, chunk.num_tokens, end, table))
+            if chunk.completes_sequence:
+                sample_rows.append(len(ids) - 1)
+        width = max((len(t) for t in decode_tables), default=0)
+        padded = [t + [0] * (width - len(t)) for t in decode_tables]
+        attention = AttentionBatch(
+            slot_mapping=torch.tensor(slots, dtype=torch.long, device=device),
+            num_decode_tokens=len(decode_tables),
+            decode_block_tables=torch.tensor(padded, dtype=torch.int32, device=device).view(
+                len(padded), width
+            ),
+            decode_seq_lens=torch.tensor(decode_lens, dtype=torch.int32, device=device),
+            prefills=prefills,
+            block_size=bs,
+            sliding_window=self.model.config.sliding_window,
+        )
+        return StepInputs(
+            input_ids=torch.tensor(ids, dtype=torch.long, device=device),
+            positions=torch.tensor(positions, dtype=torch.long, device=device),
+            attention=attention,
+            sample_rows=torch.tensor(sample_rows, dtype=torch.long, device=device),
+        )

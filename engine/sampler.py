@@ -1,0 +1,104 @@
+"""Turns a step's logits into next tokens, one row per sequence that reached its end this step.
+
+Order per row: penalties -> (greedy argmax) or temperature -> top-k -> top-p -> min-p -> draw. Reported logprobs are
+the model's own log-softmax, before any penalty or filter, which is what clients compare against the reference.
+
+Seeded requests draw with a generator re-seeded from (seed, output index), so a token's draw depends only on the
+request, never on which engine or batch computed it: a prefill engine and a decode engine continue one random stream.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from engine.sampling_params import SamplingParams
+from engine.sequence import Sequence, TokenLogprob
+
+# Spreads consecutive output indices far apart in seed space.
+_SEED_STRIDE = 1_000_003
+
+
+@dataclass(slots=True)
+class SampledToken:
+    token_id: int
+    logprob: TokenLogprob | None
+
+
+def sample(logits: torch.Tensor, seqs: list[Sequence], fallback: torch.Generator) -> list[SampledToken]:
+    """logits: fp32 [N, vocab], row i belongs to seqs[i]. Returns one token per row."""
+    want_logprobs = [s.params.logprobs is not None for s in seqs]
+    raw_logprobs = torch.log_softmax(logits, dim=-1) if any(want_logprobs) else None
+    if any(s.params.has_penalties for s in seqs):
+        logits = logits.clone()
+        for row, seq in enumerate(seqs):
+            if seq.params.has_penalties:
+                _apply_penalties(logits[row], seq)
+    greedy_ids = logits.argmax(dim=-1).tolist()
+    results = []
+    for row, seq in enumerate(seqs):
+        params = seq.params
+        token = (
+            greedy_ids[row] if params.greedy else _draw(logits[row], params, _generator_for(seq, fallback))
+        )
+        logprob = None
+        if raw_logprobs is not None and params.logprobs is not None:
+            logprob = _token_logprob(raw_logprobs[row], token, params.logprobs)
+        results.append(SampledToken(token, logprob))
+    return results
+
+
+def _apply_penalties(row: torch.Tensor, seq: Sequence) -> None:
+    params = seq.params
+    if params.repetition_penalty != 1.0:
+        seen = torch.tensor(sorted(set(seq.prompt_token_ids) | seq.output_counts.keys()), dtype=torch.long)
+        seen = seen[seen < row.numel()]
+        values = row[seen]
+        row[seen] = torch.where(
+            values > 0, values / params.repetition_penalty, values * params.repetition_penalty
+        )
+    if seq.output_counts and (params.presence_penalty or params.frequency_penalty):
+        ids = torch.tensor(list(seq.output_counts.keys()), dtype=torch.long)
+        counts = torch.tensor(list(seq.output_counts.values()), dtype=row.dtype)
+        keep = ids < row.numel()
+        row[ids[keep]] -= params.frequency_penalty * counts[keep] + params.presence_penalty
+
+
+def _generator_for(seq: Sequence, fallback: torch.Generator) -> torch.Generator:
+    if seq.params.seed is None:
+        return fallback
+    if seq.generator is None:
+        seq.generator = torch.Generator()
+    seq.generator.manual_seed(seq.params.seed * _SEED_STRIDE + len(seq.output_token_ids))
+    return seq.generator
+
+
+def _draw(row: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> int:
+    scaled = row / params.temperature
+    if params.top_k and params.top_k < scaled.numel():
+        kth = torch.topk(scaled, params.top_k).values[-1]
+        scaled = scaled.masked_fill(scaled < kth, float("-inf"))
+    probs = torch.softmax(scaled, dim=-1)
+    if params.top_p < 1.0:
+        probs = _top_p(probs, params.top_p)
+    if params.min_p > 0.0:
+        probs = probs.masked_fill(probs < params.min_p * probs.max(), 0.0)
+    # The generator lives on the CPU, so the draw does too (one row is a few hundred KB at most).
+    return int(torch.multinomial(probs.cpu(), 1, generator=generator).item())
+
+
+def _top_p(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Keep the smallest set of most likely tokens whose mass reaches top_p (always at least the top one)."""
+    sorted_probs, order = probs.sort(descending=True)
+    mass_before = sorted_probs.cumsum(-1) - sorted_probs
+    sorted_probs = sorted_probs.masked_fill(mass_before >= top_p, 0.0)
+    return torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
+
+
+def _token_logprob(logprobs: torch.Tensor, token: int, n: int) -> TokenLogprob:
+    top: list[tuple[int, float]] = []
+    if n:
+        values, ids = logprobs.topk(n)
+        top = list(zip(ids.tolist(), values.tolist(), strict=True))
+    return TokenLogprob(token, float(logprobs[token]), top)

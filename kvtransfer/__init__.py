@@ -1,0 +1,1 @@
+"""KV transfer: block layouts, the transport interface and its NIXL and torch.distributed backends (next issue)."""

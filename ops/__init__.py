@@ -1,0 +1,1 @@
+"""Operational tools: the `splitserve` command line, and later telemetry, load tests, simulator and planner."""

@@ -1,0 +1,142 @@
+"""The `splitserve` command line. Each subcommand imports what it needs only when it runs, so `--help` is instant.
+
+Errors a user can fix (bad flags, a bad model directory, bad sampling values) print one line and exit with code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+EXIT_USAGE = 2
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "command", None):
+        parser.print_help()
+        return EXIT_USAGE
+    from engine.errors import EngineError
+
+    try:
+        return int(args.func(args))
+    except EngineError as exc:
+        print(f"splitserve {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return 130
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="splitserve", description="Phase-split LLM serving (prefill/decode)."
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    tiny = sub.add_parser(
+        "make-tiny-model", help="write a random-weight Hugging Face checkpoint with a tokenizer"
+    )
+    tiny.add_argument("dir", type=Path)
+    tiny.add_argument("--arch", choices=["llama", "qwen2", "qwen3", "mistral"], default="llama")
+    tiny.add_argument("--layers", type=_positive_int, default=2)
+    tiny.add_argument("--hidden", type=_positive_int, default=64)
+    tiny.add_argument("--heads", type=_positive_int, default=4)
+    tiny.add_argument("--kv-heads", type=_positive_int, default=2)
+    tiny.add_argument("--vocab", type=_positive_int, default=1024)
+    tiny.add_argument("--intermediate", type=_positive_int, default=None)
+    tiny.add_argument("--max-position-embeddings", type=_positive_int, default=2048)
+    tiny.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    tiny.add_argument("--seed", type=int, default=0)
+    tiny.set_defaults(func=_cmd_make_tiny_model)
+
+    gen = sub.add_parser(
+        "generate", help="generate text from a prompt on one local engine, streamed to stdout"
+    )
+    gen.add_argument("--model", type=Path, required=True, help="a local Hugging Face model directory")
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    gen.add_argument("--max-tokens", type=int, default=64)
+    gen.add_argument("--temperature", type=float, default=0.0)
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--top-k", type=int, default=0)
+    gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 (float16 on CUDA only)")
+    gen.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    gen.add_argument(
+        "--threads", type=_positive_int, default=None, help="torch CPU threads (default: all cores)"
+    )
+    gen.set_defaults(func=_cmd_generate)
+    return parser
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _cmd_make_tiny_model(args: argparse.Namespace) -> int:
+    from engine.errors import InvalidRequestError
+    from engine.tiny_model import make_tiny_model
+
+    if args.hidden % args.heads:
+        raise InvalidRequestError(f"--hidden {args.hidden} is not a multiple of --heads {args.heads}")
+    if args.heads % args.kv_heads:
+        raise InvalidRequestError(f"--heads {args.heads} is not a multiple of --kv-heads {args.kv_heads}")
+    out = make_tiny_model(
+        args.dir,
+        arch=args.arch,
+        layers=args.layers,
+        hidden=args.hidden,
+        heads=args.heads,
+        kv_heads=args.kv_heads,
+        vocab=args.vocab,
+        seed=args.seed,
+        intermediate=args.intermediate,
+        max_position_embeddings=args.max_position_embeddings,
+        dtype=args.dtype,
+    )
+    print(out)
+    return 0
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    if args.threads:
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)
+    import torch
+
+    from engine.config import EngineConfig
+    from engine.engine import LLMEngine
+    from engine.sampling_params import SamplingParams
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    params = SamplingParams(
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        seed=args.seed,
+    )
+    engine = LLMEngine(args.model, EngineConfig(dtype=args.dtype, device=args.device))
+    prompt: str | list[int] = args.prompt
+    if args.chat:
+        # The rendered template already holds any BOS token; encoding must not add a second one.
+        rendered = engine.tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}])
+        prompt = engine.tokenizer.encode(rendered, add_special_tokens=False)
+    engine.add_request("cli", prompt, params)
+    while engine.has_unfinished():
+        for out in engine.step():
+            sys.stdout.write(out.new_text)
+            sys.stdout.flush()
+    sys.stdout.write("\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

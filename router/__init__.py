@@ -1,0 +1,1 @@
+"""Router: the public endpoints and the placement of each request on a (prefill, decode) pair (next issue)."""
