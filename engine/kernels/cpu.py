@@ -92,7 +92,8 @@ def _check_table_capacity(blocks_needed: torch.Tensor, table_width: int) -> None
     most = int(blocks_needed.max()) if blocks_needed.numel() else 0
     if most > table_width:
         raise ValueError(
-            f"paged_decode_attention: a sequence needs {most} blocks but block_tables has only {table_width} columns"
+            f"paged_decode_attention: a sequence needs {most} blocks "
+            f"but block_tables has only {table_width} columns"
         )
 
 

@@ -22,11 +22,13 @@ import triton.language as tl
 from engine.kernels import validation
 
 # Decode attention: 8 warps, and 64-token tiles up to head_dim 128 else 32, keep the fp32 tiles in registers
-# (the tile is also tl.dot's N dimension, so at least 16). Compiled for sm_90, ptxas reports no spills for bf16 and
-# fp16 at head_dim 64, 80, 128 and 256, nor for fp32 up to 128 (fp32 at 256 spills about 800 bytes); 4 warps, or
-# 64-token tiles at head_dim 256, spill.
+# (the tile is also tl.dot's N dimension, so at least 16). Compiled for sm_90, ptxas reports no spills for
+# bf16 and fp16 at head_dim 64, 80, 128 and 256, nor for fp32 up to 128 (fp32 at 256 spills about 800
+# bytes); 4 warps, or 64-token tiles at head_dim 256, spill.
 DECODE_NUM_WARPS = 8
-STORE_TILE_ELEMENTS = 8192  # store_kv: tokens per program x (KV heads x head_dim), rounded to powers of two
+# store_kv: tokens per program x (KV heads x head_dim), in powers of two; 2048 keeps the sm_90 build at 64
+# registers (8192 took 254 and starved occupancy of a purely memory-bound copy).
+STORE_TILE_ELEMENTS = 2048
 COPY_TILE_ELEMENTS = 4096  # gather/scatter: elements of one block copied per program
 _MIN_DOT_DIM = 16  # tl.dot needs every dimension >= 16
 
@@ -179,7 +181,8 @@ def paged_decode_attention(
         *query.stride(), *kv_layer.stride(), *block_tables.stride(), *out.stride(),
         GROUP=group, GROUP_PAD=_pow2_at_least(group, _MIN_DOT_DIM),
         HEAD_DIM=head_dim, DIM_PAD=dim_pad, BLOCK_SIZE=block_size, BLOCK_N=64 if dim_pad <= 128 else 32,
-        HAS_WINDOW=sliding_window is not None, DOT_PRECISION="ieee" if kv_layer.dtype == torch.float32 else "tf32",
+        HAS_WINDOW=sliding_window is not None,
+        DOT_PRECISION="ieee" if kv_layer.dtype == torch.float32 else "tf32",
         num_warps=DECODE_NUM_WARPS,
     )  # fmt: skip
     return out
@@ -194,7 +197,7 @@ def _copy_blocks_kernel(
     num_blocks, block_elements, stride_cb, stride_bb,
     TO_BUFFER: tl.constexpr, TILE: tl.constexpr,
 ):  # fmt: skip
-    # Program (i, t) copies tile t of block ids[i]; a block is block_elements contiguous elements in both tensors.
+    # Program (i, t) copies tile t of block ids[i]; a block is block_elements contiguous elements in both.
     index = tl.program_id(0)
     elems = tl.program_id(1) * TILE + tl.arange(0, TILE)
     block = tl.load(ids_ptr + index).to(tl.int64)

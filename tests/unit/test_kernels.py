@@ -220,7 +220,7 @@ def test_triton_decode_attention_matches_reference(
 
 
 def test_triton_decode_attention_odd_head_dim_and_strided_inputs() -> None:
-    # head_dim 24 is padded to 32 inside the kernel; query, cache and seq_lens are strided views, indices int64.
+    # head_dim 24 is padded to 32 in the kernel; query, cache and seq_lens are strided views; int64 indices.
     case = make_decode_case([9, 70, 32], 6, 2, 24, torch.float32, device=TRITON_DEVICE)
     fused = torch.randn(3, 10, 24, device=TRITON_DEVICE)
     fused[:, 2:8] = case.query
@@ -249,7 +249,7 @@ def test_triton_store_kv_matches_reference(dtype: torch.dtype) -> None:
 
 
 def test_triton_store_kv_many_tiles_odd_head_dim() -> None:
-    # KVH*D = 3*40 = 120 is padded to 128 per token; 300 tokens need several programs; slots are a strided view.
+    # KVH*D = 3*40 = 120 is padded to 128 per token, 300 tokens need several programs, slots are strided.
     key, value, kv_layer, slots = make_store_inputs(300, 40, 3, 40, torch.float32, seed=3)
     expected = kv_layer.clone()
     store_kv_reference(key, value, expected, slots)
@@ -307,8 +307,8 @@ def test_triton_copy_rejects_non_contiguous_blocks() -> None:
 
 
 def test_dispatcher_routes_cuda_tensors_to_triton(monkeypatch: pytest.MonkeyPatch) -> None:
-    # Pretend kv_layer is on a GPU: the public functions must then call the Triton wrappers, which the interpreter
-    # (or a real GPU) runs; the results must still match the reference.
+    # Pretend kv_layer is on a GPU: the public functions must then call the Triton wrappers, which the
+    # interpreter (or a real GPU) runs; the results must still match the reference.
     monkeypatch.setattr(kernels, "_on_cuda", lambda kv_layer: True)
     calls: list[str] = []
     for name in ("store_kv", "paged_decode_attention", "gather_blocks", "scatter_blocks"):
