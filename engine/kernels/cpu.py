@@ -135,8 +135,10 @@ def _attend_chunk(
     gathered = kv_layer.index_select(0, blocks.reshape(-1)).view(
         n, width, 2, block_size, num_kv_heads, head_dim
     )
-    keys = gathered[:, :, 0].reshape(n, length, num_kv_heads, head_dim).float()
-    values = gathered[:, :, 1].reshape(n, length, num_kv_heads, head_dim).float()
+    # Upcast the strided K/V views first: that copy comes out dense, so the reshape after it is free
+    # (reshaping first would copy once more). For fp32 caches .float() is a no-op and reshape copies once.
+    keys = gathered[:, :, 0].float().reshape(n, length, num_kv_heads, head_dim)
+    values = gathered[:, :, 1].float().reshape(n, length, num_kv_heads, head_dim)
 
     positions = first_blocks[rows, None] * block_size + torch.arange(length)
     hidden = (positions < starts[rows, None]) | (positions >= lens[rows, None])

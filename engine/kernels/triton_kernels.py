@@ -201,7 +201,10 @@ def _copy_blocks_kernel(
     index = tl.program_id(0)
     elems = tl.program_id(1) * TILE + tl.arange(0, TILE)
     block = tl.load(ids_ptr + index).to(tl.int64)
-    mask = (elems < block_elements) & (block >= 0) & (block < num_blocks)  # ids outside the cache are skipped
+    # Ids outside the cache are skipped. The block test is broadcast to the tile before combining: Triton 3.9's
+    # interpreter rejects a mask built from a scalar & vector of booleans.
+    in_cache = tl.full((TILE,), 1, tl.int1) & (block >= 0) & (block < num_blocks)
+    mask = (elems < block_elements) & in_cache
     cache = kv_ptr + block * stride_cb + elems
     buffer = buf_ptr + index.to(tl.int64) * stride_bb + elems
     if TO_BUFFER:

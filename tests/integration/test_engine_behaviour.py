@@ -200,3 +200,13 @@ def test_bfloat16_runs_and_float16_on_cpu_is_refused(llama_dir: Path) -> None:
     assert len(bf16.generate([[5, 6, 7]], GREEDY)[0].token_ids) == 32
     with pytest.raises(InvalidRequestError, match="float16 is not supported on CPU"):
         LLMEngine(llama_dir, EngineConfig(dtype="float16"))
+
+
+def test_generation_stops_at_the_context_limit(llama_dir: Path) -> None:
+    short = LLMEngine(llama_dir, EngineConfig(num_kv_blocks=32, max_model_len=64))
+    [out] = short.generate(
+        [random_ids(60, seed=15)], SamplingParams(max_tokens=100, temperature=0.0, ignore_eos=True)
+    )
+    assert len(out.token_ids) == 4 and out.finish_reason == FinishReason.LENGTH
+    with pytest.raises(InvalidRequestError, match="context is 64 tokens"):
+        short.add_request("too-long", random_ids(64, seed=16), GREEDY)

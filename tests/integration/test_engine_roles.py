@@ -148,3 +148,45 @@ def test_prefill_request_that_ends_on_its_first_token_needs_no_decode(llama_dir:
     [done] = prefill.generate([[5, 6, 7]], SamplingParams(max_tokens=1, temperature=0.0))
     assert done.finish_reason == FinishReason.LENGTH and len(done.token_ids) == 1
     assert prefill.stats().num_free_blocks == prefill.stats().num_blocks
+
+
+def test_decode_engine_preempts_and_recomputes_imported_requests_exactly(llama_dir: Path) -> None:
+    """A decode pool too small for all admitted requests to grow: preempted ones recompute locally, same tokens."""
+    colocated = LLMEngine(llama_dir, config(EngineRole.COLOCATED))
+    batch = prompts(colocated.tokenizer.vocab_size)[:4]
+    params = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
+    expected = [c.token_ids for c in colocated.generate(batch, params)]
+
+    prefill = LLMEngine(llama_dir, config(EngineRole.PREFILL))
+    decode = LLMEngine(
+        llama_dir, EngineConfig(role=EngineRole.DECODE, num_kv_blocks=16, max_num_batched_tokens=48)
+    )
+    tokens: dict[str, list[int]] = {}
+    for i, prompt in enumerate(batch):
+        rid = f"r{i}"
+        dst = decode.reserve(rid, prompt, params)
+        [out] = [o for o in _run_prefill(prefill, rid, prompt, params) if o.kv is not None]
+        assert out.kv is not None
+        for layer in range(len(decode.kv_layers)):
+            buffer = kernels.gather_blocks(prefill.kv_layers[layer], _ids(out.kv.block_ids))
+            kernels.scatter_blocks(buffer, decode.kv_layers[layer], _ids(dst))
+        prefill.release(rid)
+        decode.admit(rid, out.kv.first_token_id)
+    for _ in range(10_000):
+        if not decode.has_unfinished():
+            break
+        for o in decode.step():
+            tokens.setdefault(o.request_id, []).extend(o.new_token_ids)
+    assert decode.stats().num_preemptions > 0, "the pool was meant to force preemption"
+    assert [tokens[f"r{i}"] for i in range(len(batch))] == expected
+    assert decode.stats().num_free_blocks == decode.stats().num_blocks
+
+
+def _run_prefill(
+    prefill: LLMEngine, rid: str, prompt: list[int], params: SamplingParams
+) -> list[RequestOutput]:
+    prefill.add_request(rid, prompt, params)
+    outs: list[RequestOutput] = []
+    while prefill.has_unfinished():
+        outs += prefill.step()
+    return outs
