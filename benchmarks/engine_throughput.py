@@ -39,6 +39,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--hf-batch", type=int, default=16, help="batch size a transformers user would pick")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     p.add_argument("--budget", type=int, default=1024, help="splitserve per-step token budget")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (both systems run there)")
     p.add_argument("--skip-hf", action="store_true")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args()
@@ -62,7 +63,7 @@ def make_prompts(lengths: list[tuple[int, int]], vocab: int, seed: int) -> list[
     return [[rng.randrange(3, vocab) for _ in range(p)] for p, _ in lengths]
 
 
-def run_splitserve(model_dir: Path, prompts, lengths, dtype: str, budget: int) -> dict:
+def run_splitserve(model_dir: Path, prompts, lengths, dtype: str, budget: int, device: str) -> dict:
     from engine.config import EngineConfig
     from engine.engine import LLMEngine
     from engine.sampling_params import SamplingParams
@@ -84,11 +85,11 @@ def run_splitserve(model_dir: Path, prompts, lengths, dtype: str, budget: int) -
     }
 
 
-def run_transformers(model_dir: Path, prompts, lengths, dtype: str, batch: int) -> dict:
+def run_transformers(model_dir: Path, prompts, lengths, dtype: str, batch: int, device: str) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype)).eval()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype)).to(device).eval()
     pad = 0
     start = time.perf_counter()
     tokens = 0
@@ -96,8 +97,8 @@ def run_transformers(model_dir: Path, prompts, lengths, dtype: str, batch: int) 
         group = prompts[i : i + batch]
         wanted = [g for _, g in lengths[i : i + batch]]
         width = max(len(p) for p in group)
-        ids = torch.tensor([[pad] * (width - len(p)) + p for p in group])
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in group])
+        ids = torch.tensor([[pad] * (width - len(p)) + p for p in group], device=device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in group], device=device)
         with torch.inference_mode():
             model.generate(
                 input_ids=ids,
@@ -138,13 +139,14 @@ def main() -> int:
         "output_tokens": sum(g for _, g in lengths),
         "dtype": args.dtype,
         "threads": args.threads,
+        "device": args.device,
     }
     print(json.dumps({"workload": info}))
-    ours = run_splitserve(args.model, prompts, lengths, args.dtype, args.budget)
+    ours = run_splitserve(args.model, prompts, lengths, args.dtype, args.budget, args.device)
     print(json.dumps(ours))
     if args.skip_hf:
         return 0
-    theirs = run_transformers(args.model, prompts, lengths, args.dtype, args.hf_batch)
+    theirs = run_transformers(args.model, prompts, lengths, args.dtype, args.hf_batch, args.device)
     print(json.dumps(theirs))
     print(json.dumps({"ratio_splitserve_over_transformers": ours["tokens_per_s"] / theirs["tokens_per_s"]}))
     return 0
