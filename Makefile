@@ -11,7 +11,7 @@ DEMO_MODEL := .cache/demo-model
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 export HF_HUB_OFFLINE := 1
 
-.PHONY: run test lint typecheck unit bench clean
+.PHONY: run test lint typecheck unit bench clean proto
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -39,6 +39,10 @@ test: lint typecheck
 
 bench: $(STAMP)
 	$(PY) benchmarks/engine_throughput.py
+
+# Regenerate the committed protobuf/gRPC modules after editing proto/splitserve/v1/*.proto.
+proto: $(STAMP)
+	$(PY) -m grpc_tools.protoc -I proto --python_out=proto --grpc_python_out=proto --pyi_out=proto proto/splitserve/v1/*.proto
 
 clean:
 	rm -rf $(VENV) .cache

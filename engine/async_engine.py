@@ -1,0 +1,161 @@
+"""Runs an LLMEngine on its own thread and lets asyncio code stream from it.
+
+The engine is not thread-safe and its step is a long blocking call, so one thread owns it: every operation (add,
+abort, reserve, admit, release, stats) is a command executed on that thread between steps, and outputs are handed to
+each request's asyncio queue with call_soon_threadsafe. A consumer that stops iterating (client cancelled) aborts its
+request, which frees its blocks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future
+from typing import TypeVar
+
+from engine.engine import LLMEngine, RequestOutput
+from engine.errors import EngineError
+from engine.sampling_params import SamplingParams
+
+T = TypeVar("T")
+
+# How long the idle loop sleeps between checks for commands; bounds shutdown latency too.
+_IDLE_WAIT_S = 0.05
+
+
+class EngineStopped(EngineError):
+    """The engine thread has stopped (shutdown or a fatal error); no more work is accepted."""
+
+
+class AsyncEngine:
+    def __init__(self, engine: LLMEngine, name: str = "engine") -> None:
+        self.engine = engine
+        self._commands: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        self._streams: dict[str, RequestStream] = {}
+        self._stopped = threading.Event()
+        self._fatal: BaseException | None = None
+        self._wake = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    # ---- asyncio side --------------------------------------------------------------------------------------------
+
+    async def call(self, fn: Callable[[LLMEngine], T], timeout_s: float = 30.0) -> T:
+        """Run fn(engine) on the engine thread between steps and return its result (or raise its exception)."""
+        future: Future[T] = Future()
+
+        def command() -> None:
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(fn(self.engine))
+                except BaseException as exc:  # handed to the caller, who decides
+                    future.set_exception(exc)
+
+        self._submit(command)
+        return await asyncio.wait_for(asyncio.wrap_future(future), timeout_s)
+
+    def open_stream(self, request_id: str) -> RequestStream:
+        """Register for request_id's outputs before the request can produce any (then add or admit it)."""
+        stream = RequestStream(self, request_id, asyncio.get_running_loop())
+        self._streams[request_id] = stream
+        return stream
+
+    async def generate(
+        self, request_id: str, prompt: str | list[int], params: SamplingParams
+    ) -> RequestStream:
+        """Add a request and return its output stream. Bad input raises here, before any output."""
+        stream = self.open_stream(request_id)
+        try:
+            await self.call(lambda e: e.add_request(request_id, prompt, params))
+        except BaseException:
+            self._streams.pop(request_id, None)
+            raise
+        return stream
+
+    def shutdown(self, timeout_s: float = 5.0) -> None:
+        """Stop the loop after the current step; pending streams get EngineStopped."""
+        self._stopped.set()
+        self._wake.set()
+        self._thread.join(timeout_s)
+
+    @property
+    def running(self) -> bool:
+        return self._thread.is_alive() and not self._stopped.is_set()
+
+    # ---- engine thread -------------------------------------------------------------------------------------------
+
+    def _submit(self, command: Callable[[], None]) -> None:
+        if self._stopped.is_set():
+            raise EngineStopped(f"engine stopped{f': {self._fatal}' if self._fatal else ''}")
+        self._commands.put(command)
+        self._wake.set()
+
+    def _run(self) -> None:
+        try:
+            while not self._stopped.is_set():
+                self._drain_commands()
+                if self.engine.has_unfinished():
+                    self._deliver(self.engine.step())
+                else:
+                    self._wake.wait(_IDLE_WAIT_S)
+                    self._wake.clear()
+        except BaseException as exc:  # a bug or a device failure: fail every stream instead of hanging them
+            self._fatal = exc
+            self._stopped.set()
+        finally:
+            self._drain_commands()
+            self._fail_all(EngineStopped(f"engine stopped{f': {self._fatal}' if self._fatal else ''}"))
+
+    def _drain_commands(self) -> None:
+        while True:
+            try:
+                command = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            command()
+
+    def _deliver(self, outputs: list[RequestOutput]) -> None:
+        for out in outputs:
+            stream = self._streams.get(out.request_id)
+            if stream is not None:
+                stream.loop.call_soon_threadsafe(stream.queue.put_nowait, out)
+
+    def _fail_all(self, exc: BaseException) -> None:
+        for stream in list(self._streams.values()):
+            stream.loop.call_soon_threadsafe(stream.queue.put_nowait, exc)
+
+
+class RequestStream:
+    """One request's outputs as an async iterator; closing it before the request finished aborts the request."""
+
+    def __init__(self, owner: AsyncEngine, request_id: str, loop: asyncio.AbstractEventLoop) -> None:
+        self.request_id = request_id
+        self.loop = loop
+        self.queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
+        self._owner = owner
+        self._finished = False
+
+    def __aiter__(self) -> RequestStream:
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        if self._finished:
+            raise StopAsyncIteration
+        item = await self.queue.get()
+        if isinstance(item, BaseException):
+            self._finished = True
+            self._owner._streams.pop(self.request_id, None)
+            raise item
+        if item.finished:
+            self._finished = True
+            self._owner._streams.pop(self.request_id, None)
+        return item
+
+    def close(self) -> None:
+        """Stop listening; abort the request on the engine unless it already finished. Safe to call twice."""
+        if self._owner._streams.pop(self.request_id, None) is not None and not self._finished:
+            self._finished = True
+            if not self._owner._stopped.is_set():
+                self._owner._submit(lambda: self._owner.engine.abort(self.request_id))

@@ -1,0 +1,32 @@
+"""The committed protobuf/gRPC modules are exactly what the .proto sources generate (run `make proto` if not)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from grpc_tools import protoc
+
+PROTO_ROOT = Path(__file__).resolve().parents[2] / "proto"
+GENERATED_SUFFIXES = ("_pb2.py", "_pb2.pyi", "_pb2_grpc.py")
+
+
+def test_generated_modules_match_the_proto_sources(tmp_path: Path) -> None:
+    sources = sorted((PROTO_ROOT / "splitserve" / "v1").glob("*.proto"))
+    shutil.copytree(
+        PROTO_ROOT / "splitserve", tmp_path / "splitserve", ignore=shutil.ignore_patterns("*.py*")
+    )
+    args = [
+        f"-I{tmp_path}",
+        f"--python_out={tmp_path}",
+        f"--grpc_python_out={tmp_path}",
+        f"--pyi_out={tmp_path}",
+    ]
+    assert protoc.main(["protoc", *args, *(str(tmp_path / "splitserve/v1" / s.name) for s in sources)]) == 0
+    for source in sources:
+        for suffix in GENERATED_SUFFIXES:
+            name = source.stem + suffix
+            committed = (PROTO_ROOT / "splitserve/v1" / name).read_text()
+            assert committed == (tmp_path / "splitserve/v1" / name).read_text(), (
+                f"{name} is stale: run `make proto`"
+            )
