@@ -15,7 +15,7 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from typing import TypeVar
 
-from engine.engine import LLMEngine, RequestOutput
+from engine.engine import EngineLoad, LLMEngine, RequestOutput
 from engine.errors import EngineError
 from engine.sampling_params import SamplingParams
 
@@ -37,6 +37,8 @@ class AsyncEngine:
         self._stopped = threading.Event()
         self._fatal: BaseException | None = None
         self._wake = threading.Event()
+        # Replaced (never mutated) by the engine thread after every loop turn, so other threads read it safely.
+        self.load: EngineLoad = engine.load()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
@@ -98,7 +100,9 @@ class AsyncEngine:
                 self._drain_commands()
                 if self.engine.has_unfinished():
                     self._deliver(self.engine.step())
+                    self.load = self.engine.load()
                 else:
+                    self.load = self.engine.load()
                     self._wake.wait(_IDLE_WAIT_S)
                     self._wake.clear()
         except BaseException as exc:  # a bug or a device failure: fail every stream instead of hanging them

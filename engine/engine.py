@@ -86,6 +86,17 @@ class Completion:
     num_cached_prompt_tokens: int = 0
 
 
+@dataclass(frozen=True, slots=True)
+class EngineLoad:
+    """What a node reports for placement: work not yet computed and room left in the KV pool."""
+
+    queued_prompt_tokens: int  # prompt (or recompute) tokens scheduled but not yet computed
+    running_requests: int
+    waiting_requests: int
+    free_kv_blocks: int
+    total_kv_blocks: int
+
+
 @dataclass(slots=True)
 class EngineStats:
     num_blocks: int
@@ -245,6 +256,18 @@ class LLMEngine:
                     seq = seqs[out.request_id]
                     done[out.request_id] = _completion(seq)
         return [done[rid] for rid in ids]
+
+    def load(self) -> EngineLoad:
+        """Current load; call it from the thread that steps the engine."""
+        queued = sum(s.num_tokens - s.num_computed_tokens for s in self.scheduler.waiting)
+        queued += sum(max(0, s.num_tokens - s.num_computed_tokens - 1) for s in self.scheduler.running)
+        return EngineLoad(
+            queued_prompt_tokens=queued,
+            running_requests=len(self.scheduler.running),
+            waiting_requests=len(self.scheduler.waiting),
+            free_kv_blocks=self.blocks.num_free_blocks,
+            total_kv_blocks=self.blocks.num_blocks,
+        )
 
     def stats(self) -> EngineStats:
         return EngineStats(

@@ -70,7 +70,58 @@ def _build_parser() -> argparse.ArgumentParser:
         "--threads", type=_positive_int, default=None, help="torch CPU threads (default: all cores)"
     )
     gen.set_defaults(func=_cmd_generate)
+
+    for role, text in (
+        ("prefill", "run a prefill node (prompt phase; streams KV to decode nodes)"),
+        ("decode", "run a decode node (token phase; receives KV from prefill nodes)"),
+        ("colocated", "run a colocated node (both phases; the baseline and the router's fallback)"),
+    ):
+        node = sub.add_parser(role, help=text)
+        _add_node_args(node)
+        node.set_defaults(func=_cmd_node, role=role)
+
+    router = sub.add_parser("router", help="run a router (public gRPC API; places requests on nodes)")
+    router.add_argument(
+        "--model", type=Path, required=True, help="the served model's directory (for its tokenizer)"
+    )
+    router.add_argument("--redis-url", required=True)
+    router.add_argument("--host", default="127.0.0.1")
+    router.add_argument("--grpc-port", type=int, default=50051)
+    router.add_argument("--policy", default="jsq")
+    router.set_defaults(func=_cmd_router)
+
+    up = sub.add_parser("up", help="start a whole local cluster (Redis, nodes, router) as separate processes")
+    up.add_argument("--model", type=Path, default=None, help="model directory (default: a tiny demo model)")
+    up.add_argument("--prefill", type=int, default=1)
+    up.add_argument("--decode", type=int, default=1)
+    up.add_argument("--colocated", type=int, default=0)
+    up.add_argument(
+        "--redis-url", default=None, help="an external Redis (default: an embedded one on loopback)"
+    )
+    up.add_argument("--kv-backend", choices=["nixl", "torch"], default="torch")
+    up.add_argument("--grpc-port", type=int, default=50051)
+    up.add_argument("--threads-per-node", type=_positive_int, default=1)
+    up.set_defaults(func=_cmd_up)
     return parser
+
+
+def _add_node_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", type=Path, required=True)
+    parser.add_argument(
+        "--redis-url", required=True, help="Redis holding cluster state (splitserve up starts one)"
+    )
+    parser.add_argument("--node-id", default=None)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=0, help="gRPC port (0: any free port)")
+    parser.add_argument("--kv-backend", choices=["nixl", "torch"], default="torch")
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=_positive_int, default=None)
+    parser.add_argument("--kv-cache-mb", type=_positive_int, default=256)
+    parser.add_argument("--max-batched-tokens", type=_positive_int, default=512)
+    parser.add_argument("--max-seqs", type=_positive_int, default=64)
+    parser.add_argument("--machine-type", default="cpu")
+    parser.add_argument("--drain-timeout", type=float, default=30.0)
 
 
 def _positive_int(text: str) -> int:
@@ -135,6 +186,97 @@ def _cmd_generate(args: argparse.Namespace) -> int:
             sys.stdout.write(out.new_text)
             sys.stdout.flush()
     sys.stdout.write("\n")
+    return 0
+
+
+def _cmd_node(args: argparse.Namespace) -> int:
+    from ops.node_runtime import NodeOptions
+
+    options = NodeOptions(
+        role=args.role,
+        model_dir=args.model,
+        redis_url=args.redis_url,
+        node_id=args.node_id,
+        host=args.host,
+        port=args.port,
+        kv_backend=args.kv_backend,
+        dtype=args.dtype,
+        device=args.device,
+        threads=args.threads,
+        kv_cache_memory_mb=args.kv_cache_mb,
+        max_num_batched_tokens=args.max_batched_tokens,
+        max_num_seqs=args.max_seqs,
+        machine_type=args.machine_type,
+        drain_timeout_s=args.drain_timeout,
+    )
+    if args.role == "prefill":
+        from prefill_node.server import serve as serve_prefill
+
+        return serve_prefill(options)
+    from decode_node.server import serve as serve_decode
+
+    return serve_decode(options)
+
+
+def _cmd_router(args: argparse.Namespace) -> int:
+    from ops.node_runtime import run
+    from router.server import RouterOptions, run_router
+
+    options = RouterOptions(
+        model_dir=args.model,
+        redis_url=args.redis_url,
+        host=args.host,
+        grpc_port=args.grpc_port,
+        policy=args.policy,
+    )
+    return run(lambda: run_router(options))
+
+
+DEMO_MODEL_DIR = Path(".cache") / "demo-model"
+
+
+def _cmd_up(args: argparse.Namespace) -> int:
+    import signal
+    import threading
+
+    from ops.launcher import ClusterSpec, LocalCluster
+
+    model = args.model
+    if model is None:
+        model = DEMO_MODEL_DIR
+        if not (model / "config.json").exists():
+            from engine.tiny_model import make_tiny_model
+
+            make_tiny_model(model, arch="llama", layers=4, hidden=256, heads=8, kv_heads=2, vocab=2048)
+    spec = ClusterSpec(
+        model_dir=model.resolve(),
+        prefill=args.prefill,
+        decode=args.decode,
+        colocated=args.colocated,
+        redis_url=args.redis_url,
+        kv_backend=args.kv_backend,
+        grpc_port=args.grpc_port,
+        threads_per_node=args.threads_per_node,
+    )
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    with LocalCluster(spec) as cluster:
+        print(f"splitserve: Redis at {cluster.redis_url}")
+        for proc in cluster.processes:
+            print(f"splitserve: {proc.role:<9} {proc.node_id or '':<40} {proc.address}")
+        print(
+            f"splitserve: serving {model.name} on grpc://{cluster.router_address} (Ctrl-C stops)", flush=True
+        )
+        while not stop.wait(0.5):
+            dead = [p for p in cluster.processes if p.popen.poll() is not None]
+            if dead:
+                print(
+                    f"splitserve: {dead[0].role} exited with code {dead[0].popen.returncode}; stopping",
+                    flush=True,
+                )
+                break
+    print("splitserve: stopped", flush=True)
     return 0
 
 

@@ -1,0 +1,144 @@
+"""The decode node's gRPC service: the engine in its decode role.
+
+A request's life cycle on this node:
+1. Reserve: the router sends the prompt's token ids and sampling parameters. The engine validates them
+   (INVALID_ARGUMENT) and holds KV blocks for the prompt (RESOURCE_EXHAUSTED when short). The reservation expires
+   after hold_seconds unless step 3 admits it.
+2. KV arrives: the prefill node writes every layer's blocks straight into this node's pool through the KV transport,
+   then sends the notification `kv-done:<request id>`, which it sends only after all of its writes completed.
+3. Decode: the router passes the first token (sampled by the prefill node). Once the kv-done notification is in
+   (bounded wait: UNAVAILABLE otherwise, so the router retries elsewhere), the engine admits the request and its
+   tokens stream back. The first token is not sent again: the router already delivered it.
+4. The end: finishing, the router closing the stream (client cancel), Abort, or an expired reservation frees the
+   request's blocks, exactly once (the engine ignores a second abort).
+While draining (SIGTERM), Reserve answers UNAVAILABLE and admitted requests run to completion.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator
+
+import grpc
+
+from engine.async_engine import AsyncEngine
+from engine.errors import EngineError
+from kvtransfer.notifications import parse_kv_done
+from ops.grpc_util import abort_with
+from ops.proto_convert import output_to_proto, sampling_from_proto
+from splitserve.v1 import cluster_pb2 as cpb
+from splitserve.v1 import cluster_pb2_grpc
+from splitserve.v1 import inference_pb2 as pb
+
+# How often the transport's notifications are polled; bounds the extra latency between KV landing and admission.
+NOTIFICATION_POLL_S = 0.002
+REAPER_INTERVAL_S = 0.1
+MAX_HOLD_S = 120.0
+
+
+class DecodeNodeService(cluster_pb2_grpc.DecodeNodeServicer):
+    def __init__(self, engine: AsyncEngine, transport, block_size: int) -> None:
+        self.engine = engine
+        self.transport = transport
+        self.block_size = block_size
+        self.accepting = True
+        self._expiry: dict[str, float] = {}  # reserved, not yet admitted: request id -> monotonic deadline
+        self._kv_done: dict[str, asyncio.Event] = {}
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def start(self) -> None:
+        self._tasks = [
+            asyncio.create_task(self._poll_notifications()),
+            asyncio.create_task(self._reap_expired()),
+        ]
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    @property
+    def num_reserved(self) -> int:
+        return len(self._expiry)
+
+    async def Reserve(
+        self, request: cpb.ReserveRequest, context: grpc.aio.ServicerContext
+    ) -> cpb.ReserveResponse:
+        if not self.accepting:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "decode node is draining")
+        rid = request.request_id
+        prompt = list(request.prompt_token_ids)
+        try:
+            params = sampling_from_proto(request.sampling)
+            blocks = await self.engine.call(lambda e: e.reserve(rid, prompt, params))
+        except EngineError as exc:
+            await abort_with(context, exc)
+        hold = min(request.hold_seconds or 30.0, MAX_HOLD_S)
+        self._expiry[rid] = time.monotonic() + hold
+        self._kv_done[rid] = asyncio.Event()
+        return cpb.ReserveResponse(block_ids=blocks, block_size=self.block_size)
+
+    async def Decode(
+        self, request: cpb.DecodeRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.GenerateResponse]:
+        rid = request.request_id
+        arrived = self._kv_done.get(rid)
+        if arrived is None or rid not in self._expiry:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"no reservation for request {rid!r}")
+            return
+        try:
+            await asyncio.wait_for(arrived.wait(), request.kv_wait_seconds or 30.0)
+        except TimeoutError:
+            await self._drop(rid)
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"KV for request {rid!r} did not arrive in time")
+        self._expiry.pop(rid, None)
+        self._kv_done.pop(rid, None)
+        stream = self.engine.open_stream(rid)
+        try:
+            # The router already delivered the first token (and its logprob): only its id matters here.
+            first_id = request.first_token.token_id
+            try:
+                await self.engine.call(lambda e: e.admit(rid, first_id))
+            except EngineError as exc:
+                await abort_with(context, exc)
+            skipped_first = False
+            async for out in stream:
+                msg = output_to_proto(out)
+                if not skipped_first:  # the admit output is the first token, already delivered by the router
+                    skipped_first = True
+                    if not out.finished:
+                        continue
+                    del msg.token_ids[:], msg.logprobs[:]
+                    msg.text = ""
+                yield msg
+        finally:
+            stream.close()  # aborts the request if the router went away mid-stream
+
+    async def Abort(self, request: cpb.AbortRequest, context: grpc.aio.ServicerContext) -> cpb.AbortResponse:
+        found = request.request_id in self._expiry
+        await self._drop(request.request_id)
+        return cpb.AbortResponse(found=found)
+
+    async def _drop(self, rid: str) -> None:
+        self._expiry.pop(rid, None)
+        self._kv_done.pop(rid, None)
+        await self.engine.call(lambda e: e.abort(rid))
+
+    async def _poll_notifications(self) -> None:
+        while True:
+            for _peer, payload in self.transport.notifications():
+                event = self._kv_done.get(parse_kv_done(payload) or "")
+                if event is not None:
+                    event.set()
+            await asyncio.sleep(NOTIFICATION_POLL_S)
+
+    async def _reap_expired(self) -> None:
+        while True:
+            now = time.monotonic()
+            for rid in [r for r, deadline in self._expiry.items() if deadline < now]:
+                await self._drop(rid)
+            await asyncio.sleep(REAPER_INTERVAL_S)

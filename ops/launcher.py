@@ -1,0 +1,184 @@
+"""`splitserve up`: a whole local cluster as separate OS processes (and the same launcher for integration tests).
+
+Order: Redis (embedded unless a URL is given) -> nodes -> routers, each waited for through its ready line on stdout
+(bounded). Stop: SIGTERM to routers, then nodes (they drain), a bounded wait, SIGKILL to anything left, then Redis.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
+
+from ops.redis_server import EmbeddedRedis
+
+READY_TIMEOUT_S = 120.0
+STOP_TIMEOUT_S = 20.0
+
+
+@dataclass(slots=True)
+class ClusterSpec:
+    model_dir: Path
+    prefill: int = 1
+    decode: int = 1
+    colocated: int = 0
+    routers: int = 1
+    redis_url: str | None = None
+    kv_backend: str = "torch"
+    grpc_port: int = 50051  # the first router's port; further routers take any free port
+    host: str = "127.0.0.1"
+    threads_per_node: int = 1
+    node_args: list[str] = field(default_factory=list)  # extra flags for every node (e.g. --kv-cache-mb 64)
+
+
+@dataclass(slots=True)
+class Process:
+    role: str
+    popen: subprocess.Popen[str]
+    ready: dict[str, object]
+    lines: queue.SimpleQueue[str | None]
+
+    @property
+    def address(self) -> str:
+        return str(self.ready.get("address", ""))
+
+    @property
+    def node_id(self) -> str:
+        return str(self.ready.get("node_id", ""))
+
+
+class LocalCluster:
+    def __init__(self, spec: ClusterSpec) -> None:
+        self.spec = spec
+        self.redis: EmbeddedRedis | None = None
+        self.redis_url = spec.redis_url or ""
+        self.processes: list[Process] = []
+
+    def start(self) -> LocalCluster:
+        try:
+            if not self.redis_url:
+                self.redis = EmbeddedRedis()
+                self.redis.start()
+                self.redis_url = self.redis.url
+            roles = (
+                ["prefill"] * self.spec.prefill
+                + ["decode"] * self.spec.decode
+                + ["colocated"] * self.spec.colocated
+            )
+            pending = [self._spawn(role, self._node_args(role)) for role in roles]
+            for proc in pending:
+                self._await_ready(proc)
+            for i in range(self.spec.routers):
+                port = self.spec.grpc_port if i == 0 else 0
+                self._await_ready(self._spawn("router", self._router_args(port)))
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def by_role(self, role: str) -> list[Process]:
+        return [p for p in self.processes if p.role == role]
+
+    @property
+    def router_address(self) -> str:
+        return self.by_role("router")[0].address
+
+    def stop(self) -> None:
+        for group in ("router", None):  # routers first, so nothing new reaches the nodes while they drain
+            for proc in self.processes:
+                if (proc.role == "router") == (group == "router") and proc.popen.poll() is None:
+                    proc.popen.send_signal(signal.SIGTERM)
+            deadline = time.monotonic() + STOP_TIMEOUT_S
+            for proc in self.processes:
+                if (proc.role == "router") == (group == "router"):
+                    _wait_or_kill(proc.popen, deadline)
+        if self.redis is not None:
+            self.redis.stop()
+            self.redis = None
+
+    def __enter__(self) -> LocalCluster:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # ---- internals ------------------------------------------------------------------------------------------------
+
+    def _node_args(self, role: str) -> list[str]:
+        return [
+            "--model", str(self.spec.model_dir), "--redis-url", self.redis_url, "--host", self.spec.host,
+            "--port", "0", "--kv-backend", self.spec.kv_backend, "--threads", str(self.spec.threads_per_node),
+            *self.spec.node_args,
+        ]  # fmt: skip
+
+    def _router_args(self, port: int) -> list[str]:
+        return [
+            "--model", str(self.spec.model_dir), "--redis-url", self.redis_url, "--host", self.spec.host,
+            "--grpc-port", str(port),
+        ]  # fmt: skip
+
+    def _spawn(self, role: str, args: list[str]) -> Process:
+        env = {**os.environ, "OMP_NUM_THREADS": str(self.spec.threads_per_node), "PYTHONUNBUFFERED": "1"}
+        popen = subprocess.Popen(
+            [sys.executable, "-m", "ops.cli", role, *args],
+            stdout=subprocess.PIPE,
+            stdin=subprocess.DEVNULL,
+            text=True,
+            env=env,
+        )
+        lines: queue.SimpleQueue[str | None] = queue.SimpleQueue()
+        assert popen.stdout is not None  # stdout=PIPE above
+        threading.Thread(target=_pump, args=(popen.stdout, lines), daemon=True).start()
+        proc = Process(role, popen, {}, lines)
+        self.processes.append(proc)
+        return proc
+
+    def _await_ready(self, proc: Process) -> None:
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while time.monotonic() < deadline:
+            try:
+                line = proc.lines.get(timeout=0.2)
+            except queue.Empty:
+                if proc.popen.poll() is not None:
+                    code = proc.popen.returncode
+                    raise RuntimeError(f"{proc.role} exited with code {code} before it was ready") from None
+                continue
+            if line is None:
+                raise RuntimeError(
+                    f"{proc.role} closed its output before it was ready (exit {proc.popen.wait(5)})"
+                )
+            event = _event(line)
+            if event.get("event") == "ready":
+                proc.ready = event
+                return
+        raise TimeoutError(f"{proc.role} was not ready within {READY_TIMEOUT_S:.0f} s")
+
+
+def _pump(stream: IO[str], lines: queue.SimpleQueue[str | None]) -> None:
+    for line in stream:
+        lines.put(line)
+    lines.put(None)
+
+
+def _event(line: str) -> dict[str, object]:
+    try:
+        event = json.loads(line)
+    except json.JSONDecodeError:
+        return {}
+    return event if isinstance(event, dict) else {}
+
+
+def _wait_or_kill(popen: subprocess.Popen[str], deadline: float) -> None:
+    try:
+        popen.wait(max(0.1, deadline - time.monotonic()))
+    except subprocess.TimeoutExpired:
+        popen.kill()
+        popen.wait(5)

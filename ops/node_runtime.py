@@ -1,0 +1,180 @@
+"""Start-up, registration and shutdown shared by prefill, decode and colocated nodes.
+
+A node's process life:
+1. Load the model into an engine of the node's role, on its own thread (AsyncEngine).
+2. Register the engine's KV pool with the transport (prefill, decode) and serve gRPC with health and reflection.
+3. Register in Redis (address, KV capacity, transport descriptor) and publish load at least every 100 ms.
+4. Print one JSON line `{"event": "ready", ...}` on stdout: launchers (`splitserve up`, tests) wait for it.
+5. On SIGTERM or SIGINT, drain: stop taking new work (UNAVAILABLE, health NOT_SERVING, `draining` in the load
+   report), deregister, let in-flight requests finish within the grace period, then stop and exit 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import sys
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import grpc
+
+from engine.async_engine import AsyncEngine
+from engine.config import EngineConfig, EngineRole
+from engine.engine import LLMEngine
+from ops.cluster_state import LoadPublisher, LoadReport, NodeInfo, NodeRegistration
+from ops.grpc_util import make_server
+
+IDLE_POLL_S = 0.05
+
+
+@dataclass(slots=True)
+class NodeOptions:
+    role: str  # prefill | decode | colocated
+    model_dir: Path
+    redis_url: str
+    node_id: str | None = None
+    host: str = "127.0.0.1"
+    port: int = 0  # 0: any free port (printed in the ready line)
+    kv_backend: str = "torch"
+    dtype: str = "auto"
+    device: str = "cpu"
+    threads: int | None = None
+    kv_cache_memory_mb: int = 256
+    max_num_batched_tokens: int = 512
+    max_num_seqs: int = 64
+    block_size: int = 16
+    machine_type: str = "cpu"
+    drain_timeout_s: float = 30.0
+
+
+class NodeService(Protocol):
+    accepting: bool
+
+
+# Builds the role's servicer(s) on the server and returns the object whose `accepting` flag gates new work.
+Attach = Callable[[AsyncEngine, Any, grpc.aio.Server], NodeService]
+
+
+async def run_node(options: NodeOptions, service_names: list[str], attach: Attach) -> int:
+    if options.threads:
+        import torch
+
+        torch.set_num_threads(options.threads)
+    node_id = options.node_id or f"{options.role}-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+    engine = LLMEngine(options.model_dir, _engine_config(options))
+    async_engine = AsyncEngine(engine, name=f"engine-{options.role}")
+    transport = _make_transport(options, node_id, engine)
+    server, health, port = make_server(f"{options.host}:{options.port}", service_names)
+    service = attach(async_engine, transport, server)
+    if hasattr(service, "start"):
+        await service.start()
+    await server.start()
+    await health.set(True)
+    address = f"{options.host}:{port}"
+    registration = NodeRegistration(options.redis_url)
+    registration.register(
+        NodeInfo(
+            node_id=node_id,
+            role=options.role,  # type: ignore[arg-type]
+            address=address,
+            model=options.model_dir.name,
+            machine_type=options.machine_type,
+            kv_capacity_blocks=engine.blocks.num_blocks,
+            block_size=engine.config.block_size,
+            transport=transport.local_descriptor() if transport is not None else b"",
+        )
+    )
+    draining = False
+
+    def current_load() -> LoadReport:
+        load = async_engine.load
+        return LoadReport(
+            node_id=node_id,
+            queued_prompt_tokens=load.queued_prompt_tokens,
+            running_requests=load.running_requests,
+            free_kv_blocks=load.free_kv_blocks,
+            total_kv_blocks=load.total_kv_blocks,
+            draining=draining,
+        )
+
+    publisher = LoadPublisher(registration, current_load)
+    publisher.start()
+    _say({"event": "ready", "role": options.role, "node_id": node_id, "address": address})
+
+    await _wait_for_signal()
+    draining = True
+    service.accepting = False
+    await health.set(False)
+    publisher.notify()
+    started = time.monotonic()
+    while time.monotonic() - started < options.drain_timeout_s and _busy(async_engine):
+        await asyncio.sleep(IDLE_POLL_S)
+    publisher.stop()
+    registration.deregister()
+    await server.stop(grace=1.0)
+    if hasattr(service, "stop"):
+        await service.stop()
+    async_engine.shutdown()
+    if transport is not None:
+        transport.close()
+    _say({"event": "stopped", "node_id": node_id, "drained": not _busy(async_engine)})
+    return 0
+
+
+def _engine_config(options: NodeOptions) -> EngineConfig:
+    return EngineConfig(
+        role=EngineRole(options.role),
+        dtype=options.dtype,
+        device=options.device,
+        block_size=options.block_size,
+        kv_cache_memory_bytes=options.kv_cache_memory_mb * 1024 * 1024,
+        max_num_batched_tokens=options.max_num_batched_tokens,
+        max_num_seqs=options.max_num_seqs,
+    )
+
+
+def _make_transport(options: NodeOptions, node_id: str, engine: LLMEngine) -> Any:
+    if options.role == "colocated":
+        return None
+    from kvtransfer import create_transport
+
+    transport = create_transport(options.kv_backend, node_id)
+    transport.register(engine.kv_layers)
+    return transport
+
+
+def _busy(engine: AsyncEngine) -> bool:
+    load = engine.load
+    return load.running_requests > 0 or load.waiting_requests > 0
+
+
+async def _wait_for_signal() -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+
+
+def _say(event: dict[str, object]) -> None:
+    print(json.dumps(event), flush=True)
+
+
+def run(coro_factory: Callable[[], Any]) -> int:
+    """Run a server coroutine on uvloop when available."""
+    try:
+        import uvloop
+
+        return int(uvloop.run(coro_factory()))
+    except ImportError:
+        return int(asyncio.run(coro_factory()))
+    finally:
+        sys.stdout.flush()

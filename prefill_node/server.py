@@ -1,0 +1,23 @@
+"""Entry point of a prefill node process: `splitserve prefill`. The request life cycle is in prefill_node/service.py."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import grpc
+
+from engine.async_engine import AsyncEngine
+from ops.node_runtime import NodeOptions, run, run_node
+from prefill_node.service import PrefillNodeService
+from splitserve.v1 import cluster_pb2_grpc
+
+SERVICE_NAME = "splitserve.v1.PrefillNode"
+
+
+def serve(options: NodeOptions) -> int:
+    def attach(engine: AsyncEngine, transport: Any, server: grpc.aio.Server) -> PrefillNodeService:
+        service = PrefillNodeService(engine, transport, engine.engine.config.block_size)
+        cluster_pb2_grpc.add_PrefillNodeServicer_to_server(service, server)
+        return service
+
+    return run(lambda: run_node(options, [SERVICE_NAME], attach))

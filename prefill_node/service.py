@@ -1,0 +1,205 @@
+"""The prefill node's gRPC service: the engine in its prefill role, streaming KV into a decode node's blocks.
+
+A request's life cycle on this node:
+1. Prefill arrives from the router with the prompt, the chosen decode node's transport descriptor and the block ids
+   that node reserved. The engine validates the request (INVALID_ARGUMENT); the transport connects to the decode
+   node (once per peer; UNAVAILABLE if it cannot).
+2. The engine computes the prompt in chunks. Right after each layer's KV of a chunk is stored, the layer hook issues
+   a one-sided write of those blocks into the matching reserved blocks, so transfer overlaps the remaining layers.
+3. The first token is sampled. Blocks served from the prefix cache (never written in step 2) are sent now. When every
+   write has completed (bounded by the request's deadline), `kv-done:<request id>` is sent, the blocks are released,
+   and the first token goes back to the router.
+4. On a failed or late transfer, or when the router cancels, the request is aborted here and its blocks freed; the
+   router frees the decode side and retries elsewhere.
+While draining (SIGTERM), new Prefill calls answer UNAVAILABLE; in-flight ones finish.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+
+import grpc
+
+from engine.async_engine import AsyncEngine
+from engine.engine import KVHandoff, KVLayerWrite, RequestOutput
+from engine.errors import EngineError
+from engine.sequence import FinishReason
+from kvtransfer.notifications import kv_done
+from ops.grpc_util import abort_with
+from ops.proto_convert import finish_to_proto, logprob_to_proto, sampling_from_proto
+from splitserve.v1 import cluster_pb2 as cpb
+from splitserve.v1 import cluster_pb2_grpc
+from splitserve.v1 import inference_pb2 as pb
+
+TRANSFER_POLL_S = 0.001
+
+
+class TransferFailed(Exception):
+    pass
+
+
+@dataclass(slots=True)
+class _Target:
+    """Where one request's KV goes, and the writes issued for it so far."""
+
+    peer: object
+    dst_blocks: list[int]
+    handles: list[object] = field(default_factory=list)
+    error: str | None = None
+
+
+class PrefillNodeService(cluster_pb2_grpc.PrefillNodeServicer):
+    def __init__(self, engine: AsyncEngine, transport, block_size: int) -> None:
+        self.engine = engine
+        self.transport = transport
+        self.block_size = block_size
+        self.accepting = True
+        self.in_flight = 0
+        self._targets: dict[str, _Target] = {}
+        self._peers: dict[bytes, object] = {}
+        engine.engine.set_kv_layer_hook(self._on_layer_stored)
+
+    async def Prefill(
+        self, request: cpb.PrefillRequest, context: grpc.aio.ServicerContext
+    ) -> cpb.PrefillResponse:
+        if not self.accepting:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "prefill node is draining")
+        rid, prompt = request.request_id, list(request.prompt_token_ids)
+        deadline = time.monotonic() + (request.deadline_seconds or 60.0)
+        needed = -(-len(prompt) // self.block_size)
+        if len(request.decode_block_ids) < needed:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"{len(request.decode_block_ids)} decode blocks reserved, the prompt needs {needed}",
+            )
+        self.in_flight += 1
+        started = time.monotonic()
+        try:
+            params = sampling_from_proto(request.sampling)
+            peer = await self._connect(request.decode_transport_descriptor)
+            self._targets[rid] = _Target(peer, list(request.decode_block_ids))
+            stream = await self.engine.generate(rid, prompt, params)
+            try:
+                out = await asyncio.wait_for(_last_output(stream), max(0.0, deadline - time.monotonic()))
+            finally:
+                stream.close()
+            computed = time.monotonic()
+            if out.finish_reason == FinishReason.PREFILL_DONE:
+                assert out.kv is not None  # the engine attaches the hand-over to every PREFILL_DONE output
+                await self._complete_transfer(rid, out, out.kv, deadline)
+            return cpb.PrefillResponse(
+                first_token=_first_token(out),
+                first_text=out.new_text,
+                cached_prompt_tokens=out.num_cached_prompt_tokens,
+                compute_seconds=computed - started,
+                transfer_wait_seconds=time.monotonic() - computed,
+                finish_reason=finish_to_proto(
+                    out.finish_reason if out.finish_reason != FinishReason.PREFILL_DONE else None
+                ),
+            )
+        except EngineError as exc:
+            await abort_with(context, exc)
+            raise AssertionError("unreachable") from exc
+        except (TransferFailed, TimeoutError) as exc:
+            await context.abort(
+                grpc.StatusCode.UNAVAILABLE, f"KV transfer for {rid!r} failed: {exc or 'deadline passed'}"
+            )
+            raise AssertionError("unreachable") from exc
+        finally:
+            self.in_flight -= 1
+            self._targets.pop(rid, None)
+            await self.engine.call(lambda e: _forget(e, rid))
+
+    async def Abort(self, request: cpb.AbortRequest, context: grpc.aio.ServicerContext) -> cpb.AbortResponse:
+        found = request.request_id in self._targets
+        await self.engine.call(lambda e: _forget(e, request.request_id))
+        return cpb.AbortResponse(found=found)
+
+    # ---- transfer -------------------------------------------------------------------------------------------------
+
+    async def _connect(self, descriptor: bytes) -> object:
+        peer = self._peers.get(descriptor)
+        if peer is None:
+            try:
+                peer = await asyncio.to_thread(self.transport.connect, descriptor)
+            except Exception as exc:  # the transport's own error types vary by backend
+                raise TransferFailed(f"cannot connect to the decode node: {exc}") from exc
+            self._peers[descriptor] = peer
+        return peer
+
+    def _on_layer_stored(self, layer: int, writes: list[KVLayerWrite]) -> None:
+        """Engine thread, right after layer `layer` stored its new KV: ship the touched blocks of our requests."""
+        for w in writes:
+            target = self._targets.get(w.request_id)
+            if target is None or target.error is not None:
+                continue
+            first = w.start // self.block_size
+            self._write(target, layer, w.block_ids, target.dst_blocks[first : first + len(w.block_ids)])
+
+    def _write(
+        self, target: _Target, layer: int, src: list[int], dst: list[int], notify: bytes | None = None
+    ) -> None:
+        try:
+            target.handles.append(self.transport.write_blocks(target.peer, layer, src, dst, notify))
+        except Exception as exc:
+            target.error = str(exc) or type(exc).__name__
+
+    async def _complete_transfer(self, rid: str, out: RequestOutput, kv: KVHandoff, deadline: float) -> None:
+        target = self._targets[rid]
+        cached = -(-out.num_cached_prompt_tokens // self.block_size)
+        if cached:
+            # Prefix-cache hits were computed by an earlier request and never passed through the layer hook.
+            def send_cached(_engine: object) -> None:
+                for layer in range(len(kv.kv_layers)):
+                    self._write(target, layer, kv.block_ids[:cached], target.dst_blocks[:cached])
+
+            await self.engine.call(send_cached)
+        await self._wait(target, deadline)
+        # Every write landed: the notification rides on a rewrite of one block, so it arrives after the data.
+        last = len(kv.kv_layers) - 1
+        await self.engine.call(
+            lambda _e: self._write(target, last, kv.block_ids[:1], target.dst_blocks[:1], kv_done(rid))
+        )
+        await self._wait(target, deadline)
+
+    async def _wait(self, target: _Target, deadline: float) -> None:
+        from kvtransfer.base import TransferState
+
+        while True:
+            if target.error is not None:
+                raise TransferFailed(target.error)
+            states = [self.transport.poll(h) for h in target.handles]
+            if any(s == TransferState.FAILED for s in states):
+                raise TransferFailed("a KV write failed (decode node gone?)")
+            if all(s == TransferState.DONE for s in states):
+                target.handles.clear()
+                return
+            if time.monotonic() > deadline:
+                raise TimeoutError("transfer deadline passed")
+            await asyncio.sleep(TRANSFER_POLL_S)
+
+
+async def _last_output(stream) -> RequestOutput:
+    last = None
+    async for out in stream:
+        last = out
+    if last is None:
+        raise TransferFailed("the engine produced no output")
+    return last
+
+
+def _first_token(out: RequestOutput) -> pb.TokenLogprob:
+    token = out.new_token_ids[0]
+    if out.new_logprobs:
+        return logprob_to_proto(out.new_logprobs[0])
+    return pb.TokenLogprob(token_id=token)
+
+
+def _forget(engine, rid: str) -> None:
+    """Free whatever the engine still holds for rid: a handed-over request's blocks, or a running one."""
+    try:
+        engine.release(rid)
+    except EngineError:
+        engine.abort(rid)

@@ -1,0 +1,301 @@
+"""The public Inference service on the router: validate, place, and relay one request.
+
+A request's life cycle through the router:
+1. Validate and tokenize (INVALID_ARGUMENT for an empty or over-long prompt or a wrong model name). Sampling values
+   are validated by the first node that sees them, with the engine's own checks.
+2. Place it at arrival from the in-memory cluster view (no Redis round trip): a (prefill, decode) pair, or a
+   colocated node when no pair exists; UNAVAILABLE at once when there is nothing to place on.
+3. Pair: decode.Reserve -> prefill.Prefill (the KV streams between the nodes) -> the first token goes to the client
+   -> decode.Decode streams the rest. Colocated: the node's own Generate stream is relayed.
+4. A node failure before any token reached the client (reserve refused, transfer failed, node gone) frees what
+   was reserved and retries on other nodes, a bounded number of times.
+5. Client cancel: the relay's RPCs are cancelled, which aborts the request on both nodes and frees its blocks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import grpc
+
+from engine.tokenizer import Tokenizer
+from ops.cluster_state import ClusterView, NodeState
+from router.load_tracker import LoadTracker
+from router.node_clients import NodeClients
+from router.policy import Placement, PlacementPolicy, PlacementRequest
+from splitserve.v1 import cluster_pb2 as cpb
+from splitserve.v1 import inference_pb2 as pb
+from splitserve.v1 import inference_pb2_grpc
+
+# Statuses that mean "this node could not do it right now": try another one.
+RETRYABLE = {
+    grpc.StatusCode.UNAVAILABLE,
+    grpc.StatusCode.RESOURCE_EXHAUSTED,
+    grpc.StatusCode.DEADLINE_EXCEEDED,
+    grpc.StatusCode.NOT_FOUND,
+    grpc.StatusCode.INTERNAL,
+    grpc.StatusCode.UNKNOWN,
+    grpc.StatusCode.CANCELLED,
+}
+DEFAULT_MAX_TOKENS = 16
+
+
+@dataclass(frozen=True, slots=True)
+class RouterConfig:
+    model_name: str
+    max_model_len: int
+    max_attempts: int = 3
+    reserve_hold_s: float = 60.0
+    prefill_deadline_s: float = 60.0
+    kv_wait_s: float = 30.0
+    rpc_timeout_s: float = 10.0
+
+
+class _Retry(Exception):
+    """A node failed before the client saw a token; place the request again without `node_id`."""
+
+    def __init__(self, node_id: str, reason: str) -> None:
+        super().__init__(reason)
+        self.node_id = node_id
+
+
+class InferenceService(inference_pb2_grpc.InferenceServicer):
+    def __init__(
+        self, config: RouterConfig, tokenizer: Tokenizer, view: ClusterView, policy: PlacementPolicy
+    ) -> None:
+        self.config = config
+        self.tokenizer = tokenizer
+        self.view = view
+        self.policy = policy
+        self.clients = NodeClients()
+        self.tracker = LoadTracker()
+
+    async def Generate(
+        self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.GenerateResponse]:
+        arrived = time.monotonic()
+        rid = request.request_id or f"req-{uuid.uuid4().hex[:16]}"
+        prompt = await self._validated_prompt(request, context)
+        max_tokens = (
+            request.sampling.max_tokens if request.sampling.HasField("max_tokens") else DEFAULT_MAX_TOKENS
+        )
+        wanted = PlacementRequest(len(prompt), min(len(prompt) + max_tokens, self.config.max_model_len))
+        failed: set[str] = set()
+        reasons: list[str] = []
+        for attempt in range(self.config.max_attempts):
+            placement = self.policy.place(wanted, self._snapshots(), exclude=failed)
+            if placement is None:
+                break
+            attempt_id = rid if attempt == 0 else f"{rid}#{attempt}"
+            try:
+                relay = _Relay(rid, arrived, len(prompt), request.sampling.HasField("logprobs"))
+                if placement.disaggregated:
+                    stream = self._via_pair(attempt_id, prompt, request, placement, relay)
+                else:
+                    stream = self._via_colocated(attempt_id, prompt, request, placement, relay)
+                async for msg in stream:
+                    yield msg
+                return
+            except _Retry as retry:
+                failed.add(retry.node_id)
+                reasons.append(str(retry))
+            except _StreamBroken as broken:
+                await context.abort(grpc.StatusCode.UNAVAILABLE, str(broken))
+            except grpc.aio.AioRpcError as exc:  # the request itself was refused (e.g. INVALID_ARGUMENT): pass it on
+                await context.abort(exc.code(), exc.details() or "")
+        detail = f" ({'; '.join(reasons)})" if reasons else ""
+        await context.abort(grpc.StatusCode.UNAVAILABLE, f"no node could serve the request{detail}")
+
+    async def _validated_prompt(
+        self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> list[int]:
+        if request.model and request.model != self.config.model_name:
+            await context.abort(
+                grpc.StatusCode.NOT_FOUND,
+                f"model {request.model!r} is not served here ({self.config.model_name!r} is)",
+            )
+        which = request.WhichOneof("prompt")
+        if which == "text":
+            # Encoding "" can still yield a BOS token; an empty text is an empty prompt all the same.
+            prompt = self.tokenizer.encode(request.text) if request.text else []
+        elif which == "token_ids":
+            prompt = list(request.token_ids.ids)
+            bad = [t for t in prompt if t >= self.tokenizer.vocab_size]
+            if bad:
+                await context.abort(
+                    grpc.StatusCode.INVALID_ARGUMENT, f"token id {bad[0]} is outside the vocabulary"
+                )
+        else:
+            prompt = []
+        if not prompt:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "prompt is empty")
+        if len(prompt) >= self.config.max_model_len:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"prompt has {len(prompt)} tokens; the model's context is {self.config.max_model_len} tokens "
+                "and at least one must be left to generate",
+            )
+        return prompt
+
+    def _snapshots(self):
+        return self.tracker.snapshots(self.view.nodes())
+
+    def _node(self, node_id: str | None) -> NodeState:
+        state = self.view.get(node_id or "")
+        if state is None:
+            raise _Retry(node_id or "?", f"node {node_id} left the cluster")
+        return state
+
+    async def _via_pair(
+        self, rid: str, prompt: list[int], request: pb.GenerateRequest, placement: Placement, relay: _Relay
+    ) -> AsyncIterator[pb.GenerateResponse]:
+        prefill, decode = self._node(placement.prefill), self._node(placement.decode)
+        decode_stub = self.clients.decode(decode.info.address)
+        blocks = -(-len(prompt) // decode.info.block_size)
+        self.tracker.picked(prefill.info.node_id, rid, len(prompt), 0)
+        self.tracker.picked(decode.info.node_id, rid, 0, blocks)
+        reserved = False
+        try:
+            reply = await self._call(
+                decode,
+                decode_stub.Reserve(
+                    cpb.ReserveRequest(
+                        request_id=rid,
+                        prompt_token_ids=prompt,
+                        sampling=request.sampling,
+                        hold_seconds=self.config.reserve_hold_s,
+                    ),
+                    timeout=self.config.rpc_timeout_s,
+                ),
+            )
+            reserved = True
+            first = await self._call(
+                prefill,
+                self.clients.prefill(prefill.info.address).Prefill(
+                    cpb.PrefillRequest(
+                        request_id=rid,
+                        prompt_token_ids=prompt,
+                        sampling=request.sampling,
+                        decode_node_id=decode.info.node_id,
+                        decode_transport_descriptor=decode.info.transport,
+                        decode_block_ids=reply.block_ids,
+                        deadline_seconds=self.config.prefill_deadline_s,
+                    ),
+                    timeout=self.config.prefill_deadline_s + 1.0,
+                ),
+            )
+            self.tracker.done(prefill.info.node_id, rid)
+            relay.cached = first.cached_prompt_tokens
+            if first.finish_reason != pb.FINISH_REASON_UNSPECIFIED:
+                yield relay.message(rid, first.first_text, [first.first_token], first.finish_reason)
+                return
+            yield relay.message(rid, first.first_text, [first.first_token])
+            stream = decode_stub.Decode(
+                cpb.DecodeRequest(
+                    request_id=rid, first_token=first.first_token, kv_wait_seconds=self.config.kv_wait_s
+                )
+            )
+            reserved = (
+                False  # from here the decode node owns the request's life: closing the stream aborts it
+            )
+            try:
+                async for msg in stream:
+                    yield relay.forward(msg)
+            except grpc.aio.AioRpcError as exc:
+                # Tokens already reached the client: a retry would repeat them. Resuming elsewhere is future work.
+                raise _StreamBroken(
+                    f"decode node {decode.info.node_id} failed mid-stream: {exc.details()}"
+                ) from exc
+            finally:
+                stream.cancel()
+        finally:
+            self.tracker.done(prefill.info.node_id, rid)
+            self.tracker.done(decode.info.node_id, rid)
+            if reserved:
+                await self._abort_quietly(decode_stub, rid)
+
+    async def _via_colocated(
+        self, rid: str, prompt: list[int], request: pb.GenerateRequest, placement: Placement, relay: _Relay
+    ) -> AsyncIterator[pb.GenerateResponse]:
+        node = self._node(placement.colocated)
+        self.tracker.picked(node.info.node_id, rid, len(prompt), -(-len(prompt) // node.info.block_size))
+        forwarded = pb.GenerateRequest(
+            request_id=rid, token_ids=pb.TokenIds(ids=prompt), sampling=request.sampling
+        )
+        stream = self.clients.colocated(node.info.address).Generate(forwarded)
+        started = False
+        try:
+            async for msg in stream:
+                started = True
+                yield relay.forward(msg)
+        except grpc.aio.AioRpcError as exc:
+            if started or exc.code() not in RETRYABLE:
+                raise
+            raise _Retry(node.info.node_id, f"colocated node {node.info.node_id}: {exc.details()}") from exc
+        finally:
+            stream.cancel()
+            self.tracker.done(node.info.node_id, rid)
+
+    async def _call(self, node: NodeState, call):
+        """Await a unary RPC; node failures become _Retry, request errors reach the client unchanged."""
+        try:
+            return await call
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() in RETRYABLE:
+                raise _Retry(
+                    node.info.node_id, f"{node.info.role} node {node.info.node_id}: {exc.details()}"
+                ) from exc
+            raise
+
+    async def _abort_quietly(self, decode_stub, rid: str) -> None:
+        # A failure means the node is gone or the reservation already expired: either way nothing is held.
+        with contextlib.suppress(grpc.aio.AioRpcError):
+            await decode_stub.Abort(cpb.AbortRequest(request_id=rid), timeout=self.config.rpc_timeout_s)
+
+
+class _StreamBroken(Exception):
+    pass
+
+
+class _Relay:
+    """Rewrites node messages for the client: the client's request id, usage and TTFT on the last message."""
+
+    def __init__(self, request_id: str, arrived: float, prompt_tokens: int, with_logprobs: bool) -> None:
+        self.request_id = request_id
+        self.with_logprobs = with_logprobs
+        self.arrived = arrived
+        self.prompt_tokens = prompt_tokens
+        self.completion_tokens = 0
+        self.cached = 0
+        self.ttft: float | None = None
+
+    def message(
+        self, rid: str, text: str, tokens: list[pb.TokenLogprob], finish: int = pb.FINISH_REASON_UNSPECIFIED
+    ) -> pb.GenerateResponse:
+        msg = pb.GenerateResponse(
+            text=text,
+            token_ids=[t.token_id for t in tokens],
+            logprobs=tokens if self.with_logprobs else [],
+            finish_reason=finish,
+        )
+        return self.forward(msg)
+
+    def forward(self, msg: pb.GenerateResponse) -> pb.GenerateResponse:
+        msg.request_id = self.request_id
+        if msg.token_ids and self.ttft is None:
+            self.ttft = time.monotonic() - self.arrived
+        self.completion_tokens += len(msg.token_ids)
+        if msg.finish_reason != pb.FINISH_REASON_UNSPECIFIED:
+            msg.usage.CopyFrom(
+                pb.Usage(
+                    prompt_tokens=self.prompt_tokens,
+                    completion_tokens=self.completion_tokens,
+                    cached_prompt_tokens=self.cached,
+                    ttft_seconds=self.ttft or 0.0,
+                )
+            )
+        return msg

@@ -1,0 +1,64 @@
+"""Entry point of a router process: `splitserve router`. The request life cycle is in router/inference.py.
+
+The router is stateless: it reads cluster state from Redis into memory and can run in any number of copies.
+Process life: load the tokenizer -> sync the cluster view -> serve gRPC (Inference, health, reflection) -> print
+the ready line -> on SIGTERM/SIGINT stop taking requests, let streams finish (grace period), exit 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+from dataclasses import dataclass
+from pathlib import Path
+
+from engine.tokenizer import Tokenizer
+from ops.cluster_state import ClusterView
+from ops.grpc_util import make_server
+from router.inference import InferenceService, RouterConfig
+from router.policy import create_policy
+from splitserve.v1 import inference_pb2_grpc
+
+SERVICE_NAME = "splitserve.v1.Inference"
+
+
+@dataclass(slots=True)
+class RouterOptions:
+    model_dir: Path
+    redis_url: str
+    host: str = "127.0.0.1"
+    grpc_port: int = 50051
+    policy: str = "jsq"
+    max_model_len: int | None = None
+    grace_s: float = 10.0
+
+
+async def run_router(options: RouterOptions) -> int:
+    tokenizer = Tokenizer.from_dir(options.model_dir)
+    config = json.loads((options.model_dir / "config.json").read_text())
+    max_len = options.max_model_len or int(config.get("max_position_embeddings", 2048))
+    view = ClusterView(options.redis_url)
+    view.start()
+    server, health, port = make_server(f"{options.host}:{options.grpc_port}", [SERVICE_NAME])
+    service = InferenceService(
+        RouterConfig(model_name=options.model_dir.name, max_model_len=max_len),
+        tokenizer,
+        view,
+        create_policy(options.policy),
+    )
+    inference_pb2_grpc.add_InferenceServicer_to_server(service, server)
+    await server.start()
+    await health.set(True)
+    print(json.dumps({"event": "ready", "role": "router", "address": f"{options.host}:{port}"}), flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await health.set(False)
+    await server.stop(grace=options.grace_s)
+    await service.clients.close()
+    view.stop()
+    print(json.dumps({"event": "stopped", "role": "router"}), flush=True)
+    return 0
