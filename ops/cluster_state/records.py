@@ -41,7 +41,6 @@ from __future__ import annotations
 import base64
 import dataclasses
 import json
-import logging
 import re
 import time
 from collections.abc import Callable
@@ -52,7 +51,6 @@ import redis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
-logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 KEY_PREFIX = "splitserve:v1:"
