@@ -7,7 +7,6 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-dev
 TORCH_VERSION ?= 2.13.0
-DEMO_MODEL := .cache/demo-model
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 export HF_HUB_OFFLINE := 1
 
@@ -19,12 +18,10 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -e '.[dev]'
 	touch $(STAMP)
 
-$(DEMO_MODEL)/config.json: | $(STAMP)
-	$(VENV)/bin/splitserve make-tiny-model $(DEMO_MODEL) --arch llama --layers 4 --hidden 256 --heads 8 --kv-heads 2 --vocab 2048
-
-# Until the cluster lands (`splitserve up`), `make run` streams a generation from the demo model on one engine.
-run: $(STAMP) $(DEMO_MODEL)/config.json
-	$(VENV)/bin/splitserve generate --model $(DEMO_MODEL) --prompt "$${PROMPT:-The cluster splits every request into}" --max-tokens 48 --temperature 0.8 --seed 1
+# A local split cluster on the demo model (made once): embedded Redis, 1 prefill + 1 decode node, a router on :50051.
+# UP_ARGS passes flags through, e.g. make run UP_ARGS="--prefill 2 --decode 2 --kv-backend nixl".
+run: $(STAMP)
+	$(VENV)/bin/splitserve up $(UP_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

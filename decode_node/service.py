@@ -71,10 +71,10 @@ class DecodeNodeService(cluster_pb2_grpc.DecodeNodeServicer):
         if not self.accepting:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "decode node is draining")
         rid = request.request_id
-        prompt = list(request.prompt_token_ids)
+        prompt, prior = list(request.prompt_token_ids), list(request.prior_output_token_ids)
         try:
             params = sampling_from_proto(request.sampling)
-            blocks = await self.engine.call(lambda e: e.reserve(rid, prompt, params))
+            blocks = await self.engine.call(lambda e: e.reserve(rid, prompt, params, prior))
         except EngineError as exc:
             await abort_with(context, exc)
         hold = min(request.hold_seconds or 30.0, MAX_HOLD_S)

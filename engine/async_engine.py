@@ -65,12 +65,16 @@ class AsyncEngine:
         return stream
 
     async def generate(
-        self, request_id: str, prompt: str | list[int], params: SamplingParams
+        self,
+        request_id: str,
+        prompt: str | list[int],
+        params: SamplingParams,
+        prior_output: list[int] | None = None,
     ) -> RequestStream:
         """Add a request and return its output stream. Bad input raises here, before any output."""
         stream = self.open_stream(request_id)
         try:
-            await self.call(lambda e: e.add_request(request_id, prompt, params))
+            await self.call(lambda e: e.add_request(request_id, prompt, params, prior_output))
         except BaseException:
             self._streams.pop(request_id, None)
             raise

@@ -142,10 +142,18 @@ class LLMEngine:
     # ---- requests -------------------------------------------------------------------------------------------------
 
     def add_request(
-        self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None
+        self,
+        request_id: str,
+        prompt: str | list[int],
+        params: SamplingParams | None = None,
+        prior_output: list[int] | None = None,
     ) -> None:
-        """Queue a request. Raises InvalidRequestError for bad input; nothing is queued then."""
-        seq = self._new_sequence(request_id, prompt, params or SamplingParams())
+        """Queue a request. Raises InvalidRequestError for bad input; nothing is queued then.
+
+        prior_output resumes a request whose first tokens were already delivered (its node died mid-stream): they
+        are recomputed as context and count as output, so the continuation is what the lost node would have made.
+        """
+        seq = self._new_sequence(request_id, prompt, params or SamplingParams(), prior_output)
         self._seqs[request_id] = seq
         self.scheduler.add(seq)
 
@@ -184,14 +192,21 @@ class LLMEngine:
         return self.runner.kv_caches
 
     def reserve(
-        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams | None = None
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams | None = None,
+        prior_output: list[int] | None = None,
     ) -> list[int]:
-        """Hold blocks for a prompt whose KV will be written from outside. Raises ResourceExhaustedError if short."""
+        """Hold blocks for a prompt (and any prior output) whose KV will be written from outside.
+
+        Raises ResourceExhaustedError if the pool is short.
+        """
         self._require_role_other_than(EngineRole.PREFILL, "reserve")
-        seq = self._new_sequence(request_id, list(prompt_token_ids), params or SamplingParams())
-        if not self.blocks.ensure_capacity(seq, seq.num_prompt_tokens):
+        seq = self._new_sequence(request_id, list(prompt_token_ids), params or SamplingParams(), prior_output)
+        if not self.blocks.ensure_capacity(seq, seq.num_tokens):
             raise ResourceExhaustedError(
-                f"need {self.blocks.blocks_for(seq.num_prompt_tokens)} KV blocks for {request_id!r}, "
+                f"need {self.blocks.blocks_for(seq.num_tokens)} KV blocks for {request_id!r}, "
                 f"{self.blocks.num_free_blocks} free"
             )
         seq.status = SequenceStatus.RESERVED
@@ -207,7 +222,7 @@ class LLMEngine:
         if not 0 <= first_token_id < self.model_config.vocab_size:
             raise InvalidRequestError(f"first token id {first_token_id} is outside the vocabulary")
         del self._held[request_id]
-        seq.num_computed_tokens = seq.num_prompt_tokens
+        seq.num_computed_tokens = seq.num_tokens
         self.blocks.register_computed_blocks(seq)
         self.scheduler.add_running(seq)
         out = self._append_token(seq, SampledToken(first_token_id, first_logprob))
@@ -282,7 +297,13 @@ class LLMEngine:
 
     # ---- internals --------------------------------------------------------------------------------------------------
 
-    def _new_sequence(self, request_id: str, prompt: str | list[int], params: SamplingParams) -> Sequence:
+    def _new_sequence(
+        self,
+        request_id: str,
+        prompt: str | list[int],
+        params: SamplingParams,
+        prior_output: list[int] | None = None,
+    ) -> Sequence:
         if not isinstance(request_id, str) or not request_id:
             raise InvalidRequestError("request_id must be a non-empty string")
         if request_id in self._seqs:
@@ -291,19 +312,28 @@ class LLMEngine:
             raise InvalidRequestError(f"params must be SamplingParams, got {type(params).__name__}")
         params.validate()
         token_ids = self._tokenize(prompt)
+        prior = self._tokenize(prior_output) if prior_output else []
         if len(token_ids) >= self.max_seq_tokens:
             limit = "context" if self.max_seq_tokens == self.max_model_len else "KV cache capacity"
             raise InvalidRequestError(
                 f"prompt has {len(token_ids)} tokens; the model's {limit} is {self.max_seq_tokens} tokens "
                 "and at least one must be left to generate"
             )
+        if prior and (len(token_ids) + len(prior) >= self.max_seq_tokens or len(prior) >= params.max_tokens):
+            raise InvalidRequestError(f"{len(prior)} tokens already generated leave nothing to generate")
         seq = Sequence(
             request_id=request_id,
             prompt_token_ids=token_ids,
             params=params,
-            detokenizer=IncrementalDetokenizer(self.tokenizer, token_ids),
+            # Resumed requests decode on from the text already delivered, so deltas continue it seamlessly.
+            detokenizer=IncrementalDetokenizer(self.tokenizer, token_ids + prior),
             arrival_index=self._admitted,
         )
+        for (
+            token
+        ) in prior:  # outputs already delivered: they count for max_tokens, penalties and seeded draws
+            seq.output_token_ids.append(token)
+            seq.output_counts[token] = seq.output_counts.get(token, 0) + 1
         seq.text.stops = list(params.stop)
         self._admitted += 1
         return seq
@@ -371,10 +401,10 @@ class LLMEngine:
         out.finish_reason = FinishReason.PREFILL_DONE
         out.kv = KVHandoff(
             block_ids=list(seq.block_ids),
-            num_tokens=seq.num_prompt_tokens,
+            num_tokens=seq.num_computed_tokens,  # prompt (+ prior output of a resumed request)
             kv_layers=self.runner.kv_caches,
-            first_token_id=seq.output_token_ids[0],
-            first_logprob=seq.logprobs[0] if seq.logprobs else None,
+            first_token_id=seq.output_token_ids[-1],
+            first_logprob=seq.logprobs[-1] if seq.logprobs else None,
         )
         return out
 

@@ -100,6 +100,9 @@ class LocalCluster:
             for proc in self.processes:
                 if (proc.role == "router") == (group == "router"):
                     _wait_or_kill(proc.popen, deadline)
+        for proc in self.processes:
+            if proc.popen.stdout is not None:
+                proc.popen.stdout.close()
         if self.redis is not None:
             self.redis.stop()
             self.redis = None

@@ -66,9 +66,13 @@ class PrefillNodeService(cluster_pb2_grpc.PrefillNodeServicer):
     ) -> cpb.PrefillResponse:
         if not self.accepting:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "prefill node is draining")
-        rid, prompt = request.request_id, list(request.prompt_token_ids)
+        rid, prompt, prior = (
+            request.request_id,
+            list(request.prompt_token_ids),
+            list(request.prior_output_token_ids),
+        )
         deadline = time.monotonic() + (request.deadline_seconds or 60.0)
-        needed = -(-len(prompt) // self.block_size)
+        needed = -(-(len(prompt) + len(prior)) // self.block_size)
         if len(request.decode_block_ids) < needed:
             await context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT,
@@ -80,7 +84,7 @@ class PrefillNodeService(cluster_pb2_grpc.PrefillNodeServicer):
             params = sampling_from_proto(request.sampling)
             peer = await self._connect(request.decode_transport_descriptor)
             self._targets[rid] = _Target(peer, list(request.decode_block_ids))
-            stream = await self.engine.generate(rid, prompt, params)
+            stream = await self.engine.generate(rid, prompt, params, prior or None)
             try:
                 out = await asyncio.wait_for(_last_output(stream), max(0.0, deadline - time.monotonic()))
             finally:

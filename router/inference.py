@@ -83,16 +83,22 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
         max_tokens = (
             request.sampling.max_tokens if request.sampling.HasField("max_tokens") else DEFAULT_MAX_TOKENS
         )
-        wanted = PlacementRequest(len(prompt), min(len(prompt) + max_tokens, self.config.max_model_len))
+        relay = _Relay(rid, arrived, len(prompt), request.sampling.HasField("logprobs"))
         failed: set[str] = set()
         reasons: list[str] = []
         for attempt in range(self.config.max_attempts):
+            context_tokens = len(prompt) + len(relay.delivered)
+            wanted = PlacementRequest(
+                context_tokens, min(len(prompt) + max_tokens, self.config.max_model_len)
+            )
             placement = self.policy.place(wanted, self._snapshots(), exclude=failed)
             if placement is None:
                 break
+            if relay.delivered and not placement.disaggregated:
+                reasons.append("a stream can resume on a (prefill, decode) pair only, and none is left")
+                break
             attempt_id = rid if attempt == 0 else f"{rid}#{attempt}"
             try:
-                relay = _Relay(rid, arrived, len(prompt), request.sampling.HasField("logprobs"))
                 if placement.disaggregated:
                     stream = self._via_pair(attempt_id, prompt, request, placement, relay)
                 else:
@@ -103,9 +109,9 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
             except _Retry as retry:
                 failed.add(retry.node_id)
                 reasons.append(str(retry))
-            except _StreamBroken as broken:
-                await context.abort(grpc.StatusCode.UNAVAILABLE, str(broken))
-            except grpc.aio.AioRpcError as exc:  # the request itself was refused (e.g. INVALID_ARGUMENT): pass it on
+            except (
+                grpc.aio.AioRpcError
+            ) as exc:  # the request itself was refused (e.g. INVALID_ARGUMENT): pass it on
                 await context.abort(exc.code(), exc.details() or "")
         detail = f" ({'; '.join(reasons)})" if reasons else ""
         await context.abort(grpc.StatusCode.UNAVAILABLE, f"no node could serve the request{detail}")
@@ -155,7 +161,7 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
     ) -> AsyncIterator[pb.GenerateResponse]:
         prefill, decode = self._node(placement.prefill), self._node(placement.decode)
         decode_stub = self.clients.decode(decode.info.address)
-        blocks = -(-len(prompt) // decode.info.block_size)
+        blocks = -(-(len(prompt) + len(relay.delivered)) // decode.info.block_size)
         self.tracker.picked(prefill.info.node_id, rid, len(prompt), 0)
         self.tracker.picked(decode.info.node_id, rid, 0, blocks)
         reserved = False
@@ -168,6 +174,7 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
                         prompt_token_ids=prompt,
                         sampling=request.sampling,
                         hold_seconds=self.config.reserve_hold_s,
+                        prior_output_token_ids=relay.delivered,
                     ),
                     timeout=self.config.rpc_timeout_s,
                 ),
@@ -184,12 +191,13 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
                         decode_transport_descriptor=decode.info.transport,
                         decode_block_ids=reply.block_ids,
                         deadline_seconds=self.config.prefill_deadline_s,
+                        prior_output_token_ids=relay.delivered,
                     ),
                     timeout=self.config.prefill_deadline_s + 1.0,
                 ),
             )
             self.tracker.done(prefill.info.node_id, rid)
-            relay.cached = first.cached_prompt_tokens
+            relay.cached = max(relay.cached, first.cached_prompt_tokens)
             if first.finish_reason != pb.FINISH_REASON_UNSPECIFIED:
                 yield relay.message(rid, first.first_text, [first.first_token], first.finish_reason)
                 return
@@ -199,17 +207,16 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
                     request_id=rid, first_token=first.first_token, kv_wait_seconds=self.config.kv_wait_s
                 )
             )
-            reserved = (
-                False  # from here the decode node owns the request's life: closing the stream aborts it
-            )
+            # From here the decode node owns the request's life: closing the stream aborts it there.
+            reserved = False
             try:
                 async for msg in stream:
                     yield relay.forward(msg)
             except grpc.aio.AioRpcError as exc:
-                # Tokens already reached the client: a retry would repeat them. Resuming elsewhere is future work.
-                raise _StreamBroken(
-                    f"decode node {decode.info.node_id} failed mid-stream: {exc.details()}"
-                ) from exc
+                # Resume on another pair: the relay knows which tokens the client already has; they become the
+                # next attempt's prior output, so nothing is repeated and the continuation is the same.
+                reason = f"decode node {decode.info.node_id} failed mid-stream: {exc.details()}"
+                raise _Retry(decode.info.node_id, reason) from exc
             finally:
                 stream.cancel()
         finally:
@@ -233,7 +240,7 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
                 started = True
                 yield relay.forward(msg)
         except grpc.aio.AioRpcError as exc:
-            if started or exc.code() not in RETRYABLE:
+            if not started and exc.code() not in RETRYABLE:
                 raise
             raise _Retry(node.info.node_id, f"colocated node {node.info.node_id}: {exc.details()}") from exc
         finally:
@@ -257,10 +264,6 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
             await decode_stub.Abort(cpb.AbortRequest(request_id=rid), timeout=self.config.rpc_timeout_s)
 
 
-class _StreamBroken(Exception):
-    pass
-
-
 class _Relay:
     """Rewrites node messages for the client: the client's request id, usage and TTFT on the last message."""
 
@@ -269,7 +272,7 @@ class _Relay:
         self.with_logprobs = with_logprobs
         self.arrived = arrived
         self.prompt_tokens = prompt_tokens
-        self.completion_tokens = 0
+        self.delivered: list[int] = []  # token ids the client has received
         self.cached = 0
         self.ttft: float | None = None
 
@@ -288,12 +291,12 @@ class _Relay:
         msg.request_id = self.request_id
         if msg.token_ids and self.ttft is None:
             self.ttft = time.monotonic() - self.arrived
-        self.completion_tokens += len(msg.token_ids)
+        self.delivered.extend(msg.token_ids)
         if msg.finish_reason != pb.FINISH_REASON_UNSPECIFIED:
             msg.usage.CopyFrom(
                 pb.Usage(
                     prompt_tokens=self.prompt_tokens,
-                    completion_tokens=self.completion_tokens,
+                    completion_tokens=len(self.delivered),
                     cached_prompt_tokens=self.cached,
                     ttft_seconds=self.ttft or 0.0,
                 )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import grpc
@@ -22,7 +23,9 @@ class StreamResult:
     messages: int = 0
 
 
-async def generate(address: str, prompt: list[int] | str, **sampling: object) -> StreamResult:
+async def generate(
+    address: str, prompt: list[int] | str, on_tokens: Callable[[int], None] | None = None, **sampling: object
+) -> StreamResult:
     request = pb.GenerateRequest(sampling=pb.SamplingParameters(**sampling))  # type: ignore[arg-type]
     if isinstance(prompt, str):
         request.text = prompt
@@ -34,6 +37,8 @@ async def generate(address: str, prompt: list[int] | str, **sampling: object) ->
         async for msg in stub.Generate(request, timeout=CALL_TIMEOUT_S):
             result.messages += 1
             result.token_ids += list(msg.token_ids)
+            if on_tokens is not None:
+                on_tokens(len(msg.token_ids))
             result.text += msg.text
             if msg.finish_reason:
                 result.finish_reason = msg.finish_reason

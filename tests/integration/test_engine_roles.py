@@ -190,3 +190,50 @@ def _run_prefill(
     while prefill.has_unfinished():
         outs += prefill.step()
     return outs
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True),
+        SamplingParams(max_tokens=20, temperature=1.0, seed=5, frequency_penalty=0.5, ignore_eos=True),
+    ],
+    ids=["greedy", "seeded-with-penalty"],
+)
+def test_resuming_with_prior_output_continues_exactly(llama_dir: Path, params: SamplingParams) -> None:
+    """A request whose node died after 7 delivered tokens resumes elsewhere and continues as if nothing happened."""
+    prompt = prompts(1000)[3]
+    [whole] = LLMEngine(llama_dir, config(EngineRole.COLOCATED)).generate([prompt], params)
+    delivered = whole.token_ids[:7]
+
+    colocated = LLMEngine(llama_dir, config(EngineRole.COLOCATED))
+    colocated.add_request("resumed", prompt, params, prior_output=delivered)
+    new_tokens = []
+    while colocated.has_unfinished():
+        new_tokens += [t for out in colocated.step() for t in out.new_token_ids]
+    assert delivered + new_tokens == whole.token_ids
+
+    prefill = LLMEngine(llama_dir, config(EngineRole.PREFILL))
+    decode = LLMEngine(llama_dir, config(EngineRole.DECODE))
+    dst = decode.reserve("resumed", prompt, params, prior_output=delivered)
+    [handoff] = [o for o in _run_prefill_resumed(prefill, prompt, params, delivered) if o.kv is not None]
+    assert handoff.kv is not None and handoff.kv.num_tokens == len(prompt) + len(delivered)
+    for layer in range(len(decode.kv_layers)):
+        buffer = kernels.gather_blocks(prefill.kv_layers[layer], _ids(handoff.kv.block_ids))
+        kernels.scatter_blocks(buffer, decode.kv_layers[layer], _ids(dst))
+    prefill.release("resumed")
+    decode.admit("resumed", handoff.kv.first_token_id)
+    resumed = []
+    while decode.has_unfinished():
+        resumed += [t for out in decode.step() for t in out.new_token_ids]
+    assert delivered + resumed == whole.token_ids
+
+
+def _run_prefill_resumed(
+    prefill: LLMEngine, prompt: list[int], params: SamplingParams, prior: list[int]
+) -> list[RequestOutput]:
+    prefill.add_request("resumed", prompt, params, prior_output=prior)
+    outs: list[RequestOutput] = []
+    while prefill.has_unfinished():
+        outs += prefill.step()
+    return outs
