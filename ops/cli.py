@@ -122,6 +122,12 @@ def _add_node_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-seqs", type=_positive_int, default=64)
     parser.add_argument("--machine-type", default="cpu")
     parser.add_argument("--drain-timeout", type=float, default=30.0)
+    parser.add_argument(
+        "--one-piece-below",
+        type=int,
+        default=512,
+        help="prefill: send the KV of prompts shorter than this many tokens in one piece (0: always layer by layer)",
+    )
 
 
 def _positive_int(text: str) -> int:
@@ -208,6 +214,7 @@ def _cmd_node(args: argparse.Namespace) -> int:
         max_num_seqs=args.max_seqs,
         machine_type=args.machine_type,
         drain_timeout_s=args.drain_timeout,
+        one_piece_below=args.one_piece_below,
     )
     if args.role == "prefill":
         from prefill_node.server import serve as serve_prefill

@@ -53,6 +53,9 @@ class NodeOptions:
     block_size: int = 16
     machine_type: str = "cpu"
     drain_timeout_s: float = 30.0
+    one_piece_below: int = (
+        512  # prefill: prompts shorter than this send their KV in one piece, not layer by layer
+    )
 
 
 class NodeService(Protocol):

@@ -16,7 +16,8 @@ SERVICE_NAME = "splitserve.v1.PrefillNode"
 
 def serve(options: NodeOptions) -> int:
     def attach(engine: AsyncEngine, transport: Any, server: grpc.aio.Server) -> PrefillNodeService:
-        service = PrefillNodeService(engine, transport, engine.engine.config.block_size)
+        block_size = engine.engine.config.block_size
+        service = PrefillNodeService(engine, transport, block_size, options.one_piece_below)
         cluster_pb2_grpc.add_PrefillNodeServicer_to_server(service, server)
         return service
 

@@ -6,9 +6,11 @@ A request's life cycle on this node:
    node (once per peer; UNAVAILABLE if it cannot).
 2. The engine computes the prompt in chunks. Right after each layer's KV of a chunk is stored, the layer hook issues
    a one-sided write of those blocks into the matching reserved blocks, so transfer overlaps the remaining layers.
-3. The first token is sampled. Blocks served from the prefix cache (never written in step 2) are sent now. When every
-   write has completed (bounded by the request's deadline), `kv-done:<request id>` is sent, the blocks are released,
-   and the first token goes back to the router.
+   Prompts shorter than `one_piece_below` tokens skip this: their whole KV goes in step 3, in one write per layer
+   (Splitwise sends prompts under 512 tokens in one piece: per-layer writes would cost more than they hide).
+3. The first token is sampled. Whatever step 2 did not send (blocks served from the prefix cache, or the whole KV
+   of a short prompt) is sent now. When every write has completed (bounded by the request's deadline),
+   `kv-done:<request id>` is sent, the blocks are released, and the first token goes back to the router.
 4. On a failed or late transfer, or when the router cancels, the request is aborted here and its blocks freed; the
    router frees the decode side and retries elsewhere.
 While draining (SIGTERM), new Prefill calls answer UNAVAILABLE; in-flight ones finish.
@@ -46,13 +48,15 @@ class _Target:
 
     peer: object
     dst_blocks: list[int]
+    layer_wise: bool  # stream each layer as it is computed, or send everything once the prompt is done
     handles: list[object] = field(default_factory=list)
     error: str | None = None
 
 
 class PrefillNodeService(cluster_pb2_grpc.PrefillNodeServicer):
-    def __init__(self, engine: AsyncEngine, transport, block_size: int) -> None:
+    def __init__(self, engine: AsyncEngine, transport, block_size: int, one_piece_below: int = 512) -> None:
         self.engine = engine
+        self.one_piece_below = one_piece_below
         self.transport = transport
         self.block_size = block_size
         self.accepting = True
@@ -83,7 +87,8 @@ class PrefillNodeService(cluster_pb2_grpc.PrefillNodeServicer):
         try:
             params = sampling_from_proto(request.sampling)
             peer = await self._connect(request.decode_transport_descriptor)
-            self._targets[rid] = _Target(peer, list(request.decode_block_ids))
+            layer_wise = len(prompt) + len(prior) >= self.one_piece_below
+            self._targets[rid] = _Target(peer, list(request.decode_block_ids), layer_wise)
             stream = await self.engine.generate(rid, prompt, params, prior or None)
             try:
                 out = await asyncio.wait_for(_last_output(stream), max(0.0, deadline - time.monotonic()))
@@ -137,7 +142,7 @@ class PrefillNodeService(cluster_pb2_grpc.PrefillNodeServicer):
         """Engine thread, right after layer `layer` stored its new KV: ship the touched blocks of our requests."""
         for w in writes:
             target = self._targets.get(w.request_id)
-            if target is None or target.error is not None:
+            if target is None or target.error is not None or not target.layer_wise:
                 continue
             first = w.start // self.block_size
             self._write(target, layer, w.block_ids, target.dst_blocks[first : first + len(w.block_ids)])
@@ -152,14 +157,20 @@ class PrefillNodeService(cluster_pb2_grpc.PrefillNodeServicer):
 
     async def _complete_transfer(self, rid: str, out: RequestOutput, kv: KVHandoff, deadline: float) -> None:
         target = self._targets[rid]
-        cached = -(-out.num_cached_prompt_tokens // self.block_size)
-        if cached:
-            # Prefix-cache hits were computed by an earlier request and never passed through the layer hook.
-            def send_cached(_engine: object) -> None:
-                for layer in range(len(kv.kv_layers)):
-                    self._write(target, layer, kv.block_ids[:cached], target.dst_blocks[:cached])
+        # Layer-wise: only prefix-cache hits remain (an earlier request computed them; the hook never saw them).
+        # One piece: every block.
+        unsent = (
+            len(kv.block_ids)
+            if not target.layer_wise
+            else -(-out.num_cached_prompt_tokens // self.block_size)
+        )
+        if unsent:
 
-            await self.engine.call(send_cached)
+            def send_unsent(_engine: object) -> None:
+                for layer in range(len(kv.kv_layers)):
+                    self._write(target, layer, kv.block_ids[:unsent], target.dst_blocks[:unsent])
+
+            await self.engine.call(send_unsent)
         await self._wait(target, deadline)
         # Every write landed: the notification rides on a rewrite of one block, so it arrives after the data.
         last = len(kv.kv_layers) - 1

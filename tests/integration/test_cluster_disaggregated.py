@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import random
 import time
 from collections.abc import Iterator
@@ -15,6 +16,8 @@ from engine.engine import LLMEngine
 from engine.sampling_params import SamplingParams
 from ops.cluster_state import ClusterView
 from ops.launcher import ClusterSpec, LocalCluster
+from splitserve.v1 import inference_pb2 as pb
+from splitserve.v1 import inference_pb2_grpc
 from tests.integration.cluster_client import generate_many, status_of
 
 pytestmark = pytest.mark.timeout(600)
@@ -40,7 +43,8 @@ def cluster(request: pytest.FixtureRequest, llama_dir: Path) -> Iterator[LocalCl
         decode=2,
         grpc_port=0,
         kv_backend=request.param,
-        node_args=["--kv-cache-mb", "16", "--max-batched-tokens", "256"],
+        # Prompts under 64 tokens go in one piece, longer ones layer by layer: both paths run in every test.
+        node_args=["--kv-cache-mb", "16", "--max-batched-tokens", "256", "--one-piece-below", "64"],
     )
     with LocalCluster(spec) as running:
         yield running
@@ -97,3 +101,23 @@ def assert_pools_drain(cluster: LocalCluster, timeout_s: float = 10.0) -> None:
         raise AssertionError(f"KV pools not free after {timeout_s} s: {[s.load for s in view.nodes()]}")
     finally:
         view.stop()
+
+
+def test_client_cancel_mid_stream_aborts_on_both_nodes_and_frees_blocks(cluster: LocalCluster) -> None:
+    async def cancel_after_tokens() -> int:
+        request = pb.GenerateRequest(
+            sampling=pb.SamplingParameters(max_tokens=1500, ignore_eos=True, temperature=0.0)
+        )
+        request.token_ids.ids.extend(range(3, 200))
+        received = 0
+        async with grpc.aio.insecure_channel(cluster.router_address) as channel:
+            call = inference_pb2_grpc.InferenceStub(channel).Generate(request, timeout=60)
+            async for msg in call:
+                received += len(msg.token_ids)
+                if received >= 5:
+                    call.cancel()
+                    break
+        return received
+
+    assert asyncio.run(cancel_after_tokens()) >= 5
+    assert_pools_drain(cluster)

@@ -105,3 +105,33 @@ def test_killing_a_prefill_node_retries_on_the_other(llama_dir: Path) -> None:
         )
         assert [r.token_ids for r in results if r] == expected
         assert_leaves_registry(view, victim.node_id, killed_at)
+
+
+def test_sigterm_drains_a_decode_node_then_it_exits_0(llama_dir: Path) -> None:
+    """SIGTERM: the node stops taking work and leaves the registry, but finishes the stream it is serving."""
+    with (
+        LocalCluster(spec(llama_dir, prefill=1, decode=1)) as cluster,
+        ClusterView(cluster.redis_url) as view,
+    ):
+        decode = cluster.by_role("decode")[0]
+
+        async def stream_and_terminate() -> StreamResult:
+            started = asyncio.Event()
+            task = asyncio.create_task(
+                generate(
+                    cluster.router_address,
+                    list(range(3, 60)),
+                    max_tokens=600,
+                    temperature=0.0,
+                    ignore_eos=True,
+                    on_tokens=lambda n: started.set(),
+                )
+            )
+            await asyncio.wait_for(started.wait(), 60)
+            decode.popen.send_signal(signal.SIGTERM)
+            return await task
+
+        result = asyncio.run(stream_and_terminate())
+        assert len(result.token_ids) == 600, "the in-flight stream was cut instead of drained"
+        assert decode.popen.wait(30) == 0
+        assert view.wait_for(lambda: view.get(decode.node_id) is None, timeout_s=5.0)
