@@ -24,6 +24,7 @@ import grpc
 
 from engine.tokenizer import Tokenizer
 from ops.cluster_state import ClusterView, NodeState
+from router.cluster_index import ClusterIndex
 from router.load_tracker import LoadTracker
 from router.node_clients import NodeClients
 from router.policy import Placement, PlacementPolicy, PlacementRequest
@@ -73,6 +74,7 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
         self.policy = policy
         self.clients = NodeClients()
         self.tracker = LoadTracker()
+        self.index = ClusterIndex()
 
     async def Generate(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
@@ -91,7 +93,8 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
             wanted = PlacementRequest(
                 context_tokens, min(len(prompt) + max_tokens, self.config.max_model_len)
             )
-            placement = self.policy.place(wanted, self._snapshots(), exclude=failed)
+            self.index.update(self.view.nodes())
+            placement = self.policy.place(wanted, self.index.for_request(self.tracker, exclude=failed))
             if placement is None:
                 break
             if relay.delivered and not placement.disaggregated:
@@ -146,9 +149,6 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
                 "and at least one must be left to generate",
             )
         return prompt
-
-    def _snapshots(self):
-        return self.tracker.snapshots(self.view.nodes())
 
     def _node(self, node_id: str | None) -> NodeState:
         state = self.view.get(node_id or "")

@@ -1,35 +1,29 @@
 """Placement: which (prefill, decode) pair, or which colocated node, serves a request. Chosen once, at arrival.
 
-Policies see the router's in-memory snapshot of every live node plus what this router itself assigned since the
-node's last load report (reports arrive every ~100 ms; without that correction a burst would all pile onto the node
-that looked idlest). The default is Splitwise's join-the-shortest-queue: the prefill node with the fewest pending
-prompt tokens, the decode node with the most free KV blocks that can hold the prompt. When no pair exists (a pool is
-empty or full) a colocated node serves the whole request.
+Policies read the router's placement index (router/cluster_index.py): per role, every live node's load as arrays,
+already corrected for this router's own recent picks and with draining or excluded nodes marked unusable. The
+default is Splitwise's join-the-shortest-queue: the prefill node with the fewest pending prompt tokens, the decode
+node with the most free KV blocks that can hold the prompt. When no pair exists (a pool is empty or full) a colocated
+node serves the whole request.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
+import numpy as np
 
-@dataclass(frozen=True, slots=True)
-class NodeSnapshot:
-    """A node as placement sees it: identity plus load, already corrected for this router's own recent picks."""
+if TYPE_CHECKING:
+    from router.cluster_index import RoleArrays
 
-    node_id: str
-    role: str  # prefill | decode | colocated
-    pending_prompt_tokens: int  # queued + assigned-but-unreported prompt tokens
-    running_requests: int
-    free_kv_blocks: int
-    block_size: int
-    draining: bool = False
+# Packs a secondary key under the primary one so one argmin/argmax orders by both (running < 2**24 always).
+_SECONDARY = 1 << 24
 
 
 @dataclass(frozen=True, slots=True)
 class PlacementRequest:
-    prompt_tokens: int
+    prompt_tokens: int  # tokens whose KV the prefill node computes (prompt, plus output already delivered)
     max_total_tokens: int  # prompt + max_tokens, capped by the context
 
 
@@ -47,10 +41,8 @@ class Placement:
 class PlacementPolicy(Protocol):
     name: str
 
-    def place(
-        self, request: PlacementRequest, nodes: Sequence[NodeSnapshot], exclude: Iterable[str] = ()
-    ) -> Placement | None:
-        """Pick nodes for a request, never one in `exclude` (nodes that already failed it); None if nothing fits."""
+    def place(self, request: PlacementRequest, roles: dict[str, RoleArrays]) -> Placement | None:
+        """Pick usable nodes for a request; None if nothing fits."""
         ...
 
 
@@ -59,37 +51,24 @@ class JoinShortestQueue:
 
     name = "jsq"
 
-    def place(
-        self, request: PlacementRequest, nodes: Sequence[NodeSnapshot], exclude: Iterable[str] = ()
-    ) -> Placement | None:
-        excluded = set(exclude)
-        usable = [n for n in nodes if not n.draining and n.node_id not in excluded]
-        prefill = min(
-            (n for n in usable if n.role == "prefill"),
-            key=lambda n: (n.pending_prompt_tokens, n.running_requests, n.node_id),
-            default=None,
-        )
-        decode = max(
-            (
-                n
-                for n in usable
-                if n.role == "decode" and _blocks_for(request.prompt_tokens, n) <= n.free_kv_blocks
-            ),
-            key=lambda n: (n.free_kv_blocks, -n.running_requests, n.node_id),
-            default=None,
-        )
-        if prefill is not None and decode is not None:
-            return Placement(prefill=prefill.node_id, decode=decode.node_id)
-        colocated = min(
-            (n for n in usable if n.role == "colocated"),
-            key=lambda n: (n.pending_prompt_tokens + n.running_requests, n.node_id),
-            default=None,
-        )
-        return Placement(colocated=colocated.node_id) if colocated is not None else None
+    def place(self, request: PlacementRequest, roles: dict[str, RoleArrays]) -> Placement | None:
+        prefill, decode = roles["prefill"], roles["decode"]
+        p = _best(prefill, -(prefill.pending_tokens * _SECONDARY + prefill.running), prefill.usable)
+        fits = decode.usable & (decode.free_blocks * decode.block_size >= request.prompt_tokens)
+        d = _best(decode, decode.free_blocks * _SECONDARY - decode.running, fits)
+        if p is not None and d is not None:
+            return Placement(prefill=p, decode=d)
+        colocated = roles["colocated"]
+        c = _best(colocated, -(colocated.pending_tokens + colocated.running), colocated.usable)
+        return Placement(colocated=c) if c is not None else None
 
 
-def _blocks_for(tokens: int, node: NodeSnapshot) -> int:
-    return -(-tokens // max(1, node.block_size))
+def _best(arrays: RoleArrays, score: np.ndarray, allowed: np.ndarray) -> str | None:
+    """The allowed node with the highest score (the first one on ties), or None."""
+    if not allowed.any():
+        return None
+    masked = np.where(allowed, score, np.iinfo(np.int64).min)
+    return arrays.node_ids[int(masked.argmax())]
 
 
 POLICIES: dict[str, type[JoinShortestQueue]] = {"jsq": JoinShortestQueue}

@@ -85,7 +85,9 @@ def test_killing_a_decode_node_mid_stream_resumes_on_the_other_without_repeats(l
         results, killed_at, progress, load = asyncio.run(
             stream_all_and_kill(cluster, view, batch, victim, after_tokens=5)
         )
-        assert load is not None and load.running_requests > 0, "the victim served no stream when it died"
+        # Reports lag by up to 100 ms, so "held KV blocks" counts too: every stream had tokens, so was admitted.
+        held = load is not None and (load.running_requests > 0 or load.free_kv_blocks < load.total_kv_blocks)
+        assert held, "the victim served no stream when it died"
         assert min(progress) < MAX_TOKENS, "every stream finished before the kill: the test proved nothing"
         assert [r.token_ids for r in results if r] == expected
         assert all(r and r.usage and r.usage.completion_tokens == MAX_TOKENS for r in results)
