@@ -10,7 +10,9 @@ A request's life cycle on this node:
    (bounded wait: UNAVAILABLE otherwise, so the router retries elsewhere), the engine admits the request and its
    tokens stream back. The first token is not sent again: the router already delivered it.
 4. The end: finishing, the router closing the stream (client cancel), Abort, or an expired reservation frees the
-   request's blocks, exactly once (the engine ignores a second abort).
+   request's blocks, exactly once (the engine ignores a second abort). A reservation dropped before its KV was
+   complete (Abort after a failed prefill, or KV that never arrived) is quarantined first: writes of a failed
+   transfer may still be in flight and must not land in blocks another request already uses.
 While draining (SIGTERM), Reserve answers UNAVAILABLE and admitted requests run to completion.
 """
 
@@ -36,6 +38,9 @@ from splitserve.v1 import inference_pb2 as pb
 NOTIFICATION_POLL_S = 0.002
 REAPER_INTERVAL_S = 0.1
 MAX_HOLD_S = 120.0
+# How long blocks of a reservation whose transfer failed stay held: the transports' per-write deadline, after which
+# no write of that transfer can still land.
+QUARANTINE_S = 30.0
 
 
 class DecodeNodeService(cluster_pb2_grpc.DecodeNodeServicer):
@@ -87,13 +92,13 @@ class DecodeNodeService(cluster_pb2_grpc.DecodeNodeServicer):
     ) -> AsyncIterator[pb.GenerateResponse]:
         rid = request.request_id
         arrived = self._kv_done.get(rid)
-        if arrived is None or rid not in self._expiry:
+        if arrived is None or rid not in self._expiry:  # unknown, expired, or quarantined
             await context.abort(grpc.StatusCode.NOT_FOUND, f"no reservation for request {rid!r}")
             return
         try:
             await asyncio.wait_for(arrived.wait(), request.kv_wait_seconds or 30.0)
         except TimeoutError:
-            await self._drop(rid)
+            self._quarantine(rid)
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"KV for request {rid!r} did not arrive in time")
         self._expiry.pop(rid, None)
         self._kv_done.pop(rid, None)
@@ -120,8 +125,15 @@ class DecodeNodeService(cluster_pb2_grpc.DecodeNodeServicer):
 
     async def Abort(self, request: cpb.AbortRequest, context: grpc.aio.ServicerContext) -> cpb.AbortResponse:
         found = request.request_id in self._expiry
-        await self._drop(request.request_id)
+        self._quarantine(request.request_id)
         return cpb.AbortResponse(found=found)
+
+    def _quarantine(self, rid: str) -> None:
+        """Stop serving a reservation now, free its blocks only once no write of its transfer can still land."""
+        event = self._kv_done.pop(rid, None)
+        if rid in self._expiry:
+            complete = event is not None and event.is_set()
+            self._expiry[rid] = time.monotonic() + (0.0 if complete else QUARANTINE_S)
 
     async def _drop(self, rid: str) -> None:
         self._expiry.pop(rid, None)

@@ -49,6 +49,7 @@ DEFAULT_MAX_TOKENS = 16
 class RouterConfig:
     model_name: str
     max_model_len: int
+    vocab_size: int  # the model's (config.json); may exceed the tokenizer's when the embedding is padded
     max_attempts: int = 3
     reserve_hold_s: float = 60.0
     prefill_deadline_s: float = 60.0
@@ -133,7 +134,7 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
             prompt = self.tokenizer.encode(request.text) if request.text else []
         elif which == "token_ids":
             prompt = list(request.token_ids.ids)
-            bad = [t for t in prompt if t >= self.tokenizer.vocab_size]
+            bad = [t for t in prompt if t >= self.config.vocab_size]
             if bad:
                 await context.abort(
                     grpc.StatusCode.INVALID_ARGUMENT, f"token id {bad[0]} is outside the vocabulary"

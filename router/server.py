@@ -42,7 +42,9 @@ async def run_router(options: RouterOptions) -> int:
     view.start()
     server, health, port = make_server(f"{options.host}:{options.grpc_port}", [SERVICE_NAME])
     service = InferenceService(
-        RouterConfig(model_name=options.model_dir.name, max_model_len=max_len),
+        RouterConfig(
+            model_name=options.model_dir.name, max_model_len=max_len, vocab_size=int(config["vocab_size"])
+        ),
         tokenizer,
         view,
         create_policy(options.policy),

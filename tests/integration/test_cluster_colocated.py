@@ -56,6 +56,7 @@ def test_both_routers_serve(cluster: LocalCluster) -> None:
         ("", {}, "prompt is empty"),
         ([], {}, "prompt is empty"),
         ([5] * 3000, {}, "the model's context is"),
+        ([5, 10**6], {}, "outside the vocabulary"),
         ([5, 6], {"top_p": 0.0}, "top_p must be in (0, 1]"),
         ([5, 6], {"temperature": -1.0}, "temperature must be >= 0"),
         ([5, 6], {"max_tokens": 0}, "max_tokens must be >= 1"),

@@ -1,0 +1,284 @@
+"""TorchTransport: the KVTransport of the torch backend (see the package docstring for the design)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import socket
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import Sequence
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from kvtransfer.backends.torch_backend.pairs import (
+    JOIN_TIMEOUT_S,
+    InboundPair,
+    Job,
+    OutboundPair,
+    TorchHandle,
+)
+from kvtransfer.backends.torch_backend.wire import DIST_ERRORS, IDLE, gloo_pair
+from kvtransfer.base import (
+    DEFAULT_CONNECT_TIMEOUT_S,
+    DEFAULT_TRANSFER_TIMEOUT_S,
+    KVTransport,
+    PeerId,
+    TransferError,
+    TransferHandle,
+    TransferState,
+    check_write,
+)
+from kvtransfer.descriptor import NodeDescriptor, check_peer
+from kvtransfer.layout import KVLayout
+
+_ACCEPT_QUEUE = "kv/accept"
+
+log = logging.getLogger(__name__)
+
+
+class TorchTransport(KVTransport):
+    name = "torch"
+
+    def __init__(
+        self,
+        node_id: str,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S,
+        transfer_timeout_s: float = DEFAULT_TRANSFER_TIMEOUT_S,
+    ) -> None:
+        """host: the address peers reach this node at (its store and gloo sockets); port 0 picks a free port."""
+        if not node_id:
+            raise ValueError("node_id must be a non-empty string")
+        self.node_id = node_id
+        self.host = host
+        self.port = port
+        self.connect_timeout_s = connect_timeout_s
+        self.transfer_timeout_s = transfer_timeout_s
+        self._lock = threading.Lock()
+        self._connect_lock = threading.Lock()  # one connect at a time: it waits for the peer
+        self._layout: KVLayout | None = None
+        self._pool: list[torch.Tensor] = []
+        self._server: Any = None  # the TCPStore this node hosts
+        self._accept_thread: threading.Thread | None = None
+        self._outbound: dict[PeerId, OutboundPair] = {}
+        self._inbound: dict[str, InboundPair] = {}
+        self._notifications: deque[tuple[PeerId, bytes]] = deque()
+        self._closed = False
+
+    # -- set-up -------------------------------------------------------------------------------------------------
+
+    def register(self, kv_layers: list[torch.Tensor]) -> None:
+        layout = KVLayout.from_kv_layers(kv_layers)
+        with self._lock:
+            self._check_open()
+            if self._layout is not None:
+                raise ValueError("register() was already called: a transport registers one pool")
+            try:
+                self._server = dist.TCPStore(
+                    self.host,
+                    self.port,
+                    is_master=True,
+                    wait_for_workers=False,
+                    timeout=self._connect_timeout,
+                )
+            except DIST_ERRORS as exc:
+                raise TransferError(f"cannot host a TCPStore on {self.host}:{self.port}: {exc}") from exc
+            self._pool = list(kv_layers)
+            self._layout = layout
+            self._accept_thread = threading.Thread(
+                target=self._accept_loop, args=(self._server.port, layout), name="kv-accept", daemon=True
+            )
+            self._accept_thread.start()
+
+    def local_descriptor(self) -> bytes:
+        with self._lock:
+            self._check_open()
+            return NodeDescriptor(
+                backend=self.name,
+                node_id=self.node_id,
+                layout=self._require_registered(),
+                device=self._pool[0].device.type,
+                endpoint=f"{self.host}:{self._server.port}",
+            ).to_bytes()
+
+    def connect(self, peer_descriptor: bytes) -> PeerId:
+        node = NodeDescriptor.from_bytes(peer_descriptor)
+        with self._connect_lock:
+            with self._lock:
+                self._check_open()
+                check_peer(node, self.name, self.node_id, self._require_registered())
+                peer_id = PeerId(node.node_id)
+                known = self._outbound.get(peer_id)
+                if known is not None and known.descriptor == peer_descriptor and known.broken is None:
+                    return peer_id
+                self._outbound.pop(peer_id, None)
+            if known is not None:  # it broke, or the peer restarted with a new descriptor
+                known.close()
+            pair = self._open_pair(node, peer_descriptor)
+            with self._lock:
+                if not self._closed:
+                    self._outbound[peer_id] = pair
+                    return peer_id
+            pair.close()
+            raise TransferError("the KV transport was closed while connecting")
+
+    def _open_pair(self, node: NodeDescriptor, descriptor: bytes) -> OutboundPair:
+        host, _, port = node.endpoint.rpartition(":")
+        if not host or not port.isdigit():
+            raise TransferError(
+                f"descriptor of {node.node_id!r} has no store endpoint (got {node.endpoint!r})"
+            )
+        try:
+            # A refused connection fails here at once; TCPStore would retry past its timeout, logging stack traces.
+            socket.create_connection((host, int(port)), timeout=self.connect_timeout_s).close()
+        except OSError as exc:
+            raise TransferError(f"KV peer {node.node_id!r} at {node.endpoint} is unreachable: {exc}") from exc
+        key = f"{self.node_id}/{uuid.uuid4().hex}"
+        request = {"key": key, "node_id": self.node_id, "layout": self._require_registered().to_json()}
+        try:
+            store = dist.TCPStore(host, int(port), is_master=False, timeout=self._connect_timeout)
+            store.queue_push(_ACCEPT_QUEUE, json.dumps(request))
+            store.wait([f"kv/pair/{key}/answer"], self._connect_timeout)
+            answer = store.get(f"kv/pair/{key}/answer").decode()
+        except DIST_ERRORS as exc:
+            raise TransferError(f"KV peer {node.node_id!r} at {node.endpoint} did not answer: {exc}") from exc
+        if answer != "ok":
+            raise TransferError(f"KV peer {node.node_id!r} refused the connection: {answer}")
+        try:
+            group = gloo_pair(store, key, 0, self.host, self.connect_timeout_s)
+        except DIST_ERRORS as exc:
+            raise TransferError(f"cannot open a gloo pair with {node.node_id!r}: {exc}") from exc
+        return OutboundPair(node, descriptor, key, store, group, self._pool)
+
+    def _accept_loop(self, port: int, layout: KVLayout) -> None:
+        try:
+            store = dist.TCPStore(self.host, port, is_master=False, timeout=IDLE)
+            while request := store.queue_pop(_ACCEPT_QUEUE, True):  # close() pushes an empty request
+                try:
+                    self._accept(store, port, layout, json.loads(request))
+                except (ValueError, KeyError, TypeError) as exc:
+                    log.warning("KV transport %s ignored a malformed connect request: %s", self.node_id, exc)
+        except DIST_ERRORS as exc:
+            if not self._closed:
+                log.warning("KV transport %s stopped accepting peers: %s", self.node_id, exc)
+
+    def _accept(self, store: Any, port: int, layout: KVLayout, request: dict[str, str]) -> None:
+        key, peer = request["key"], PeerId(request["node_id"])
+        reason = layout.compatible_with(KVLayout.from_json(request["layout"]))
+        store.set(f"kv/pair/{key}/answer", "ok" if reason is None else reason)
+        if reason is not None or self._closed:
+            return
+        try:
+            pair_store = dist.TCPStore(self.host, port, is_master=False, timeout=IDLE)
+            group = gloo_pair(pair_store, key, 1, self.host, self.connect_timeout_s)
+        except DIST_ERRORS as exc:
+            log.warning("KV peer %s did not complete its connection: %s", peer, exc)
+            return
+        with self._lock:  # the pair is listed before its threads can retire it
+            if self._closed:
+                return  # dropping the group closes its sockets: the writer sees the connection end
+            self._inbound[key] = InboundPair(
+                peer,
+                key,
+                pair_store,
+                group,
+                self._pool,
+                layout,
+                self.transfer_timeout_s,
+                on_notify=lambda peer, payload: self._notifications.append((peer, payload)),
+                on_end=self._retire,
+            )
+
+    def _retire(self, pair: InboundPair) -> None:
+        with self._lock:
+            if self._inbound.pop(pair.key, None) is None or self._server is None:
+                return
+            server = self._server
+        with contextlib.suppress(*DIST_ERRORS):  # wakes the receiver thread if the watcher noticed first
+            server.queue_push(pair.headers_key, b"")
+
+    # -- transfers ----------------------------------------------------------------------------------------------
+
+    def write_blocks(
+        self,
+        peer: PeerId,
+        layer: int,
+        src_blocks: Sequence[int],
+        dst_blocks: Sequence[int],
+        notify: bytes | None = None,
+    ) -> TransferHandle:
+        with self._lock:
+            self._check_open()
+            layout = self._require_registered()
+            pair = self._outbound.get(peer)
+        if pair is None:
+            raise TransferError(f"not connected to KV peer {peer!r}")
+        src, dst = check_write(layout, pair.node.layout, layer, src_blocks, dst_blocks, notify)
+        now = time.monotonic()
+        handle = TorchHandle(
+            peer, layer, len(src) * layout.block_bytes, now + self.transfer_timeout_s, started=now
+        )
+        pair.submit(Job(handle, src, dst, notify))
+        return handle
+
+    def poll(self, handle: TransferHandle) -> TransferState:
+        if not isinstance(handle, TorchHandle):
+            raise ValueError(f"{handle!r} was not returned by a torch transport")
+        handle.expire_if_late()
+        return handle.state
+
+    def notifications(self) -> list[tuple[PeerId, bytes]]:
+        received = []
+        while self._notifications:
+            received.append(self._notifications.popleft())
+        return received
+
+    # -- tear-down ----------------------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            outbound, self._outbound = list(self._outbound.values()), {}
+            inbound, self._inbound = list(self._inbound.values()), {}
+            server = self._server
+        for pair in outbound:
+            pair.close()
+        if server is not None:
+            for queue_key in [_ACCEPT_QUEUE, *(pair.headers_key for pair in inbound)]:
+                with contextlib.suppress(*DIST_ERRORS):
+                    server.queue_push(queue_key, b"")
+        for inbound_pair in inbound:
+            inbound_pair.link.close()
+        if self._accept_thread is not None:
+            self._accept_thread.join(JOIN_TIMEOUT_S)
+        for inbound_pair in inbound:
+            inbound_pair.join(JOIN_TIMEOUT_S)
+        with self._lock:
+            self._server = None  # stops the store server
+            self._pool = []
+
+    # -- helpers ------------------------------------------------------------------------------------------------
+
+    @property
+    def _connect_timeout(self) -> timedelta:
+        return timedelta(seconds=self.connect_timeout_s)
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise TransferError("the KV transport is closed")
+
+    def _require_registered(self) -> KVLayout:
+        if self._layout is None:
+            raise ValueError("register() the KV pool first")
+        return self._layout
