@@ -55,7 +55,12 @@ async def time_one(address: str, prompt: list[int]) -> tuple[float, float]:
 
 def measure(setup: str, model: Path, lengths: list[int], repeats: int, backend: str, threads: int) -> dict:
     spec = ClusterSpec(
-        model_dir=model, grpc_port=0, kv_backend=backend, threads_per_node=threads, **SETUPS[setup]
+        model_dir=model,
+        grpc_port=0,
+        http_port=0,
+        kv_backend=backend,
+        threads_per_node=threads,
+        **SETUPS[setup],
     )  # type: ignore[arg-type]
     rng = random.Random(0)
     out: dict[str, dict[str, float]] = {}

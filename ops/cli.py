@@ -87,6 +87,10 @@ def _build_parser() -> argparse.ArgumentParser:
     router.add_argument("--redis-url", required=True)
     router.add_argument("--host", default="127.0.0.1")
     router.add_argument("--grpc-port", type=int, default=50051)
+    router.add_argument("--http-port", type=int, default=8000, help="OpenAI-compatible HTTP endpoint")
+    router.add_argument(
+        "--api-key", default=None, help="require this bearer token (default: $SPLITSERVE_API_KEY)"
+    )
     router.add_argument("--policy", default="jsq")
     router.set_defaults(func=_cmd_router)
 
@@ -100,6 +104,8 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     up.add_argument("--kv-backend", choices=["nixl", "torch"], default="torch")
     up.add_argument("--grpc-port", type=int, default=50051)
+    up.add_argument("--http-port", type=int, default=8000)
+    up.add_argument("--api-key", default=None, help="require this bearer token on the router's endpoints")
     up.add_argument("--threads-per-node", type=_positive_int, default=1)
     up.set_defaults(func=_cmd_up)
     return parser
@@ -234,6 +240,8 @@ def _cmd_router(args: argparse.Namespace) -> int:
         redis_url=args.redis_url,
         host=args.host,
         grpc_port=args.grpc_port,
+        http_port=args.http_port,
+        api_key=args.api_key,
         policy=args.policy,
     )
     return run(lambda: run_router(options))
@@ -263,6 +271,8 @@ def _cmd_up(args: argparse.Namespace) -> int:
         redis_url=args.redis_url,
         kv_backend=args.kv_backend,
         grpc_port=args.grpc_port,
+        http_port=args.http_port,
+        api_key=args.api_key,
         threads_per_node=args.threads_per_node,
     )
     stop = threading.Event()

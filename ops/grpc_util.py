@@ -52,10 +52,12 @@ class ServingHealth:
             await self.servicer.set(name, status)
 
 
-def make_server(bind: str, service_names: Iterable[str]) -> tuple[grpc.aio.Server, ServingHealth, int]:
+def make_server(
+    bind: str, service_names: Iterable[str], interceptors: Iterable[grpc.aio.ServerInterceptor] = ()
+) -> tuple[grpc.aio.Server, ServingHealth, int]:
     """A grpc.aio server with health checking and server reflection for the given services; returns the bound port."""
     names = list(service_names)
-    server = grpc.aio.server(options=SERVER_OPTIONS)
+    server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=list(interceptors))
     serving = ServingHealth(names)
     health_pb2_grpc.add_HealthServicer_to_server(serving.servicer, server)
     reflection.enable_server_reflection([*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)

@@ -34,6 +34,8 @@ class ClusterSpec:
     redis_url: str | None = None
     kv_backend: str = "torch"
     grpc_port: int = 50051  # the first router's port; further routers take any free port
+    http_port: int = 8000  # likewise, for the OpenAI-compatible HTTP endpoint
+    api_key: str | None = None
     host: str = "127.0.0.1"
     threads_per_node: int = 1
     node_args: list[str] = field(default_factory=list)  # extra flags for every node (e.g. --kv-cache-mb 64)
@@ -77,8 +79,8 @@ class LocalCluster:
             for proc in pending:
                 self._await_ready(proc)
             for i in range(self.spec.routers):
-                port = self.spec.grpc_port if i == 0 else 0
-                self._await_ready(self._spawn("router", self._router_args(port)))
+                ports = (self.spec.grpc_port, self.spec.http_port) if i == 0 else (0, 0)
+                self._await_ready(self._spawn("router", self._router_args(*ports)))
         except BaseException:
             self.stop()
             raise
@@ -122,11 +124,16 @@ class LocalCluster:
             *self.spec.node_args,
         ]  # fmt: skip
 
-    def _router_args(self, port: int) -> list[str]:
+    def _router_args(self, grpc_port: int, http_port: int) -> list[str]:
+        key = ["--api-key", self.spec.api_key] if self.spec.api_key else []
         return [
             "--model", str(self.spec.model_dir), "--redis-url", self.redis_url, "--host", self.spec.host,
-            "--grpc-port", str(port),
+            "--grpc-port", str(grpc_port), "--http-port", str(http_port), *key,
         ]  # fmt: skip
+
+    @property
+    def http_address(self) -> str:
+        return str(self.by_role("router")[0].ready["http_address"])
 
     def _spawn(self, role: str, args: list[str]) -> Process:
         env = {**os.environ, "OMP_NUM_THREADS": str(self.spec.threads_per_node), "PYTHONUNBUFFERED": "1"}

@@ -57,6 +57,18 @@ class RouterConfig:
     rpc_timeout_s: float = 10.0
 
 
+class RouterError(Exception):
+    """A request the router cannot serve: a status code and a message for the client (gRPC or HTTP)."""
+
+    def __init__(self, code: grpc.StatusCode, message: str, too_long: bool = False) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.too_long = (
+            too_long  # the prompt exceeds the context (HTTP answers with OpenAI's error code for it)
+        )
+
+
 class _Retry(Exception):
     """A node failed before the client saw a token; place the request again without `node_id`."""
 
@@ -80,13 +92,55 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
     async def Generate(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.GenerateResponse]:
+        try:
+            prompt = self.prompt_of(request)
+            async for msg in self.generate(prompt, request.sampling, request.request_id):
+                yield msg
+        except RouterError as exc:
+            await context.abort(exc.code, exc.message)
+
+    def prompt_of(self, request: pb.GenerateRequest) -> list[int]:
+        """The request's prompt as token ids, validated; RouterError (NOT_FOUND, INVALID_ARGUMENT) otherwise."""
+        if request.model and request.model != self.config.model_name:
+            raise RouterError(
+                grpc.StatusCode.NOT_FOUND,
+                f"model {request.model!r} is not served here ({self.config.model_name!r} is)",
+            )
+        which = request.WhichOneof("prompt")
+        if which == "text":
+            # Encoding "" can still yield a BOS token; an empty text is an empty prompt all the same.
+            prompt = self.tokenizer.encode(request.text) if request.text else []
+        elif which == "token_ids":
+            prompt = list(request.token_ids.ids)
+        else:
+            prompt = []
+        self.check_prompt(prompt)
+        return prompt
+
+    def check_prompt(self, prompt: list[int]) -> None:
+        if not prompt:
+            raise RouterError(grpc.StatusCode.INVALID_ARGUMENT, "prompt is empty")
+        bad = [t for t in prompt if not 0 <= t < self.config.vocab_size]
+        if bad:
+            raise RouterError(
+                grpc.StatusCode.INVALID_ARGUMENT, f"token id {bad[0]} is outside the vocabulary"
+            )
+        if len(prompt) >= self.config.max_model_len:
+            raise RouterError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"prompt has {len(prompt)} tokens; the model's context is {self.config.max_model_len} tokens "
+                "and at least one must be left to generate",
+                too_long=True,
+            )
+
+    async def generate(
+        self, prompt: list[int], sampling: pb.SamplingParameters, request_id: str = ""
+    ) -> AsyncIterator[pb.GenerateResponse]:
+        """Place and relay one validated request (steps 2-5 of the life cycle); RouterError when it cannot be served."""
         arrived = time.monotonic()
-        rid = request.request_id or f"req-{uuid.uuid4().hex[:16]}"
-        prompt = await self._validated_prompt(request, context)
-        max_tokens = (
-            request.sampling.max_tokens if request.sampling.HasField("max_tokens") else DEFAULT_MAX_TOKENS
-        )
-        relay = _Relay(rid, arrived, len(prompt), request.sampling.HasField("logprobs"))
+        rid = request_id or f"req-{uuid.uuid4().hex[:16]}"
+        max_tokens = sampling.max_tokens if sampling.HasField("max_tokens") else DEFAULT_MAX_TOKENS
+        relay = _Relay(rid, arrived, len(prompt), sampling.HasField("logprobs"))
         failed: set[str] = set()
         reasons: list[str] = []
         for attempt in range(self.config.max_attempts):
@@ -104,52 +158,19 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
             attempt_id = rid if attempt == 0 else f"{rid}#{attempt}"
             try:
                 if placement.disaggregated:
-                    stream = self._via_pair(attempt_id, prompt, request, placement, relay)
+                    stream = self._via_pair(attempt_id, prompt, sampling, placement, relay)
                 else:
-                    stream = self._via_colocated(attempt_id, prompt, request, placement, relay)
+                    stream = self._via_colocated(attempt_id, prompt, sampling, placement, relay)
                 async for msg in stream:
                     yield msg
                 return
             except _Retry as retry:
                 failed.add(retry.node_id)
                 reasons.append(str(retry))
-            except (
-                grpc.aio.AioRpcError
-            ) as exc:  # the request itself was refused (e.g. INVALID_ARGUMENT): pass it on
-                await context.abort(exc.code(), exc.details() or "")
+            except grpc.aio.AioRpcError as exc:  # the request itself was refused (e.g. INVALID_ARGUMENT)
+                raise RouterError(exc.code(), exc.details() or "") from exc
         detail = f" ({'; '.join(reasons)})" if reasons else ""
-        await context.abort(grpc.StatusCode.UNAVAILABLE, f"no node could serve the request{detail}")
-
-    async def _validated_prompt(
-        self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
-    ) -> list[int]:
-        if request.model and request.model != self.config.model_name:
-            await context.abort(
-                grpc.StatusCode.NOT_FOUND,
-                f"model {request.model!r} is not served here ({self.config.model_name!r} is)",
-            )
-        which = request.WhichOneof("prompt")
-        if which == "text":
-            # Encoding "" can still yield a BOS token; an empty text is an empty prompt all the same.
-            prompt = self.tokenizer.encode(request.text) if request.text else []
-        elif which == "token_ids":
-            prompt = list(request.token_ids.ids)
-            bad = [t for t in prompt if t >= self.config.vocab_size]
-            if bad:
-                await context.abort(
-                    grpc.StatusCode.INVALID_ARGUMENT, f"token id {bad[0]} is outside the vocabulary"
-                )
-        else:
-            prompt = []
-        if not prompt:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "prompt is empty")
-        if len(prompt) >= self.config.max_model_len:
-            await context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"prompt has {len(prompt)} tokens; the model's context is {self.config.max_model_len} tokens "
-                "and at least one must be left to generate",
-            )
-        return prompt
+        raise RouterError(grpc.StatusCode.UNAVAILABLE, f"no node could serve the request{detail}")
 
     def _node(self, node_id: str | None) -> NodeState:
         state = self.view.get(node_id or "")
@@ -158,7 +179,12 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
         return state
 
     async def _via_pair(
-        self, rid: str, prompt: list[int], request: pb.GenerateRequest, placement: Placement, relay: _Relay
+        self,
+        rid: str,
+        prompt: list[int],
+        sampling: pb.SamplingParameters,
+        placement: Placement,
+        relay: _Relay,
     ) -> AsyncIterator[pb.GenerateResponse]:
         prefill, decode = self._node(placement.prefill), self._node(placement.decode)
         decode_stub = self.clients.decode(decode.info.address)
@@ -173,7 +199,7 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
                     cpb.ReserveRequest(
                         request_id=rid,
                         prompt_token_ids=prompt,
-                        sampling=request.sampling,
+                        sampling=sampling,
                         hold_seconds=self.config.reserve_hold_s,
                         prior_output_token_ids=relay.delivered,
                     ),
@@ -187,7 +213,7 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
                     cpb.PrefillRequest(
                         request_id=rid,
                         prompt_token_ids=prompt,
-                        sampling=request.sampling,
+                        sampling=sampling,
                         decode_node_id=decode.info.node_id,
                         decode_transport_descriptor=decode.info.transport,
                         decode_block_ids=reply.block_ids,
@@ -227,13 +253,16 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
                 await self._abort_quietly(decode_stub, rid)
 
     async def _via_colocated(
-        self, rid: str, prompt: list[int], request: pb.GenerateRequest, placement: Placement, relay: _Relay
+        self,
+        rid: str,
+        prompt: list[int],
+        sampling: pb.SamplingParameters,
+        placement: Placement,
+        relay: _Relay,
     ) -> AsyncIterator[pb.GenerateResponse]:
         node = self._node(placement.colocated)
         self.tracker.picked(node.info.node_id, rid, len(prompt), -(-len(prompt) // node.info.block_size))
-        forwarded = pb.GenerateRequest(
-            request_id=rid, token_ids=pb.TokenIds(ids=prompt), sampling=request.sampling
-        )
+        forwarded = pb.GenerateRequest(request_id=rid, token_ids=pb.TokenIds(ids=prompt), sampling=sampling)
         stream = self.clients.colocated(node.info.address).Generate(forwarded)
         started = False
         try:

@@ -9,14 +9,19 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import signal
 from dataclasses import dataclass
 from pathlib import Path
 
+from aiohttp import web
+
 from engine.tokenizer import Tokenizer
 from ops.cluster_state import ClusterView
 from ops.grpc_util import make_server
+from router.auth import ApiKeyInterceptor
 from router.inference import InferenceService, RouterConfig
+from router.openai_http import create_app
 from router.policy import create_policy
 from splitserve.v1 import inference_pb2_grpc
 
@@ -29,6 +34,8 @@ class RouterOptions:
     redis_url: str
     host: str = "127.0.0.1"
     grpc_port: int = 50051
+    http_port: int = 8000
+    api_key: str | None = None  # None: SPLITSERVE_API_KEY from the environment, if set
     policy: str = "jsq"
     max_model_len: int | None = None
     grace_s: float = 10.0
@@ -40,7 +47,9 @@ async def run_router(options: RouterOptions) -> int:
     max_len = options.max_model_len or int(config.get("max_position_embeddings", 2048))
     view = ClusterView(options.redis_url)
     view.start()
-    server, health, port = make_server(f"{options.host}:{options.grpc_port}", [SERVICE_NAME])
+    api_key = options.api_key or os.environ.get("SPLITSERVE_API_KEY") or None
+    interceptors = [ApiKeyInterceptor(api_key)] if api_key else []
+    server, health, port = make_server(f"{options.host}:{options.grpc_port}", [SERVICE_NAME], interceptors)
     service = InferenceService(
         RouterConfig(
             model_name=options.model_dir.name, max_model_len=max_len, vocab_size=int(config["vocab_size"])
@@ -52,13 +61,20 @@ async def run_router(options: RouterOptions) -> int:
     inference_pb2_grpc.add_InferenceServicer_to_server(service, server)
     await server.start()
     await health.set(True)
-    print(json.dumps({"event": "ready", "role": "router", "address": f"{options.host}:{port}"}), flush=True)
+    runner = web.AppRunner(create_app(service, api_key), access_log=None, shutdown_timeout=options.grace_s)
+    await runner.setup()
+    site = web.TCPSite(runner, options.host, options.http_port)
+    await site.start()
+    http_port = runner.addresses[0][1]
+    ready = {"event": "ready", "role": "router", "address": f"{options.host}:{port}"}
+    print(json.dumps({**ready, "http_address": f"{options.host}:{http_port}"}), flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     await health.set(False)
+    await runner.cleanup()
     await server.stop(grace=options.grace_s)
     await service.clients.close()
     view.stop()

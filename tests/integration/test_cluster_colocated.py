@@ -23,7 +23,9 @@ pytestmark = pytest.mark.timeout(300)
 
 @pytest.fixture(scope="module")
 def cluster(llama_dir: Path) -> Iterator[LocalCluster]:
-    spec = ClusterSpec(model_dir=llama_dir, prefill=0, decode=0, colocated=2, routers=2, grpc_port=0)
+    spec = ClusterSpec(
+        model_dir=llama_dir, prefill=0, decode=0, colocated=2, routers=2, grpc_port=0, http_port=0
+    )
     with LocalCluster(spec) as running:
         yield running
 
@@ -94,7 +96,7 @@ def test_a_generic_reflection_client_can_call_generate(cluster: LocalCluster) ->
 
 
 def test_no_nodes_is_unavailable_quickly(llama_dir: Path) -> None:
-    spec = ClusterSpec(model_dir=llama_dir, prefill=0, decode=0, colocated=0, grpc_port=0)
+    spec = ClusterSpec(model_dir=llama_dir, prefill=0, decode=0, colocated=0, grpc_port=0, http_port=0)
     with LocalCluster(spec) as empty:
         started = time.monotonic()
         code, details = status_of(empty.router_address, [5, 6, 7], max_tokens=3)

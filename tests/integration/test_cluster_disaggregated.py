@@ -42,6 +42,7 @@ def cluster(request: pytest.FixtureRequest, llama_dir: Path) -> Iterator[LocalCl
         prefill=2,
         decode=2,
         grpc_port=0,
+        http_port=0,
         kv_backend=request.param,
         # Prompts under 64 tokens go in one piece, longer ones layer by layer: both paths run in every test.
         node_args=["--kv-cache-mb", "16", "--max-batched-tokens", "256", "--one-piece-below", "64"],
@@ -85,7 +86,7 @@ def test_bad_sampling_is_invalid_argument_and_reserves_nothing(cluster: LocalClu
     assert_pools_drain(cluster)
 
 
-def assert_pools_drain(cluster: LocalCluster, timeout_s: float = 10.0) -> None:
+def assert_pools_drain(cluster: LocalCluster, timeout_s: float = 10.0, expected_nodes: int = 4) -> None:
     """Every node's load report (from Redis) shows its whole KV pool free again."""
     view = ClusterView(cluster.redis_url)
     view.start()
@@ -93,7 +94,7 @@ def assert_pools_drain(cluster: LocalCluster, timeout_s: float = 10.0) -> None:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             loads = [s.load for s in view.nodes() if s.info.role in ("prefill", "decode")]
-            if len(loads) == 4 and all(
+            if len(loads) == expected_nodes and all(
                 load and load.free_kv_blocks == load.total_kv_blocks for load in loads
             ):
                 return

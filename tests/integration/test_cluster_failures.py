@@ -37,7 +37,9 @@ def expected_tokens(model: Path, batch: list[list[int]]) -> list[list[int]]:
 
 
 def spec(model: Path, prefill: int, decode: int) -> ClusterSpec:
-    return ClusterSpec(model_dir=model, prefill=prefill, decode=decode, grpc_port=0, kv_backend="torch")
+    return ClusterSpec(
+        model_dir=model, prefill=prefill, decode=decode, grpc_port=0, http_port=0, kv_backend="torch"
+    )
 
 
 async def stream_all_and_kill(

@@ -1,0 +1,302 @@
+"""The router's OpenAI-compatible HTTP endpoint (aiohttp on the router's event loop).
+
+Routes: POST /v1/completions, POST /v1/chat/completions (both streaming as server-sent events ending in
+`data: [DONE]`, or not), GET /v1/models, GET /healthz (the process is up), GET /readyz (some node can serve).
+A request becomes `n` Generate streams through the same placement and relay as gRPC; a client that disconnects
+mid-stream closes them, which aborts the request on its nodes. With an API key set, /v1/* needs
+`Authorization: Bearer <key>` (401 otherwise).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+
+from router.inference import InferenceService, RouterError
+from router.openai_protocol import FINISH_REASONS, HttpError, ParsedRequest, parse_request
+from splitserve.v1 import inference_pb2 as pb
+
+MAX_BODY_BYTES = 8 * 1024 * 1024
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@dataclass
+class _Choice:
+    index: int
+    text: list[str] = field(default_factory=list)
+    logprobs: list[pb.TokenLogprob] = field(default_factory=list)
+    completion_tokens: int = 0
+    finish_reason: str | None = None
+    usage: pb.Usage | None = None
+
+
+def create_app(service: InferenceService, api_key: str | None = None) -> web.Application:
+    api = _OpenAIApi(service)
+    app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[_errors, _auth(api_key)])
+    app.router.add_get("/healthz", api.healthz)
+    app.router.add_get("/readyz", api.readyz)
+    app.router.add_get("/v1/models", api.models)
+    app.router.add_post("/v1/completions", api.completions)
+    app.router.add_post("/v1/chat/completions", api.chat_completions)
+    return app
+
+
+@web.middleware
+async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except HttpError as exc:
+        return web.json_response(exc.body(), status=exc.status)
+    except RouterError as exc:
+        err = HttpError.from_router(exc)
+        return web.json_response(err.body(), status=err.status)
+    except web.HTTPRequestEntityTooLarge:
+        err = HttpError(413, f"the request body is larger than {MAX_BODY_BYTES} bytes")
+        return web.json_response(err.body(), status=413)
+    except web.HTTPException as exc:  # 404 for unknown paths, 405 for wrong methods: keep OpenAI's shape
+        err = HttpError(exc.status, exc.reason or "error")
+        return web.json_response(err.body(), status=exc.status)
+
+
+def _auth(api_key: str | None) -> Any:  # an aiohttp middleware
+    @web.middleware
+    async def check(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if api_key and request.path.startswith("/v1/"):
+            given = request.headers.get("Authorization", "")
+            if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
+                raise HttpError(401, "invalid or missing API key", code="invalid_api_key")
+        return await handler(request)
+
+    return check
+
+
+class _OpenAIApi:
+    def __init__(self, service: InferenceService) -> None:
+        self.service = service
+        self.model = service.config.model_name
+
+    async def healthz(self, request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    async def readyz(self, request: web.Request) -> web.Response:
+        nodes = self.service.view.nodes()
+        roles = {n.info.role for n in nodes}
+        ready = "colocated" in roles or {"prefill", "decode"} <= roles
+        return web.json_response({"ready": ready, "nodes": len(nodes)}, status=200 if ready else 503)
+
+    async def models(self, request: web.Request) -> web.Response:
+        entry = {"id": self.model, "object": "model", "created": 0, "owned_by": "splitserve"}
+        return web.json_response({"object": "list", "data": [entry]})
+
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._serve(request, chat=False)
+
+    async def chat_completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._serve(request, chat=True)
+
+    async def _serve(self, request: web.Request, chat: bool) -> web.StreamResponse:
+        try:
+            body = await request.json()
+        except json.JSONDecodeError as exc:
+            raise HttpError(400, f"the request body is not valid JSON: {exc.msg}") from exc
+        parsed = parse_request(
+            body,
+            chat=chat,
+            tokenizer=self.service.tokenizer,
+            model_name=self.model,
+            max_model_len=self.service.config.max_model_len,
+        )
+        self.service.check_prompt(parsed.prompt)
+        if parsed.stream:
+            return await self._stream(request, parsed)
+        choices = [_Choice(i) for i in range(parsed.n)]
+        async for index, msg in self._merged(parsed):
+            _absorb(choices[index], msg)
+        return web.json_response(self._final_body(parsed, choices))
+
+    async def _stream(self, request: web.Request, parsed: ParsedRequest) -> web.StreamResponse:
+        stream = self._merged(parsed)
+        # Fail before the 200 when the request cannot even start (no node, bad sampling value).
+        first = await anext(stream, None)
+        response = web.StreamResponse(
+            headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+        )
+        await response.prepare(request)
+        choices = [_Choice(i) for i in range(parsed.n)]
+        try:
+            if parsed.chat:
+                for choice in choices:
+                    await _send(
+                        response, self._chunk(parsed, choice.index, {"role": "assistant", "content": ""})
+                    )
+            pending = [first] if first is not None else []
+            async for item in _chain(pending, stream):
+                index, msg = item
+                _absorb(choices[index], msg)
+                await _send(response, self._delta_chunk(parsed, index, msg))
+            if parsed.include_usage:
+                await _send(response, self._usage_chunk(parsed, choices))
+        except RouterError as exc:  # failed after the 200: report it in the stream, as OpenAI does
+            await _send(response, HttpError.from_router(exc).body())
+        except (ConnectionResetError, asyncio.CancelledError):
+            await stream.aclose()  # the client left: closing the streams aborts the request on its nodes
+            raise
+        await response.write(b"data: [DONE]\n\n")
+        await response.write_eof()
+        return response
+
+    async def _merged(self, parsed: ParsedRequest) -> AsyncGenerator[tuple[int, pb.GenerateResponse], None]:
+        """The n choices' Generate streams, interleaved as messages arrive; seeds differ per choice."""
+        queue: asyncio.Queue[tuple[int, pb.GenerateResponse] | BaseException | None] = asyncio.Queue()
+
+        async def pump(index: int) -> None:
+            sampling = pb.SamplingParameters()
+            sampling.CopyFrom(parsed.sampling)
+            if index and sampling.HasField("seed"):
+                sampling.seed += index
+            try:
+                async for msg in self.service.generate(parsed.prompt, sampling, f"{parsed.id}-{index}"):
+                    await queue.put((index, msg))
+                await queue.put(None)
+            except BaseException as exc:  # handed to the consumer, which re-raises it
+                await queue.put(exc)
+
+        tasks = [asyncio.create_task(pump(i)) for i in range(parsed.n)]
+        try:
+            done = 0
+            while done < parsed.n:
+                item = await queue.get()
+                if item is None:
+                    done += 1
+                elif isinstance(item, BaseException):
+                    raise item
+                else:
+                    yield item
+        finally:
+            for task in tasks:
+                task.cancel()
+            for task in tasks:
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+
+    # ---- response bodies ---------------------------------------------------------------------------------------
+
+    def _envelope(self, parsed: ParsedRequest, final: bool) -> dict[str, Any]:
+        kind = ("chat.completion" if final else "chat.completion.chunk") if parsed.chat else "text_completion"
+        return {"id": parsed.id, "object": kind, "created": parsed.created, "model": self.model}
+
+    def _chunk(
+        self, parsed: ParsedRequest, index: int, delta: dict[str, Any], **extra: Any
+    ) -> dict[str, Any]:
+        choice: dict[str, Any] = {"index": index, "logprobs": None, "finish_reason": None, **extra}
+        if parsed.chat:
+            choice["delta"] = delta
+        else:
+            choice["text"] = delta.get("content", "")
+        return {**self._envelope(parsed, final=False), "choices": [choice]}
+
+    def _delta_chunk(self, parsed: ParsedRequest, index: int, msg: pb.GenerateResponse) -> dict[str, Any]:
+        chunk = self._chunk(parsed, index, {"content": msg.text})
+        choice = chunk["choices"][0]
+        choice["finish_reason"] = FINISH_REASONS.get(msg.finish_reason)
+        if parsed.logprobs is not None and msg.logprobs:
+            choice["logprobs"] = self._logprobs(parsed, list(msg.logprobs))
+        return chunk
+
+    def _usage_chunk(self, parsed: ParsedRequest, choices: list[_Choice]) -> dict[str, Any]:
+        return {**self._envelope(parsed, final=False), "choices": [], "usage": _usage(parsed, choices)}
+
+    def _final_body(self, parsed: ParsedRequest, choices: list[_Choice]) -> dict[str, Any]:
+        out = []
+        for choice in choices:
+            text = "".join(choice.text)
+            logprobs = self._logprobs(parsed, choice.logprobs) if parsed.logprobs is not None else None
+            entry: dict[str, Any] = {
+                "index": choice.index,
+                "logprobs": logprobs,
+                "finish_reason": choice.finish_reason,
+            }
+            if parsed.chat:
+                entry["message"] = {"role": "assistant", "content": text}
+            else:
+                entry["text"] = text
+            out.append(entry)
+        return {**self._envelope(parsed, final=True), "choices": out, "usage": _usage(parsed, choices)}
+
+    def _logprobs(self, parsed: ParsedRequest, items: list[pb.TokenLogprob]) -> dict[str, Any]:
+        def piece(token_id: int) -> str:
+            return self.service.tokenizer.decode([token_id], skip_special_tokens=False)
+
+        if parsed.chat:
+            content = []
+            for lp in items:
+                token = piece(lp.token_id)
+                top = [
+                    {
+                        "token": piece(t.token_id),
+                        "logprob": t.logprob,
+                        "bytes": list(piece(t.token_id).encode()),
+                    }
+                    for t in lp.top
+                ]
+                content.append(
+                    {
+                        "token": token,
+                        "logprob": lp.logprob,
+                        "bytes": list(token.encode()),
+                        "top_logprobs": top,
+                    }
+                )
+            return {"content": content}
+        tokens = [piece(lp.token_id) for lp in items]
+        offsets, total = [], 0
+        for token in tokens:
+            offsets.append(total)
+            total += len(token)
+        return {
+            "tokens": tokens,
+            "token_logprobs": [lp.logprob for lp in items],
+            "top_logprobs": [{piece(t.token_id): t.logprob for t in lp.top} for lp in items],
+            "text_offset": offsets,
+        }
+
+
+def _absorb(choice: _Choice, msg: pb.GenerateResponse) -> None:
+    choice.text.append(msg.text)
+    choice.logprobs.extend(msg.logprobs)
+    choice.completion_tokens += len(msg.token_ids)
+    if msg.finish_reason:
+        choice.finish_reason = FINISH_REASONS.get(msg.finish_reason)
+        choice.usage = msg.usage
+
+
+def _usage(parsed: ParsedRequest, choices: list[_Choice]) -> dict[str, Any]:
+    completion = sum(c.completion_tokens for c in choices)
+    cached = max((c.usage.cached_prompt_tokens for c in choices if c.usage), default=0)
+    ttfts = [c.usage.ttft_seconds for c in choices if c.usage]
+    return {
+        "prompt_tokens": len(parsed.prompt),
+        "completion_tokens": completion,
+        "total_tokens": len(parsed.prompt) + completion,
+        "prompt_tokens_details": {"cached_tokens": cached},
+        # splitserve's own: the router-side time to first token, so a client can compare its view with ours.
+        "server_ttft_s": min(ttfts) if ttfts else None,
+    }
+
+
+async def _send(response: web.StreamResponse, payload: dict[str, Any]) -> None:
+    await response.write(f"data: {json.dumps(payload)}\n\n".encode())
+
+
+async def _chain(first: list[Any], rest: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    for item in first:
+        yield item
+    async for item in rest:
+        yield item
