@@ -108,6 +108,12 @@ def _build_parser() -> argparse.ArgumentParser:
     up.add_argument("--api-key", default=None, help="require this bearer token on the router's endpoints")
     up.add_argument("--threads-per-node", type=_positive_int, default=1)
     up.set_defaults(func=_cmd_up)
+
+    from ops.bench.arguments import add_arguments as add_bench_arguments
+
+    bench = sub.add_parser("bench", help="load-test an OpenAI-compatible or splitserve gRPC endpoint")
+    add_bench_arguments(bench)
+    bench.set_defaults(func=_cmd_bench)
     return parser
 
 
@@ -245,6 +251,12 @@ def _cmd_router(args: argparse.Namespace) -> int:
         policy=args.policy,
     )
     return run(lambda: run_router(options))
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from ops.bench.command import main as bench_main
+
+    return bench_main(args)
 
 
 DEMO_MODEL_DIR = Path(".cache") / "demo-model"

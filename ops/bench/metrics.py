@@ -20,11 +20,12 @@ type 7): for sorted v[0..n-1], rank r = q/100 * (n-1), value = v[floor r] + (r -
 Throughputs divide by the run's duration: the caller's wall-clock duration if given, else last end - first start.
 Goodput (DistServe style): requests per second that completed with TTFT <= ttft and TPOT <= tpot (and E2E <= e2e,
 if given; a single-token output has no TPOT and passes that limit); attainment = good requests / all requests.
-The Splitwise 9-SLO check is in `ops.bench.slo`.
+The Splitwise 9-SLO check (slowdowns against a baseline run) is defined in `ops.bench.slo`.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from collections import Counter
@@ -37,10 +38,15 @@ from ops.bench.stats import Stats
 
 __all__ = [
     "NO_TOKENS",
+    "Goodput",
+    "GoodputSlos",
     "RequestSample",
     "RequestTiming",
+    "SloCheck",
+    "Stats",
     "Summary",
     "error_kind",
+    "json_safe",
     "request_sample",
     "request_samples",
     "summarize",
@@ -56,12 +62,16 @@ class RequestTiming:
 
     start: float  # when the request was sent
     first_token: float | None  # arrival of the first output token; None if none came
-    token_times: list[float]  # arrival of each output token, first included; a k-token chunk repeats its time k times
+    token_times: list[
+        float
+    ]  # arrival of each output token, first included; a k-token chunk repeats its time k times
     end: float  # when the response was complete (or failed)
     prompt_tokens: int
     output_tokens: int  # tokens received (the server's usage count when it gives one)
     error: str | None = None  # "kind: detail" for a failed request, None for a successful one
-    server_ttft: float | None = None  # TTFT the server measured, where it reports one (splitserve's gRPC does)
+    server_ttft: float | None = (
+        None  # TTFT the server measured, where it reports one (splitserve's gRPC does)
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,23 +121,49 @@ class Summary:
         return asdict(self)
 
     def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, allow_nan=False)
+        return json.dumps(json_safe(self.to_dict()), indent=2, allow_nan=False)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Summary:
         """Inverse of `to_dict`; raises ValueError on a dict of another shape."""
         try:
-            stats = {name: Stats(**data[name]) for name in ("ttft_s", "tpot_s", "tbt_s", "e2e_s", "server_ttft_s")}
-            goodput = Goodput.from_dict(data["goodput"]) if data.get("goodput") else None
-            slo_check = SloCheck.from_dict(data["slo_check"]) if data.get("slo_check") else None
-            rest = {k: v for k, v in data.items() if k not in stats and k not in ("goodput", "slo_check")}
-            return cls(**rest, **stats, goodput=goodput, slo_check=slo_check)
-        except (KeyError, TypeError) as exc:
+            return cls(
+                requests=int(data["requests"]),
+                completed=int(data["completed"]),
+                failed=int(data["failed"]),
+                errors_by_kind={str(k): int(v) for k, v in data["errors_by_kind"].items()},
+                duration_s=float(data["duration_s"]),
+                request_throughput=float(data["request_throughput"]),
+                input_throughput=float(data["input_throughput"]),
+                output_throughput=float(data["output_throughput"]),
+                total_prompt_tokens=int(data["total_prompt_tokens"]),
+                total_output_tokens=int(data["total_output_tokens"]),
+                ttft_s=Stats(**data["ttft_s"]),
+                tpot_s=Stats(**data["tpot_s"]),
+                tbt_s=Stats(**data["tbt_s"]),
+                e2e_s=Stats(**data["e2e_s"]),
+                server_ttft_s=Stats(**data["server_ttft_s"]),
+                goodput=Goodput.from_dict(data["goodput"]) if data.get("goodput") else None,
+                slo_check=SloCheck.from_dict(data["slo_check"]) if data.get("slo_check") else None,
+                percentile_method=str(data.get("percentile_method", "linear")),
+            )
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise ValueError(f"not a bench summary: {exc}") from None
 
     @classmethod
     def from_json(cls, text: str) -> Summary:
         return cls.from_dict(json.loads(text))
+
+
+def json_safe(value: Any) -> Any:
+    """`value` with every non-finite float written as the string "inf", "-inf" or "nan" (strict JSON has none)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_safe(v) for v in value]
+    return value
 
 
 def error_kind(error: str) -> str:
@@ -138,7 +174,7 @@ def error_kind(error: str) -> str:
 def tbt_gaps(token_times: Sequence[float]) -> list[float]:
     """Gaps between consecutive distinct arrival times (see the module docstring for chunks)."""
     gaps: list[float] = []
-    for previous, current in zip(token_times, token_times[1:], strict=False):
+    for previous, current in itertools.pairwise(token_times):
         if current > previous:
             gaps.append(current - previous)
     return gaps

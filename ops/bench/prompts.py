@@ -14,6 +14,7 @@ Only the `tokenizers` library is used (no transformers, no torch), so the harnes
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -77,26 +78,39 @@ class PromptBuilder:
 
     def build(self, num_tokens: int, index: int) -> BuiltPrompt:
         """A prompt whose encoding (no special tokens) has `num_tokens` ids, deterministic per (seed, index)."""
-        if num_tokens < 1:
-            raise ValueError(f"num_tokens must be >= 1, not {num_tokens}")
-        if index < 0:
-            raise ValueError(f"index must be >= 0, not {index}")
-        rng = np.random.default_rng([self._seed, index])
-        ids = self._sample(rng, num_tokens)
-        best: BuiltPrompt | None = None
-        for _ in range(_MAX_ROUNDS):
+        return self.build_many([num_tokens], first_index=index)[0]
+
+    def build_many(self, num_tokens: Sequence[int], *, first_index: int = 0) -> list[BuiltPrompt]:
+        """`build(n, first_index + i)` for the i-th n; the first round trip runs batched (threads in the tokenizer)."""
+        if first_index < 0:
+            raise ValueError(f"first_index must be >= 0, not {first_index}")
+        for n in num_tokens:
+            if n < 1:
+                raise ValueError(f"num_tokens must be >= 1, not {n}")
+        rngs = [np.random.default_rng([self._seed, first_index + i]) for i in range(len(num_tokens))]
+        ids = [self._sample(rng, n) for rng, n in zip(rngs, num_tokens, strict=True)]
+        texts = self._tokenizer.decode_batch(ids, skip_special_tokens=False)
+        encodings = self._tokenizer.encode_batch(texts, add_special_tokens=False)
+        return [
+            self._settle(rng, n, BuiltPrompt(text=text, token_ids=tuple(encoding.ids), requested_tokens=n))
+            for rng, n, text, encoding in zip(rngs, num_tokens, texts, encodings, strict=True)
+        ]
+
+    def _settle(self, rng: np.random.Generator, num_tokens: int, attempt: BuiltPrompt) -> BuiltPrompt:
+        """Cut or extend until the round trip gives `num_tokens` ids, or return the closest attempt."""
+        best = attempt
+        for _ in range(_MAX_ROUNDS - 1):
+            if attempt.exact:
+                break
+            if attempt.num_tokens > num_tokens:
+                ids = list(attempt.token_ids[:num_tokens])
+            else:
+                ids = [*attempt.token_ids, *self._sample(rng, num_tokens - attempt.num_tokens)]
             text = self._tokenizer.decode(ids, skip_special_tokens=False)
             encoded = self._tokenizer.encode(text, add_special_tokens=False).ids
             attempt = BuiltPrompt(text=text, token_ids=tuple(encoded), requested_tokens=num_tokens)
-            if best is None or abs(attempt.num_tokens - num_tokens) < abs(best.num_tokens - num_tokens):
+            if abs(attempt.num_tokens - num_tokens) < abs(best.num_tokens - num_tokens):
                 best = attempt
-            if attempt.exact:
-                break
-            if len(encoded) > num_tokens:
-                ids = encoded[:num_tokens]
-            else:
-                ids = encoded + self._sample(rng, num_tokens - len(encoded))
-        assert best is not None  # _MAX_ROUNDS >= 1
         return best
 
     def _sample(self, rng: np.random.Generator, count: int) -> list[int]:

@@ -104,7 +104,9 @@ def make_workload(
     return Workload(requests, "closed" if arrivals is None else "open", concurrency)
 
 
-def fixed_concurrency(prompt_tokens: Sequence[int], output_tokens: Sequence[int], concurrency: int) -> Workload:
+def fixed_concurrency(
+    prompt_tokens: Sequence[int], output_tokens: Sequence[int], concurrency: int
+) -> Workload:
     """A closed loop: `concurrency` requests in flight until all are sent."""
     return make_workload(prompt_tokens, output_tokens, arrivals=None, concurrency=concurrency)
 
@@ -260,7 +262,9 @@ def _parse_count(text: str, column: str, where: str) -> int:
     return value
 
 
-def _scale_lengths(context: int, generated: int, token_scale: float, max_context: int | None) -> tuple[int, int]:
+def _scale_lengths(
+    context: int, generated: int, token_scale: float, max_context: int | None
+) -> tuple[int, int]:
     prompt = max(1, math.floor(context * token_scale + 0.5))
     output = max(1, math.floor(generated * token_scale + 0.5))
     if max_context is not None:
