@@ -53,7 +53,10 @@ class OpenAIDriver:
         else:
             body["prompt"] = prompt.text
         start = time.perf_counter()
-        chunk_times: list[float] = []
+        chunk_times: list[float] = []  # chunks that carried text
+        first_content: float | None = (
+            None  # the first chunk with a choice, text or not (a token may decode to "")
+        )
         usage_tokens: int | None = None
         server_ttft: float | None = None
         try:
@@ -69,24 +72,31 @@ class OpenAIDriver:
                     event = json.loads(line[6:])
                     if "error" in event:
                         return _failed(start, prompt, f"stream_error: {event['error'].get('message', '')}")
-                    if _has_text(event, self.chat):
-                        chunk_times.append(time.perf_counter())
+                    now = time.perf_counter()
+                    text = _choice_text(event, self.chat)
+                    if text is not None and first_content is None:
+                        first_content = now
+                    if text:
+                        chunk_times.append(now)
                     if event.get("usage"):
                         usage_tokens = event["usage"].get("completion_tokens")
                         server_ttft = event["usage"].get("server_ttft_s")
         except (aiohttp.ClientError, TimeoutError, json.JSONDecodeError) as exc:
             return _failed(start, prompt, f"{type(exc).__name__}: {exc}")
         # SSE carries text, not tokens: one token per text chunk, the usage count's remainder on the last chunk.
+        # Tokens whose text is empty (a partial UTF-8 character) arrive as empty chunks: usage still counts them.
         tokens = usage_tokens if usage_tokens is not None else len(chunk_times)
-        token_times = chunk_times + chunk_times[-1:] * max(0, tokens - len(chunk_times))
+        if not chunk_times and tokens and first_content is not None:
+            chunk_times = [first_content]
+        token_times = (chunk_times + chunk_times[-1:] * max(0, tokens - len(chunk_times)))[:tokens]
         return RequestTiming(
             start=start,
-            first_token=chunk_times[0] if chunk_times else None,
-            token_times=token_times[: max(tokens, 0)] if tokens else chunk_times,
+            first_token=token_times[0] if token_times else None,
+            token_times=token_times,
             end=time.perf_counter(),
             prompt_tokens=prompt.num_tokens,
             output_tokens=tokens,
-            error=None if chunk_times else "empty: no output token",
+            error=None if token_times else "empty: no output token",
             server_ttft=server_ttft,
         )
 
@@ -132,12 +142,22 @@ class GrpcDriver:
         await self._channel.close()
 
 
-def _has_text(event: dict, chat: bool) -> bool:
+def _choice_text(event: dict, chat: bool) -> str | None:
+    """The chunk's new text ("" for a token without visible text); None for chunks that carry no token.
+
+    Chat streams open with a role-only delta, which is not a token.
+    """
     for choice in event.get("choices") or ():
-        text = (choice.get("delta") or {}).get("content") if chat else choice.get("text")
-        if text:
-            return True
-    return False
+        if chat:
+            delta = choice.get("delta") or {}
+            if "role" in delta and not delta.get("content"):
+                continue
+            text = delta.get("content")
+        else:
+            text = choice.get("text")
+        if text is not None:
+            return str(text)
+    return None
 
 
 def _failed(start: float, prompt: BuiltPrompt, error: str) -> RequestTiming:
