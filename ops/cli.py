@@ -294,6 +294,7 @@ def _cmd_up(args: argparse.Namespace) -> int:
         print(f"splitserve: Redis at {cluster.redis_url}")
         for proc in cluster.processes:
             print(f"splitserve: {proc.role:<9} {proc.node_id or '':<40} {proc.address}")
+        print(f"splitserve: OpenAI-compatible HTTP on http://{cluster.http_address}/v1")
         print(
             f"splitserve: serving {model.name} on grpc://{cluster.router_address} (Ctrl-C stops)", flush=True
         )
