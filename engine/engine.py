@@ -13,99 +13,42 @@ Finished, aborted and released requests give every block back exactly once.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from engine.block_manager import BlockManager, PrefixCacheStats
+from engine.block_manager import BlockManager
 from engine.config import EngineConfig, EngineRole, ModelConfig
 from engine.detokenizer import IncrementalDetokenizer
 from engine.devices import resolve_device, resolve_dtype
 from engine.errors import InvalidRequestError, ModelLoadError, ResourceExhaustedError, UnknownRequestError
 from engine.model_runner import ModelRunner
 from engine.models.decoder import DecoderModel
+from engine.outputs import (
+    Completion,
+    EngineLoad,
+    EngineStats,
+    KVHandoff,
+    KVLayerHook,
+    KVLayerWrite,
+    RequestOutput,
+)
 from engine.sampler import SampledToken, sample
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler, SchedulerOutput
 from engine.sequence import FinishReason, Sequence, SequenceStatus, TokenLogprob
+
+__all__ = [  # the output types live in engine.outputs; importing them from here keeps working
+    "Completion",
+    "EngineLoad",
+    "EngineStats",
+    "KVHandoff",
+    "KVLayerHook",
+    "KVLayerWrite",
+    "LLMEngine",
+    "RequestOutput",
+]
 from engine.tokenizer import Tokenizer
-
-
-@dataclass(slots=True)
-class KVLayerWrite:
-    """One request's KV that a step wrote into one layer: tokens [start, end) living in block_ids."""
-
-    request_id: str
-    block_ids: list[int]  # the blocks holding tokens start..end-1, in order
-    start: int
-    end: int
-
-
-KVLayerHook = Callable[[int, list[KVLayerWrite]], None]
-
-
-@dataclass(slots=True)
-class KVHandoff:
-    """What a prefill engine hands to a transport once a prompt is done."""
-
-    block_ids: list[int]  # the request's blocks, in token order
-    num_tokens: int  # prompt tokens whose KV the blocks hold
-    kv_layers: list[
-        torch.Tensor
-    ]  # per layer: the whole pool [num_blocks, 2, block_size, KVH, D]; index by block_ids
-    first_token_id: int
-    first_logprob: TokenLogprob | None
-
-
-@dataclass(slots=True)
-class RequestOutput:
-    """What one step produced for one request (a streaming delta)."""
-
-    request_id: str
-    new_token_ids: list[int]
-    new_text: str
-    new_logprobs: list[TokenLogprob]
-    finished: bool
-    finish_reason: FinishReason | None
-    num_prompt_tokens: int
-    num_cached_prompt_tokens: int
-    kv: KVHandoff | None = None
-
-
-@dataclass(slots=True)
-class Completion:
-    """A whole request's result, as returned by generate()."""
-
-    request_id: str
-    prompt_token_ids: list[int]
-    token_ids: list[int]
-    text: str
-    finish_reason: FinishReason
-    logprobs: list[TokenLogprob] = field(default_factory=list)
-    num_cached_prompt_tokens: int = 0
-
-
-@dataclass(frozen=True, slots=True)
-class EngineLoad:
-    """What a node reports for placement: work not yet computed and room left in the KV pool."""
-
-    queued_prompt_tokens: int  # prompt (or recompute) tokens scheduled but not yet computed
-    running_requests: int
-    waiting_requests: int
-    free_kv_blocks: int
-    total_kv_blocks: int
-
-
-@dataclass(slots=True)
-class EngineStats:
-    num_blocks: int
-    num_free_blocks: int
-    num_waiting: int
-    num_running: int
-    num_held: int  # reserved (decode) or handed-over-but-unreleased (prefill) requests
-    num_preemptions: int
-    prefix_cache: PrefixCacheStats
 
 
 class LLMEngine:
