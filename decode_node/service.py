@@ -66,10 +66,6 @@ class DecodeNodeService(cluster_pb2_grpc.DecodeNodeServicer):
             with contextlib.suppress(asyncio.CancelledError):
                 await task
 
-    @property
-    def num_reserved(self) -> int:
-        return len(self._expiry)
-
     async def Reserve(
         self, request: cpb.ReserveRequest, context: grpc.aio.ServicerContext
     ) -> cpb.ReserveResponse:

@@ -270,7 +270,6 @@ class LLMEngine:
             params=params,
             # Resumed requests decode on from the text already delivered, so deltas continue it seamlessly.
             detokenizer=IncrementalDetokenizer(self.tokenizer, token_ids + prior),
-            arrival_index=self._admitted,
         )
         for (
             token

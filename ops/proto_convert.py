@@ -52,10 +52,6 @@ def logprob_to_proto(lp: TokenLogprob) -> pb.TokenLogprob:
     )
 
 
-def logprob_from_proto(msg: pb.TokenLogprob) -> TokenLogprob:
-    return TokenLogprob(msg.token_id, msg.logprob, [(t.token_id, t.logprob) for t in msg.top])
-
-
 def finish_to_proto(reason: FinishReason | None) -> int:
     return _FINISH[reason]
 

@@ -28,6 +28,7 @@ from engine.async_engine import AsyncEngine
 from engine.engine import KVHandoff, KVLayerWrite, RequestOutput
 from engine.errors import EngineError
 from engine.sequence import FinishReason
+from kvtransfer.base import TransferState
 from kvtransfer.notifications import kv_done
 from ops.grpc_util import abort_with
 from ops.proto_convert import finish_to_proto, logprob_to_proto, sampling_from_proto
@@ -180,8 +181,6 @@ class PrefillNodeService(cluster_pb2_grpc.PrefillNodeServicer):
         await self._wait(target, deadline)
 
     async def _wait(self, target: _Target, deadline: float) -> None:
-        from kvtransfer.base import TransferState
-
         while True:
             if target.error is not None:
                 raise TransferFailed(target.error)

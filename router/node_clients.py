@@ -36,10 +36,6 @@ class NodeClients:
     def colocated(self, address: str) -> inference_pb2_grpc.InferenceStub:
         return inference_pb2_grpc.InferenceStub(self._channel(address))
 
-    def forget(self, address: str) -> None:
-        """Drop a channel whose node went away (its address may come back as a different node)."""
-        self._channels.pop(address, None)
-
     async def close(self) -> None:
         for channel in self._channels.values():
             await channel.close(grace=None)

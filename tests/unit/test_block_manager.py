@@ -8,7 +8,7 @@ from engine.sequence import Sequence
 
 
 def seq(tokens: list[int], name: str = "r") -> Sequence:
-    return Sequence(name, tokens, SamplingParams(), detokenizer=None, arrival_index=0)
+    return Sequence(name, tokens, SamplingParams(), detokenizer=None)
 
 
 def computed(bm: BlockManager, s: Sequence) -> Sequence:

@@ -15,7 +15,7 @@ from engine.sequence import Sequence
 def seq(
     params: SamplingParams, prompt: list[int] | None = None, outputs: list[int] | None = None
 ) -> Sequence:
-    s = Sequence("r", prompt or [0], params, detokenizer=None, arrival_index=0)
+    s = Sequence("r", prompt or [0], params, detokenizer=None)
     for t in outputs or []:
         s.output_token_ids.append(t)
         s.output_counts[t] = s.output_counts.get(t, 0) + 1

@@ -8,10 +8,8 @@ from engine.scheduler import Scheduler
 from engine.sequence import Sequence, SequenceStatus
 
 
-def make(n_prompt: int, name: str, index: int = 0) -> Sequence:
-    return Sequence(
-        name, list(range(1, n_prompt + 1)), SamplingParams(), detokenizer=None, arrival_index=index
-    )
+def make(n_prompt: int, name: str) -> Sequence:
+    return Sequence(name, list(range(1, n_prompt + 1)), SamplingParams(), detokenizer=None)
 
 
 def advance(out) -> None:
@@ -44,7 +42,7 @@ def test_decodes_come_first_and_new_requests_fill_the_rest() -> None:
     a = make(3, "a")
     sched.add(a)
     advance(sched.schedule())
-    b = make(30, "b", 1)
+    b = make(30, "b")
     sched.add(b)
     out = sched.schedule()
     assert [(c.seq.request_id, c.num_tokens) for c in out.chunks] == [("a", 1), ("b", 9)]
@@ -53,7 +51,7 @@ def test_decodes_come_first_and_new_requests_fill_the_rest() -> None:
 def test_max_num_seqs_limits_admission() -> None:
     sched = Scheduler(BlockManager(64, 4), max_num_batched_tokens=100, max_num_seqs=2)
     for i in range(3):
-        sched.add(make(2, f"r{i}", i))
+        sched.add(make(2, f"r{i}"))
     out = sched.schedule()
     assert [c.seq.request_id for c in out.chunks] == ["r0", "r1"]
     assert len(sched.waiting) == 1
@@ -62,7 +60,7 @@ def test_max_num_seqs_limits_admission() -> None:
 def test_pool_exhaustion_preempts_the_newest_and_requeues_it_first() -> None:
     bm = BlockManager(4, 2, enable_prefix_caching=False)
     sched = Scheduler(bm, max_num_batched_tokens=100, max_num_seqs=4)
-    old, new = make(4, "old", 0), make(3, "new", 1)
+    old, new = make(4, "old"), make(3, "new")
     sched.add(old)
     sched.add(new)
     advance(sched.schedule())  # old: 2 blocks, new: 2 blocks; pool full
