@@ -1,6 +1,7 @@
 """Entry point of a decode or colocated node process: `splitserve decode` / `splitserve colocated`.
 
-The request life cycles are in decode_node/service.py (decode) and decode_node/colocated.py (colocated).
+The request life cycles are in decode_node/service.py (decode) and ops/whole_request.py (whole requests: every
+colocated request, and on a decode node the requests the router prefills locally or lends it for).
 """
 
 from __future__ import annotations
@@ -9,10 +10,10 @@ from typing import Any
 
 import grpc
 
-from decode_node.colocated import ColocatedService
 from decode_node.service import DecodeNodeService
 from engine.async_engine import AsyncEngine
 from ops.node_runtime import NodeOptions, NodeService, run, run_node
+from ops.whole_request import WholeRequestService
 from splitserve.v1 import cluster_pb2_grpc, inference_pb2_grpc
 
 DECODE_SERVICE = "splitserve.v1.DecodeNode"
@@ -22,12 +23,14 @@ INFERENCE_SERVICE = "splitserve.v1.Inference"
 def serve(options: NodeOptions) -> int:
     def attach(engine: AsyncEngine, transport: Any, server: grpc.aio.Server) -> NodeService:
         if options.role == "colocated":
-            colocated = ColocatedService(engine)
+            colocated = WholeRequestService(engine)
             inference_pb2_grpc.add_InferenceServicer_to_server(colocated, server)
             return colocated
         service = DecodeNodeService(engine, transport, engine.engine.config.block_size)
         cluster_pb2_grpc.add_DecodeNodeServicer_to_server(service, server)
+        whole = WholeRequestService(engine, accepting=lambda: service.accepting)
+        inference_pb2_grpc.add_InferenceServicer_to_server(whole, server)
         return service
 
-    names = [INFERENCE_SERVICE] if options.role == "colocated" else [DECODE_SERVICE]
+    names = [INFERENCE_SERVICE] if options.role == "colocated" else [DECODE_SERVICE, INFERENCE_SERVICE]
     return run(lambda: run_node(options, names, attach))

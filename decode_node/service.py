@@ -8,7 +8,8 @@ A request's life cycle on this node:
    then sends the notification `kv-done:<request id>`, which it sends only after all of its writes completed.
 3. Decode: the router passes the first token (sampled by the prefill node). Once the kv-done notification is in
    (bounded wait: UNAVAILABLE otherwise, so the router retries elsewhere), the engine admits the request and its
-   tokens stream back. The first token is not sent again: the router already delivered it.
+   tokens stream back. The first token is not sent again: the router already delivered it. The last message's
+   usage carries this node's charges (ops/power/accounting.py: its share of the steps that decoded the request).
 4. The end: finishing, the router closing the stream (client cancel), Abort, or an expired reservation frees the
    request's blocks, exactly once (the engine ignores a second abort). A reservation dropped before its KV was
    complete (Abort after a failed prefill, or KV that never arrived) is quarantined first: writes of a failed
@@ -29,7 +30,8 @@ from engine.async_engine import AsyncEngine
 from engine.errors import EngineError
 from kvtransfer.notifications import parse_kv_done
 from ops.grpc_util import abort_with
-from ops.proto_convert import output_to_proto, sampling_from_proto
+from ops.power.accounting import ledger_of
+from ops.proto_convert import charged_usage, output_to_proto, sampling_from_proto
 from splitserve.v1 import cluster_pb2 as cpb
 from splitserve.v1 import cluster_pb2_grpc
 from splitserve.v1 import inference_pb2 as pb
@@ -51,7 +53,9 @@ class DecodeNodeService(cluster_pb2_grpc.DecodeNodeServicer):
         self.accepting = True
         self._expiry: dict[str, float] = {}  # reserved, not yet admitted: request id -> monotonic deadline
         self._kv_done: dict[str, asyncio.Event] = {}
+        self._awaiting_kv = asyncio.Event()  # set while some reservation waits for its kv-done notification
         self._tasks: list[asyncio.Task[None]] = []
+        self.charges = ledger_of(engine)
 
     async def start(self) -> None:
         self._tasks = [
@@ -81,6 +85,7 @@ class DecodeNodeService(cluster_pb2_grpc.DecodeNodeServicer):
         hold = min(request.hold_seconds or 30.0, MAX_HOLD_S)
         self._expiry[rid] = time.monotonic() + hold
         self._kv_done[rid] = asyncio.Event()
+        self._awaiting_kv.set()
         return cpb.ReserveResponse(block_ids=blocks, block_size=self.block_size)
 
     async def Decode(
@@ -109,6 +114,8 @@ class DecodeNodeService(cluster_pb2_grpc.DecodeNodeServicer):
             skipped_first = False
             async for out in stream:
                 msg = output_to_proto(out)
+                if out.finished and self.charges is not None:
+                    msg.usage.CopyFrom(charged_usage(self.charges.take(rid)))
                 if not skipped_first:  # the admit output is the first token, already delivered by the router
                     skipped_first = True
                     if not out.finished:
@@ -118,6 +125,8 @@ class DecodeNodeService(cluster_pb2_grpc.DecodeNodeServicer):
                 yield msg
         finally:
             stream.close()  # aborts the request if the router went away mid-stream
+            if self.charges is not None:
+                self.charges.discard(rid)
 
     async def Abort(self, request: cpb.AbortRequest, context: grpc.aio.ServicerContext) -> cpb.AbortResponse:
         found = request.request_id in self._expiry
@@ -138,6 +147,11 @@ class DecodeNodeService(cluster_pb2_grpc.DecodeNodeServicer):
 
     async def _poll_notifications(self) -> None:
         while True:
+            if not self._kv_done:
+                # Nobody waits for KV: sleep until a reservation arrives rather than polling the transport 500
+                # times a second, each poll taking the GIL from the engine thread in the middle of its steps.
+                self._awaiting_kv.clear()
+                await self._awaiting_kv.wait()
             for _peer, payload in self.transport.notifications():
                 event = self._kv_done.get(parse_kv_done(payload) or "")
                 if event is not None:

@@ -4,20 +4,27 @@ The engine is not thread-safe and its step is a long blocking call, so one threa
 abort, reserve, admit, release, stats) is a command executed on that thread between steps, and outputs are handed to
 each request's asyncio queue with call_soon_threadsafe. A consumer that stops iterating (client cancelled) aborts its
 request, which frees its blocks.
+
+A step observer (power accounting) is told after every step, before its outputs are delivered, how long the step took
+and how many tokens it computed for which request, so a request's charges are complete when its last output arrives.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import queue
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import Future
-from typing import TypeVar
+from dataclasses import dataclass
+from typing import Protocol, TypeVar
 
 from engine.engine import EngineLoad, LLMEngine, RequestOutput
 from engine.errors import EngineError
 from engine.sampling_params import SamplingParams
+from engine.sequence import Sequence
 
 T = TypeVar("T")
 
@@ -29,9 +36,27 @@ class EngineStopped(EngineError):
     """The engine thread has stopped (shutdown or a fatal error); no more work is accepted."""
 
 
+@dataclass(frozen=True, slots=True)
+class StepTiming:
+    """One engine step as power accounting sees it: how long it took and which tokens it computed for whom."""
+
+    started_s: float  # time.monotonic() when the step began
+    wall_s: float
+    prompt_tokens: dict[str, int]  # request id -> prompt (or recomputed context) tokens computed in the step
+    decode_tokens: dict[str, int]  # request id -> 1 for each sequence that decoded a token in the step
+
+
+class StepObserver(Protocol):
+    def observe_step(self, step: StepTiming) -> None: ...
+
+
 class AsyncEngine:
-    def __init__(self, engine: LLMEngine, name: str = "engine") -> None:
+    def __init__(
+        self, engine: LLMEngine, name: str = "engine", step_observer: StepObserver | None = None
+    ) -> None:
         self.engine = engine
+        # Called on the engine thread after every step; its errors stop the engine like any other bug.
+        self.step_observer = step_observer
         self._commands: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         self._streams: dict[str, RequestStream] = {}
         self._stopped = threading.Event()
@@ -70,11 +95,12 @@ class AsyncEngine:
         prompt: str | list[int],
         params: SamplingParams,
         prior_output: list[int] | None = None,
+        keep_local: bool = False,
     ) -> RequestStream:
         """Add a request and return its output stream. Bad input raises here, before any output."""
         stream = self.open_stream(request_id)
         try:
-            await self.call(lambda e: e.add_request(request_id, prompt, params, prior_output))
+            await self.call(lambda e: e.add_request(request_id, prompt, params, prior_output, keep_local))
         except BaseException:
             self._streams.pop(request_id, None)
             raise
@@ -103,7 +129,7 @@ class AsyncEngine:
             while not self._stopped.is_set():
                 self._drain_commands()
                 if self.engine.has_unfinished():
-                    self._deliver(self.engine.step())
+                    self._deliver(self._step())
                     self.load = self.engine.load()
                 else:
                     self.load = self.engine.load()
@@ -115,6 +141,16 @@ class AsyncEngine:
         finally:
             self._drain_commands()
             self._fail_all(EngineStopped(f"engine stopped{f': {self._fatal}' if self._fatal else ''}"))
+
+    def _step(self) -> list[RequestOutput]:
+        observer = self.step_observer
+        if observer is None:
+            return self.engine.step()
+        before = _progress(self.engine)
+        started = time.monotonic()
+        outputs = self.engine.step()
+        observer.observe_step(_timing(before, started, time.monotonic() - started))
+        return outputs
 
     def _drain_commands(self) -> None:
         while True:
@@ -133,6 +169,35 @@ class AsyncEngine:
     def _fail_all(self, exc: BaseException) -> None:
         for stream in list(self._streams.values()):
             stream.loop.call_soon_threadsafe(stream.queue.put_nowait, exc)
+
+
+# (sequence, tokens computed before the step, queued before the step, decoding: all but its last token computed)
+_Progress = list[tuple[Sequence, int, bool, bool]]
+
+
+def _progress(engine: LLMEngine) -> _Progress:
+    """Where every sequence the next step may compute stands (the scheduler admits waiting ones from the front)."""
+    sched = engine.scheduler
+    rows = [(s, s.num_computed_tokens, False, _decoding(s)) for s in sched.running]
+    waiting = itertools.islice(sched.waiting, sched.max_num_seqs)
+    return rows + [(s, s.num_computed_tokens, True, False) for s in waiting]
+
+
+def _decoding(seq: Sequence) -> bool:
+    """Past its prompt: it has sampled a token and computed everything before its last one."""
+    return bool(seq.output_token_ids) and seq.num_computed_tokens == seq.num_tokens - 1
+
+
+def _timing(before: _Progress, started: float, wall_s: float) -> StepTiming:
+    prompt: dict[str, int] = {}
+    decode: dict[str, int] = {}
+    for seq, computed, was_waiting, decoding in before:
+        done = seq.num_computed_tokens - computed  # negative for a sequence preempted in this step
+        if was_waiting:  # admission counts the prompt's prefix-cache hits as computed; nothing computed them
+            done -= seq.num_cached_prompt_tokens
+        if done > 0:
+            (decode if decoding else prompt)[seq.request_id] = done
+    return StepTiming(started, wall_s, prompt, decode)
 
 
 class RequestStream:

@@ -90,13 +90,16 @@ class LLMEngine:
         prompt: str | list[int],
         params: SamplingParams | None = None,
         prior_output: list[int] | None = None,
+        keep_local: bool = False,
     ) -> None:
         """Queue a request. Raises InvalidRequestError for bad input; nothing is queued then.
 
         prior_output resumes a request whose first tokens were already delivered (its node died mid-stream): they
         are recomputed as context and count as output, so the continuation is what the lost node would have made.
+        keep_local: on a prefill engine, run the request to the end here instead of handing its KV over.
         """
         seq = self._new_sequence(request_id, prompt, params or SamplingParams(), prior_output)
+        seq.hands_over = self.config.role == EngineRole.PREFILL and not keep_local
         self._seqs[request_id] = seq
         self.scheduler.add(seq)
 
@@ -193,7 +196,7 @@ class LLMEngine:
             outputs.append(self._append_token(seq, sampled))
             if seq.is_finished:
                 self._finish(seq)
-            elif self.config.role == EngineRole.PREFILL:
+            elif seq.hands_over:
                 outputs[-1] = self._hand_over(seq, outputs[-1])
         return outputs
 
@@ -366,6 +369,8 @@ class LLMEngine:
         bs = self.config.block_size
         writes = []
         for chunk in sched.chunks:
+            if not chunk.seq.hands_over:
+                continue
             start = chunk.seq.num_computed_tokens
             end = start + chunk.num_tokens
             blocks = chunk.seq.block_ids[start // bs : -(-end // bs)]

@@ -60,6 +60,9 @@ class Sequence:
     text: StopStringMatcher = field(default_factory=lambda: StopStringMatcher([]))
     logprobs: list[TokenLogprob] = field(default_factory=list)
     num_preemptions: int = 0
+    # Prefill role: stop after the first token and hold the KV for a decode node. False for requests a prefill node
+    # serves whole (lent to the token phase by the router's mixed pool) and on every other role.
+    hands_over: bool = False
     # Penalty bookkeeping: counts of generated tokens (OpenAI penalties) and the set of all seen tokens (HF's).
     output_counts: dict[int, int] = field(default_factory=dict)
 

@@ -91,7 +91,7 @@ def _build_parser() -> argparse.ArgumentParser:
     router.add_argument(
         "--api-key", default=None, help="require this bearer token (default: $SPLITSERVE_API_KEY)"
     )
-    router.add_argument("--policy", default="jsq")
+    _add_placement_args(router)
     router.set_defaults(func=_cmd_router)
 
     up = sub.add_parser("up", help="start a whole local cluster (Redis, nodes, router) as separate processes")
@@ -107,6 +107,7 @@ def _build_parser() -> argparse.ArgumentParser:
     up.add_argument("--http-port", type=int, default=8000)
     up.add_argument("--api-key", default=None, help="require this bearer token on the router's endpoints")
     up.add_argument("--threads-per-node", type=_positive_int, default=1)
+    _add_placement_args(up)
     up.set_defaults(func=_cmd_up)
 
     from ops.bench.arguments import add_arguments as add_bench_arguments
@@ -114,7 +115,64 @@ def _build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="load-test an OpenAI-compatible or splitserve gRPC endpoint")
     add_bench_arguments(bench)
     bench.set_defaults(func=_cmd_bench)
+
+    from ops.profiling.arguments import add_arguments as add_profile_arguments
+
+    profile = sub.add_parser(
+        "profile", help="measure this machine's prompt and token latency into a perf-model CSV"
+    )
+    add_profile_arguments(profile)
+    profile.set_defaults(func=_cmd_profile)
+
+    from ops.sim.arguments import add_arguments as add_simulate_arguments
+
+    simulate = sub.add_parser(
+        "simulate", help="replay a trace on a simulated cluster: latency, SLOs, throughput, cost, energy"
+    )
+    add_simulate_arguments(simulate)
+    simulate.set_defaults(func=_cmd_simulate)
+
+    from ops.plan.arguments import add_arguments as add_plan_arguments
+
+    plan = sub.add_parser(
+        "plan", help="size prefill/decode pools per design for max throughput at a budget or min cost/power"
+    )
+    add_plan_arguments(plan)
+    plan.set_defaults(func=_cmd_plan)
     return parser
+
+
+def _add_placement_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("placement")
+    group.add_argument(
+        "--policy",
+        default="jsq",
+        help="jsq (default), cost, power or mixed (Splitwise's mixed pool around --policy-option inner=NAME)",
+    )
+    group.add_argument(
+        "--policy-option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a keyword option of the policy, e.g. budget_w=50000 (power) or inner=cost (mixed); repeatable",
+    )
+    group.add_argument(
+        "--slo-ttft-ms", type=float, default=None, help="TTFT target placement must predict within"
+    )
+    group.add_argument(
+        "--slo-tbt-ms", type=float, default=None, help="TBT target placement must predict within"
+    )
+
+
+def _placement_flags(args: argparse.Namespace) -> list[str]:
+    """The placement flags as given, for `up` to pass on to its routers."""
+    flags = ["--policy", args.policy]
+    for option in args.policy_option:
+        flags += ["--policy-option", option]
+    for name in ("slo_ttft_ms", "slo_tbt_ms"):
+        if getattr(args, name) is not None:
+            flags += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
+    return flags
 
 
 def _add_node_args(parser: argparse.ArgumentParser) -> None:
@@ -132,7 +190,41 @@ def _add_node_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kv-cache-mb", type=_positive_int, default=256)
     parser.add_argument("--max-batched-tokens", type=_positive_int, default=512)
     parser.add_argument("--max-seqs", type=_positive_int, default=64)
-    parser.add_argument("--machine-type", default="cpu")
+    parser.add_argument(
+        "--machine-type", default="cpu", help="a name from the machine catalog: cost, power (default: cpu)"
+    )
+    parser.add_argument(
+        "--machines",
+        type=Path,
+        default=None,
+        help='a JSON machine catalog {"machines": [...]} added to the built-ins',
+    )
+    parser.add_argument(
+        "--perf-model",
+        type=Path,
+        default=None,
+        help="a perf_model.csv: the latency model this node registers",
+    )
+    parser.add_argument(
+        "--perf-group", default=None, help="MODEL/HARDWARE/TP in --perf-model (default: its only group)"
+    )
+    parser.add_argument(
+        "--power-cap-w",
+        default=None,
+        metavar="W|recommend",
+        help="power cap per GPU in watts, or `recommend`: the lowest cap the node's SLO slack allows",
+    )
+    parser.add_argument(
+        "--power-cap-target-s",
+        type=float,
+        default=None,
+        help="recommend: the latency target (TBT on decode nodes, TTFT otherwise; default: Splitwise's P50 SLO)",
+    )
+    parser.add_argument(
+        "--power-cap-apply",
+        action="store_true",
+        help="set the cap through NVML (default: a dry run that logs the NVML calls it would make)",
+    )
     parser.add_argument("--drain-timeout", type=float, default=30.0)
     parser.add_argument(
         "--one-piece-below",
@@ -209,7 +301,21 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 def _cmd_node(args: argparse.Namespace) -> int:
     from ops.node_runtime import NodeOptions
+    from ops.power.node_power import resolve_settings
 
+    try:  # before the model loads: a wrong machine type or perf group fails in one line, at once
+        power = resolve_settings(
+            args.machine_type,
+            args.machines,
+            args.perf_model,
+            args.perf_group,
+            args.power_cap_w,
+            args.power_cap_target_s,
+            args.power_cap_apply,
+        )
+    except ValueError as exc:
+        print(f"splitserve {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     options = NodeOptions(
         role=args.role,
         model_dir=args.model,
@@ -225,6 +331,7 @@ def _cmd_node(args: argparse.Namespace) -> int:
         max_num_batched_tokens=args.max_batched_tokens,
         max_num_seqs=args.max_seqs,
         machine_type=args.machine_type,
+        power=power,
         drain_timeout_s=args.drain_timeout,
         one_piece_below=args.one_piece_below,
     )
@@ -239,17 +346,26 @@ def _cmd_node(args: argparse.Namespace) -> int:
 
 def _cmd_router(args: argparse.Namespace) -> int:
     from ops.node_runtime import run
+    from router.policy import parse_policy_options
     from router.server import RouterOptions, run_router
 
-    options = RouterOptions(
-        model_dir=args.model,
-        redis_url=args.redis_url,
-        host=args.host,
-        grpc_port=args.grpc_port,
-        http_port=args.http_port,
-        api_key=args.api_key,
-        policy=args.policy,
-    )
+    try:  # a bad policy name or option is a usage error, found before anything starts
+        options = RouterOptions(
+            model_dir=args.model,
+            redis_url=args.redis_url,
+            host=args.host,
+            grpc_port=args.grpc_port,
+            http_port=args.http_port,
+            api_key=args.api_key,
+            policy=args.policy,
+            policy_options=parse_policy_options(args.policy_option),
+            ttft_slo_s=None if args.slo_ttft_ms is None else args.slo_ttft_ms / 1000.0,
+            tbt_slo_s=None if args.slo_tbt_ms is None else args.slo_tbt_ms / 1000.0,
+        )
+        options.placement_policy()
+    except ValueError as exc:
+        print(f"splitserve router: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     return run(lambda: run_router(options))
 
 
@@ -257,6 +373,24 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     from ops.bench.command import main as bench_main
 
     return bench_main(args)
+
+
+def _cmd_profile(args: argparse.Namespace) -> int:
+    from ops.profiling.command import main as profile_main
+
+    return profile_main(args)
+
+
+def _cmd_simulate(args: argparse.Namespace) -> int:
+    from ops.sim.command import main as simulate_main
+
+    return simulate_main(args)
+
+
+def _cmd_plan(args: argparse.Namespace) -> int:
+    from ops.plan.command import main as plan_main
+
+    return plan_main(args)
 
 
 DEMO_MODEL_DIR = Path(".cache") / "demo-model"
@@ -267,7 +401,13 @@ def _cmd_up(args: argparse.Namespace) -> int:
     import threading
 
     from ops.launcher import ClusterSpec, LocalCluster
+    from router.policy import create_policy, parse_policy_options
 
+    try:  # the routers would refuse a bad policy too, but only after Redis and the nodes started
+        create_policy(args.policy, **parse_policy_options(args.policy_option))
+    except ValueError as exc:
+        print(f"splitserve up: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     model = args.model
     if model is None:
         model = DEMO_MODEL_DIR
@@ -286,6 +426,7 @@ def _cmd_up(args: argparse.Namespace) -> int:
         http_port=args.http_port,
         api_key=args.api_key,
         threads_per_node=args.threads_per_node,
+        router_args=_placement_flags(args),
     )
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -39,6 +39,9 @@ class ClusterSpec:
     host: str = "127.0.0.1"
     threads_per_node: int = 1
     node_args: list[str] = field(default_factory=list)  # extra flags for every node (e.g. --kv-cache-mb 64)
+    # Extra flags for the nodes of one role, after node_args (e.g. {"decode": ["--machine-type", "dgx-a100"]}).
+    role_args: dict[str, list[str]] = field(default_factory=dict)
+    router_args: list[str] = field(default_factory=list)  # extra flags for every router (e.g. --policy cost)
 
 
 @dataclass(slots=True)
@@ -121,14 +124,14 @@ class LocalCluster:
         return [
             "--model", str(self.spec.model_dir), "--redis-url", self.redis_url, "--host", self.spec.host,
             "--port", "0", "--kv-backend", self.spec.kv_backend, "--threads", str(self.spec.threads_per_node),
-            *self.spec.node_args,
+            *self.spec.node_args, *self.spec.role_args.get(role, []),
         ]  # fmt: skip
 
     def _router_args(self, grpc_port: int, http_port: int) -> list[str]:
         key = ["--api-key", self.spec.api_key] if self.spec.api_key else []
         return [
             "--model", str(self.spec.model_dir), "--redis-url", self.redis_url, "--host", self.spec.host,
-            "--grpc-port", str(grpc_port), "--http-port", str(http_port), *key,
+            "--grpc-port", str(grpc_port), "--http-port", str(http_port), *key, *self.spec.router_args,
         ]  # fmt: skip
 
     @property

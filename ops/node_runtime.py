@@ -1,9 +1,12 @@
 """Start-up, registration and shutdown shared by prefill, decode and colocated nodes.
 
 A node's process life:
-1. Load the model into an engine of the node's role, on its own thread (AsyncEngine).
+1. Pick its power meter and set its power cap (ops/power/node_power.py; a cap the GPU refuses exits 2 here), then
+   load the model into an engine of the node's role, on its own thread (AsyncEngine), which reports every step to
+   the node's ChargeLedger (per-request energy and cost).
 2. Register the engine's KV pool with the transport (prefill, decode) and serve gRPC with health and reflection.
-3. Register in Redis (address, KV capacity, transport descriptor) and publish load at least every 100 ms.
+3. Register in Redis (address, KV capacity, transport descriptor, machine type with its cost, power and latency
+   model) and publish load (with the meter's power reading) at least every 100 ms.
 4. Print one JSON line `{"event": "ready", ...}` on stdout: launchers (`splitserve up`, tests) wait for it.
 5. On SIGTERM or SIGINT, drain: stop taking new work (UNAVAILABLE, health NOT_SERVING, `draining` in the load
    report), deregister, let in-flight requests finish within the grace period, then stop and exit 0.
@@ -29,8 +32,11 @@ import grpc
 from engine.async_engine import AsyncEngine
 from engine.config import EngineConfig, EngineRole
 from engine.engine import LLMEngine
+from ops.allocator import keep_freed_memory
 from ops.cluster_state import LoadPublisher, LoadReport, NodeInfo, NodeRegistration
 from ops.grpc_util import make_server
+from ops.power.node_power import PowerSettings, resolve_settings, start_node_power
+from ops.power.powercap import PowerCapError
 
 IDLE_POLL_S = 0.05
 
@@ -52,6 +58,7 @@ class NodeOptions:
     max_num_seqs: int = 64
     block_size: int = 16
     machine_type: str = "cpu"
+    power: PowerSettings | None = None  # machine type, perf model and power cap; None: machine_type, no cap
     drain_timeout_s: float = 30.0
     one_piece_below: int = (
         512  # prefill: prompts shorter than this send their KV in one piece, not layer by layer
@@ -71,9 +78,19 @@ async def run_node(options: NodeOptions, service_names: list[str], attach: Attac
         import torch
 
         torch.set_num_threads(options.threads)
+    keep_freed_memory()  # before the model loads: every engine step reuses its temporaries (ops/allocator.py)
     node_id = options.node_id or f"{options.role}-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+    settings = options.power or resolve_settings(options.machine_type)
+    try:
+        power = start_node_power(
+            settings, options.role, options.device, options.max_num_batched_tokens, options.max_num_seqs
+        )
+    except PowerCapError as exc:
+        print(f"splitserve {options.role}: error: {exc}", file=sys.stderr, flush=True)
+        return 2
+    _say(power.log)
     engine = LLMEngine(options.model_dir, _engine_config(options))
-    async_engine = AsyncEngine(engine, name=f"engine-{options.role}")
+    async_engine = AsyncEngine(engine, name=f"engine-{options.role}", step_observer=power.ledger)
     transport = _make_transport(options, node_id, engine)
     server, health, port = make_server(f"{options.host}:{options.port}", service_names)
     service = attach(async_engine, transport, server)
@@ -89,10 +106,10 @@ async def run_node(options: NodeOptions, service_names: list[str], attach: Attac
             role=options.role,  # type: ignore[arg-type]
             address=address,
             model=options.model_dir.name,
-            machine_type=options.machine_type,
             kv_capacity_blocks=engine.blocks.num_blocks,
             block_size=engine.config.block_size,
             transport=transport.local_descriptor() if transport is not None else b"",
+            **power.registration(),
         )
     )
     draining = False
@@ -106,6 +123,7 @@ async def run_node(options: NodeOptions, service_names: list[str], attach: Attac
             free_kv_blocks=load.free_kv_blocks,
             total_kv_blocks=load.total_kv_blocks,
             draining=draining,
+            **power.load_fields(),
         )
 
     publisher = LoadPublisher(registration, current_load)
@@ -128,6 +146,7 @@ async def run_node(options: NodeOptions, service_names: list[str], attach: Attac
     async_engine.shutdown()
     if transport is not None:
         transport.close()
+    power.close()
     _say({"event": "stopped", "node_id": node_id, "drained": not _busy(async_engine)})
     return 0
 

@@ -36,6 +36,9 @@ import numpy as np
 
 # Splitwise simulator: a batch mixing prompt and token work runs 1.1x the prompt-only batch (data README).
 MIXED_BATCH_FACTOR = 1.1
+# PerfSummary fits prefill over batches up to this many tokens: where machine-level batches live (<= 2048, one
+# long prompt beyond), so the line is closest where placement predicts most; prefill grows faster than linearly.
+SUMMARY_PROMPT_TOKENS = 4096
 
 _COLUMNS = (
     "model",
@@ -156,6 +159,42 @@ class PerfModel:
         if prompt_tokens == 0:
             return self.token_time_s(token_batch)
         return MIXED_BATCH_FACTOR * self.prompt_curve.at(prompt_tokens + token_batch)
+
+    def summary(self) -> PerfSummary:
+        """The model as two straight lines (least squares over the measured keys), for vectorised placement."""
+        prompt_fixed, prompt_slope = _line(self.prompt_curve, up_to=SUMMARY_PROMPT_TOKENS)
+        token_fixed, token_slope = _line(self.token_curve)
+        return PerfSummary(prompt_fixed, prompt_slope, token_fixed, token_slope)
+
+
+@dataclass(frozen=True, slots=True)
+class PerfSummary:
+    """A node's latency as two lines: what a node registers and what placement policies predict with.
+
+    Coarser than PerfModel (no curvature), but a router evaluates it for every node of a pool in a few vector
+    operations; the simulator times batches with the full PerfModel."""
+
+    prompt_fixed_s: float
+    prompt_per_token_s: float
+    token_fixed_s: float
+    token_per_seq_s: float
+
+    def as_tuple(self) -> tuple[float, float, float, float]:
+        return (self.prompt_fixed_s, self.prompt_per_token_s, self.token_fixed_s, self.token_per_seq_s)
+
+    def prompt_time_s(self, batch_prompt_tokens: float) -> float:
+        return self.prompt_fixed_s + self.prompt_per_token_s * batch_prompt_tokens
+
+    def token_time_s(self, batch_size: float) -> float:
+        return self.token_fixed_s + self.token_per_seq_s * batch_size
+
+
+def _line(curve: Curve, up_to: float = float("inf")) -> tuple[float, float]:
+    """Intercept and slope of the least-squares line through a curve's points (keys <= up_to, at least two)."""
+    keys, values = np.asarray(curve.keys), np.asarray(curve.values)
+    n = max(2, int(np.count_nonzero(keys <= up_to)))
+    slope, intercept = np.polyfit(keys[:n], values[:n], 1)
+    return max(0.0, float(intercept)), max(0.0, float(slope))
 
 
 def _check_count(name: str, value: int) -> None:

@@ -11,6 +11,7 @@ from typing import Any
 from engine.engine import RequestOutput
 from engine.sampling_params import SamplingParams
 from engine.sequence import FinishReason, TokenLogprob
+from ops.power.accounting import RequestCharge
 from splitserve.v1 import inference_pb2 as pb
 
 _FINISH = {
@@ -64,3 +65,24 @@ def output_to_proto(out: RequestOutput) -> pb.GenerateResponse:
         logprobs=[logprob_to_proto(lp) for lp in out.new_logprobs],
         finish_reason=finish_to_proto(out.finish_reason if out.finished else None),
     )
+
+
+def charges_to_proto(charge: RequestCharge) -> pb.ChargeBreakdown:
+    prefill, transfer, decode = (charge.phases[p] for p in ("prefill", "transfer", "decode"))
+    return pb.ChargeBreakdown(
+        prefill_energy_joules=prefill.energy_j,
+        transfer_energy_joules=transfer.energy_j,
+        decode_energy_joules=decode.energy_j,
+        prefill_cost_usd=prefill.cost_usd,
+        transfer_cost_usd=transfer.cost_usd,
+        decode_cost_usd=decode.cost_usd,
+        power_source=charge.source,
+        prefill_seconds=prefill.seconds,
+        transfer_seconds=transfer.seconds,
+        decode_seconds=decode.seconds,
+    )
+
+
+def charged_usage(charge: RequestCharge) -> pb.Usage:
+    """A node's share of a request's usage: energy and cost only (the router counts tokens and TTFT)."""
+    return pb.Usage(energy_joules=charge.energy_j, cost_usd=charge.cost_usd, charges=charges_to_proto(charge))

@@ -1,4 +1,8 @@
-"""Entry point of a prefill node process: `splitserve prefill`. The request life cycle is in prefill_node/service.py."""
+"""Entry point of a prefill node process: `splitserve prefill`. The request life cycle is in prefill_node/service.py.
+
+A prefill node also serves the public Inference service (ops/whole_request.py) for the requests the router's mixed
+pool lends it for: those run to their end on this node (keep_local) instead of handing their KV over.
+"""
 
 from __future__ import annotations
 
@@ -8,10 +12,12 @@ import grpc
 
 from engine.async_engine import AsyncEngine
 from ops.node_runtime import NodeOptions, run, run_node
+from ops.whole_request import WholeRequestService
 from prefill_node.service import PrefillNodeService
-from splitserve.v1 import cluster_pb2_grpc
+from splitserve.v1 import cluster_pb2_grpc, inference_pb2_grpc
 
 SERVICE_NAME = "splitserve.v1.PrefillNode"
+INFERENCE_SERVICE = "splitserve.v1.Inference"
 
 
 def serve(options: NodeOptions) -> int:
@@ -19,6 +25,8 @@ def serve(options: NodeOptions) -> int:
         block_size = engine.engine.config.block_size
         service = PrefillNodeService(engine, transport, block_size, options.one_piece_below)
         cluster_pb2_grpc.add_PrefillNodeServicer_to_server(service, server)
+        whole = WholeRequestService(engine, keep_local=True, accepting=lambda: service.accepting)
+        inference_pb2_grpc.add_InferenceServicer_to_server(whole, server)
         return service
 
-    return run(lambda: run_node(options, [SERVICE_NAME], attach))
+    return run(lambda: run_node(options, [SERVICE_NAME, INFERENCE_SERVICE], attach))

@@ -10,7 +10,8 @@ A request's life cycle on this node:
    (Splitwise sends prompts under 512 tokens in one piece: per-layer writes would cost more than they hide).
 3. The first token is sampled. Whatever step 2 did not send (blocks served from the prefix cache, or the whole KV
    of a short prompt) is sent now. When every write has completed (bounded by the request's deadline),
-   `kv-done:<request id>` is sent, the blocks are released, and the first token goes back to the router.
+   `kv-done:<request id>` is sent, the blocks are released, and the first token goes back to the router with this
+   node's charges (ops/power/accounting.py: its share of the steps that computed the prompt, and the transfer wait).
 4. On a failed or late transfer, or when the router cancels, the request is aborted here and its blocks freed; the
    router frees the decode side and retries elsewhere.
 While draining (SIGTERM), new Prefill calls answer UNAVAILABLE; in-flight ones finish.
@@ -31,7 +32,8 @@ from engine.sequence import FinishReason
 from kvtransfer.base import TransferState
 from kvtransfer.notifications import kv_done
 from ops.grpc_util import abort_with
-from ops.proto_convert import finish_to_proto, logprob_to_proto, sampling_from_proto
+from ops.power.accounting import ledger_of
+from ops.proto_convert import charges_to_proto, finish_to_proto, logprob_to_proto, sampling_from_proto
 from splitserve.v1 import cluster_pb2 as cpb
 from splitserve.v1 import cluster_pb2_grpc
 from splitserve.v1 import inference_pb2 as pb
@@ -64,6 +66,7 @@ class PrefillNodeService(cluster_pb2_grpc.PrefillNodeServicer):
         self.in_flight = 0
         self._targets: dict[str, _Target] = {}
         self._peers: dict[bytes, object] = {}
+        self.charges = ledger_of(engine)
         engine.engine.set_kv_layer_hook(self._on_layer_stored)
 
     async def Prefill(
@@ -98,6 +101,8 @@ class PrefillNodeService(cluster_pb2_grpc.PrefillNodeServicer):
             computed = time.monotonic()
             if out.finish_reason == FinishReason.PREFILL_DONE:
                 assert out.kv is not None  # the engine attaches the hand-over to every PREFILL_DONE output
+                if self.charges is not None:
+                    self.charges.begin_transfer(rid)
                 await self._complete_transfer(rid, out, out.kv, deadline)
             return cpb.PrefillResponse(
                 first_token=_first_token(out),
@@ -108,6 +113,7 @@ class PrefillNodeService(cluster_pb2_grpc.PrefillNodeServicer):
                 finish_reason=finish_to_proto(
                     out.finish_reason if out.finish_reason != FinishReason.PREFILL_DONE else None
                 ),
+                charges=charges_to_proto(self.charges.take(rid)) if self.charges is not None else None,
             )
         except EngineError as exc:
             await abort_with(context, exc)
@@ -120,6 +126,8 @@ class PrefillNodeService(cluster_pb2_grpc.PrefillNodeServicer):
         finally:
             self.in_flight -= 1
             self._targets.pop(rid, None)
+            if self.charges is not None:
+                self.charges.discard(rid)
             await self.engine.call(lambda e: _forget(e, rid))
 
     async def Abort(self, request: cpb.AbortRequest, context: grpc.aio.ServicerContext) -> cpb.AbortResponse:

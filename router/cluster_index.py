@@ -8,6 +8,7 @@ rebuilds a decision costs a few vector operations plus one correction per node t
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -20,9 +21,25 @@ from router.load_tracker import LoadTracker
 ROLES = ("prefill", "decode", "colocated")
 
 
+_INT_COLUMNS = ("pending_tokens", "running", "free_blocks", "block_size")
+_FLOAT_COLUMNS = (
+    "cost_per_s",
+    "idle_power_w",
+    "max_power_w",
+    "power_w",
+    "prompt_fixed_s",
+    "prompt_per_token_s",
+    "token_fixed_s",
+    "token_per_seq_s",
+)
+
+
 @dataclass(slots=True)
 class RoleArrays:
-    """One role's nodes; position i of every array is node node_ids[i]."""
+    """One role's nodes; position i of every array is node node_ids[i].
+
+    The router fills these from the cluster view; the simulator (ops/sim) keeps its own machines in the same shape,
+    so that both run the very same policy code."""
 
     node_ids: list[str]
     pending_tokens: np.ndarray  # int64: queued prompt tokens (+ this router's unreported picks)
@@ -30,9 +47,52 @@ class RoleArrays:
     free_blocks: np.ndarray  # int64
     block_size: np.ndarray  # int64
     usable: np.ndarray  # bool: not draining and not excluded for this request
+    # float64 columns, from the node's registration (machine type, PerfSummary) and load report (power_w):
+    cost_per_s: np.ndarray  # USD per second of the whole machine
+    idle_power_w: np.ndarray
+    max_power_w: np.ndarray  # the cap when capped, else the rating
+    power_w: np.ndarray  # draw now (measured or modeled)
+    prompt_fixed_s: (
+        np.ndarray
+    )  # prefill iteration ~ prompt_fixed_s + prompt_per_token_s * batch prompt tokens
+    prompt_per_token_s: np.ndarray
+    token_fixed_s: np.ndarray  # decode iteration ~ token_fixed_s + token_per_seq_s * batch size
+    token_per_seq_s: np.ndarray
 
     def __len__(self) -> int:
         return len(self.node_ids)
+
+    @classmethod
+    def build(cls, node_ids: list[str], **columns: Iterable[float] | np.ndarray) -> RoleArrays:
+        """Arrays for node_ids; a column not given is 0 (usable: True, block_size: 1)."""
+        n = len(node_ids)
+
+        def column(name: str, dtype: type, default: float) -> np.ndarray:
+            values = columns.pop(name, None)
+            if values is None:
+                return np.full(n, default, dtype=dtype)
+            array: np.ndarray = np.asarray(
+                values if isinstance(values, np.ndarray) else list(values), dtype=dtype
+            )
+            if array.shape != (n,):
+                raise ValueError(f"column {name} has shape {array.shape}, expected ({n},)")
+            return array
+
+        ints = {name: column(name, np.int64, 1 if name == "block_size" else 0) for name in _INT_COLUMNS}
+        floats = {name: column(name, np.float64, 0.0) for name in _FLOAT_COLUMNS}
+        usable = column("usable", bool, True)
+        if columns:
+            raise TypeError(f"unknown column(s) {sorted(columns)}")
+        return cls(list(node_ids), usable=usable, **ints, **floats)
+
+    def copy(self) -> RoleArrays:
+        """Copies of the columns a request-time correction changes; the fixed ones are shared."""
+        out = copy.copy(self)
+        out.pending_tokens = self.pending_tokens.copy()
+        out.running = self.running.copy()
+        out.free_blocks = self.free_blocks.copy()
+        out.usable = self.usable.copy()
+        return out
 
 
 class ClusterIndex:
@@ -65,7 +125,7 @@ class ClusterIndex:
 
     def for_request(self, tracker: LoadTracker, exclude: Iterable[str] = ()) -> dict[str, RoleArrays]:
         """Per-role arrays corrected by the tracker's unreported picks, with excluded nodes marked unusable."""
-        out = {role: _copy(arrays) for role, arrays in self._base.items()}
+        out = {role: arrays.copy() for role, arrays in self._base.items()}
         reported_at = self._reported_at
         for node_id, (tokens, blocks, count) in tracker.unreported(lambda n: reported_at.get(n, 0.0)).items():
             role, i = self._where.get(node_id, ("", -1))
@@ -82,25 +142,28 @@ class ClusterIndex:
 
 
 def _arrays(states: list[NodeState]) -> RoleArrays:
-    def column(values: Iterable[int]) -> np.ndarray:
-        return np.fromiter(values, dtype=np.int64, count=len(states))
-
-    return RoleArrays(
-        node_ids=[s.info.node_id for s in states],
-        pending_tokens=column(s.load.queued_prompt_tokens if s.load else 0 for s in states),
-        running=column(s.load.running_requests if s.load else 0 for s in states),
-        free_blocks=column(s.load.free_kv_blocks if s.load else s.info.kv_capacity_blocks for s in states),
-        block_size=column(s.info.block_size for s in states),
-        usable=np.fromiter((not (s.load and s.load.draining) for s in states), dtype=bool, count=len(states)),
-    )
-
-
-def _copy(arrays: RoleArrays) -> RoleArrays:
-    return RoleArrays(
-        arrays.node_ids,
-        arrays.pending_tokens.copy(),
-        arrays.running.copy(),
-        arrays.free_blocks.copy(),
-        arrays.block_size,
-        arrays.usable.copy(),
+    infos = [s.info for s in states]
+    loads = [s.load for s in states]
+    perf = np.array([info.perf for info in infos], dtype=np.float64).reshape(len(states), 4)
+    return RoleArrays.build(
+        [info.node_id for info in infos],
+        pending_tokens=(load.queued_prompt_tokens if load else 0 for load in loads),
+        running=(load.running_requests if load else 0 for load in loads),
+        free_blocks=(
+            load.free_kv_blocks if load else info.kv_capacity_blocks
+            for info, load in zip(infos, loads, strict=True)
+        ),
+        block_size=(info.block_size for info in infos),
+        usable=(not (load and load.draining) for load in loads),
+        cost_per_s=(info.cost_per_hour / 3600.0 for info in infos),
+        idle_power_w=(info.idle_power_w for info in infos),
+        max_power_w=(info.max_power_w for info in infos),
+        # A node whose reports stopped is assumed to draw its idle power.
+        power_w=(
+            load.power_w if load else info.idle_power_w for info, load in zip(infos, loads, strict=True)
+        ),
+        prompt_fixed_s=perf[:, 0],
+        prompt_per_token_s=perf[:, 1],
+        token_fixed_s=perf[:, 2],
+        token_per_seq_s=perf[:, 3],
     )

@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 import grpc
@@ -26,6 +26,7 @@ from engine.tokenizer import Tokenizer
 from ops.cluster_state import ClusterView, NodeState
 from router.cluster_index import ClusterIndex
 from router.load_tracker import LoadTracker
+from router.metrics import RouterMetrics
 from router.node_clients import NodeClients
 from router.policy import Placement, PlacementPolicy, PlacementRequest
 from splitserve.v1 import cluster_pb2 as cpb
@@ -55,6 +56,9 @@ class RouterConfig:
     prefill_deadline_s: float = 60.0
     kv_wait_s: float = 30.0
     rpc_timeout_s: float = 10.0
+    # Latency targets handed to placement (cost and power policies keep predictions within them); None: none.
+    ttft_slo_s: float | None = None
+    tbt_slo_s: float | None = None
 
 
 class RouterError(Exception):
@@ -88,6 +92,8 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
         self.clients = NodeClients()
         self.tracker = LoadTracker()
         self.index = ClusterIndex()
+        self.metrics = RouterMetrics(view)
+        self.outputs = OutputLengthEstimate()
 
     async def Generate(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
@@ -140,13 +146,17 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
         arrived = time.monotonic()
         rid = request_id or f"req-{uuid.uuid4().hex[:16]}"
         max_tokens = sampling.max_tokens if sampling.HasField("max_tokens") else DEFAULT_MAX_TOKENS
-        relay = _Relay(rid, arrived, len(prompt), sampling.HasField("logprobs"))
+        relay = _Relay(rid, arrived, len(prompt), sampling.HasField("logprobs"), self.metrics.observe_usage)
         failed: set[str] = set()
         reasons: list[str] = []
         for attempt in range(self.config.max_attempts):
             context_tokens = len(prompt) + len(relay.delivered)
             wanted = PlacementRequest(
-                context_tokens, min(len(prompt) + max_tokens, self.config.max_model_len)
+                context_tokens,
+                min(len(prompt) + max_tokens, self.config.max_model_len),
+                expected_output_tokens=self.outputs.expected(max_tokens - len(relay.delivered)),
+                ttft_slo_s=self.config.ttft_slo_s,
+                tbt_slo_s=self.config.tbt_slo_s,
             )
             self.index.update(self.view.nodes())
             placement = self.policy.place(wanted, self.index.for_request(self.tracker, exclude=failed))
@@ -163,6 +173,7 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
                     stream = self._via_colocated(attempt_id, prompt, sampling, placement, relay)
                 async for msg in stream:
                     yield msg
+                self.outputs.observe(len(relay.delivered))
                 return
             except _Retry as retry:
                 failed.add(retry.node_id)
@@ -225,6 +236,7 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
             )
             self.tracker.done(prefill.info.node_id, rid)
             relay.cached = max(relay.cached, first.cached_prompt_tokens)
+            relay.charge(first.charges)
             if first.finish_reason != pb.FINISH_REASON_UNSPECIFIED:
                 yield relay.message(rid, first.first_text, [first.first_token], first.finish_reason)
                 return
@@ -294,10 +306,35 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
             await decode_stub.Abort(cpb.AbortRequest(request_id=rid), timeout=self.config.rpc_timeout_s)
 
 
-class _Relay:
-    """Rewrites node messages for the client: the client's request id, usage and TTFT on the last message."""
+class OutputLengthEstimate:
+    """How many tokens a request will generate, guessed before it runs: an exponential moving average of the
+    lengths of finished requests (over roughly the last 100), capped by the request's max_tokens."""
 
-    def __init__(self, request_id: str, arrived: float, prompt_tokens: int, with_logprobs: bool) -> None:
+    def __init__(self, initial: float = 128.0, weight: float = 0.01) -> None:
+        self.mean = initial
+        self.weight = weight
+
+    def observe(self, tokens: int) -> None:
+        self.mean += self.weight * (tokens - self.mean)
+
+    def expected(self, max_tokens: int) -> int:
+        return max(1, min(max_tokens, round(self.mean)))
+
+
+class _Relay:
+    """Rewrites node messages for the client: the client's request id, usage and TTFT on the last message.
+
+    The last message's usage also carries the request's energy and cost: the sum of every node's charges over every
+    attempt (a prefill whose decode node died still used its machine), told to `on_finish` (the metrics)."""
+
+    def __init__(
+        self,
+        request_id: str,
+        arrived: float,
+        prompt_tokens: int,
+        with_logprobs: bool,
+        on_finish: Callable[[pb.Usage], None] | None = None,
+    ) -> None:
         self.request_id = request_id
         self.with_logprobs = with_logprobs
         self.arrived = arrived
@@ -305,6 +342,16 @@ class _Relay:
         self.delivered: list[int] = []  # token ids the client has received
         self.cached = 0
         self.ttft: float | None = None
+        self.charges = pb.ChargeBreakdown()
+        self.on_finish = on_finish
+
+    def charge(self, part: pb.ChargeBreakdown) -> None:
+        """Add one node's share (a prefill response's, or a decode or colocated node's final usage)."""
+        for name in _CHARGE_AMOUNTS:
+            setattr(self.charges, name, getattr(self.charges, name) + getattr(part, name))
+        ours, theirs = self.charges.power_source, part.power_source
+        if theirs and ours != theirs:
+            self.charges.power_source = theirs if not ours else "mixed"
 
     def message(
         self, rid: str, text: str, tokens: list[pb.TokenLogprob], finish: int = pb.FINISH_REASON_UNSPECIFIED
@@ -323,12 +370,23 @@ class _Relay:
             self.ttft = time.monotonic() - self.arrived
         self.delivered.extend(msg.token_ids)
         if msg.finish_reason != pb.FINISH_REASON_UNSPECIFIED:
+            self.charge(msg.usage.charges)  # the finishing node's share
+            c = self.charges
             msg.usage.CopyFrom(
                 pb.Usage(
                     prompt_tokens=self.prompt_tokens,
                     completion_tokens=len(self.delivered),
                     cached_prompt_tokens=self.cached,
                     ttft_seconds=self.ttft or 0.0,
+                    energy_joules=c.prefill_energy_joules + c.transfer_energy_joules + c.decode_energy_joules,
+                    cost_usd=c.prefill_cost_usd + c.transfer_cost_usd + c.decode_cost_usd,
+                    charges=c,
                 )
             )
+            if self.on_finish is not None:
+                self.on_finish(msg.usage)
         return msg
+
+
+# Every amount in a ChargeBreakdown (all its double fields), summed field by field over nodes.
+_CHARGE_AMOUNTS = tuple(f.name for f in pb.ChargeBreakdown.DESCRIPTOR.fields if f.type == f.TYPE_DOUBLE)

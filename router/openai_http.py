@@ -1,7 +1,8 @@
 """The router's OpenAI-compatible HTTP endpoint (aiohttp on the router's event loop).
 
 Routes: POST /v1/completions, POST /v1/chat/completions (both streaming as server-sent events ending in
-`data: [DONE]`, or not), GET /v1/models, GET /healthz (the process is up), GET /readyz (some node can serve).
+`data: [DONE]`, or not), GET /v1/models, GET /healthz (the process is up), GET /readyz (some node can serve),
+GET /metrics (Prometheus text: router/metrics.py). `usage` adds splitserve's energy and cost of the request.
 A request becomes `n` Generate streams through the same placement and relay as gRPC; a client that disconnects
 mid-stream closes them, which aborts the request on its nodes. With an API key set, /v1/* needs
 `Authorization: Bearer <key>` (401 otherwise).
@@ -20,7 +21,7 @@ from typing import Any
 from aiohttp import web
 
 from router.inference import InferenceService, RouterError
-from router.openai_protocol import FINISH_REASONS, HttpError, ParsedRequest, parse_request
+from router.openai_protocol import FINISH_REASONS, HttpError, ParsedRequest, parse_request, usage_charges
 from splitserve.v1 import inference_pb2 as pb
 
 MAX_BODY_BYTES = 8 * 1024 * 1024
@@ -43,6 +44,7 @@ def create_app(service: InferenceService, api_key: str | None = None) -> web.App
     app.router.add_get("/healthz", api.healthz)
     app.router.add_get("/readyz", api.readyz)
     app.router.add_get("/v1/models", api.models)
+    app.router.add_get("/metrics", api.metrics)
     app.router.add_post("/v1/completions", api.completions)
     app.router.add_post("/v1/chat/completions", api.chat_completions)
     return app
@@ -90,6 +92,10 @@ class _OpenAIApi:
         roles = {n.info.role for n in nodes}
         ready = "colocated" in roles or {"prefill", "decode"} <= roles
         return web.json_response({"ready": ready, "nodes": len(nodes)}, status=200 if ready else 503)
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        body, content_type = self.service.metrics.exposition()
+        return web.Response(body=body, headers={"Content-Type": content_type})
 
     async def models(self, request: web.Request) -> web.Response:
         entry = {"id": self.model, "object": "model", "created": 0, "owned_by": "splitserve"}
@@ -288,6 +294,7 @@ def _usage(parsed: ParsedRequest, choices: list[_Choice]) -> dict[str, Any]:
         "prompt_tokens_details": {"cached_tokens": cached},
         # splitserve's own: the router-side time to first token, so a client can compare its view with ours.
         "server_ttft_s": min(ttfts) if ttfts else None,
+        **usage_charges([c.usage for c in choices if c.usage]),
     }
 
 

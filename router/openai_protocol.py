@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -66,6 +67,22 @@ class ParsedRequest:
     logprobs: int | None  # alternatives per token; None: no logprobs
     id: str = field(default_factory=lambda: f"cmpl-{uuid.uuid4().hex[:24]}")
     created: int = field(default_factory=lambda: int(time.time()))
+
+
+def usage_charges(usages: Sequence[pb.Usage]) -> dict[str, Any]:
+    """splitserve's fields of an OpenAI usage object: energy and cost, summed over the choices' requests.
+
+    `charges` splits them by phase (and gives the machine seconds behind the costs); `power_source` is "measured",
+    "modeled", "mixed" (nodes of both kinds) or None when no node charged anything."""
+    fields = [f.name for f in pb.ChargeBreakdown.DESCRIPTOR.fields if f.type == f.TYPE_DOUBLE]
+    charges: dict[str, Any] = {name: sum(getattr(u.charges, name) for u in usages) for name in fields}
+    sources = {u.charges.power_source for u in usages if u.charges.power_source}
+    charges["power_source"] = sources.pop() if len(sources) == 1 else "mixed" if sources else None
+    return {
+        "energy_joules": sum(u.energy_joules for u in usages),
+        "cost_usd": sum(u.cost_usd for u in usages),
+        "charges": charges,
+    }
 
 
 def parse_request(

@@ -5,12 +5,19 @@ already corrected for this router's own recent picks and with draining or exclud
 default is Splitwise's join-the-shortest-queue: the prefill node with the fewest pending prompt tokens, the decode
 node with the most free KV blocks that can hold the prompt. When no pair exists (a pool is empty or full) a colocated
 node serves the whole request.
+
+Other policies (`create_policy(name, **options)`): `cost` (router/cost_policy.py: the cheapest placement whose
+predicted TTFT and TBT meet the SLO, including prefill on the decode node itself), `power` (router/power_policy.py:
+stay under a cluster power budget, least energy first) and `mixed` (router/mixed_pool.py: Splitwise's mixed pool
+around any of them). The simulator (ops/sim) calls these same objects on its simulated machines.
 """
 
 from __future__ import annotations
 
+import json
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
@@ -25,13 +32,23 @@ _SECONDARY = 1 << 24
 class PlacementRequest:
     prompt_tokens: int  # tokens whose KV the prefill node computes (prompt, plus output already delivered)
     max_total_tokens: int  # prompt + max_tokens, capped by the context
+    # What the placer expects the request to generate (output length is unknown at arrival: the router uses a
+    # running mean of finished requests, capped by max_tokens); cost and energy estimates scale with it.
+    expected_output_tokens: int = 128
+    # Latency targets for this request (None: none). cost/power policies keep predictions within them.
+    ttft_slo_s: float | None = None
+    tbt_slo_s: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class Placement:
     prefill: str | None = None
     decode: str | None = None
+    # One node runs both phases: a colocated node, or (borrowed=True) a node of the prefill or decode pool that
+    # serves a whole request while its own pool lends it (mixed pool), or a decode node computing the prompt
+    # itself because that costs less than a remote prefill plus the transfer (local prefill).
     colocated: str | None = None
+    borrowed: bool = False
 
     @property
     def disaggregated(self) -> bool:
@@ -71,13 +88,39 @@ def _best(arrays: RoleArrays, score: np.ndarray, allowed: np.ndarray) -> str | N
     return arrays.node_ids[int(masked.argmax())]
 
 
-POLICIES: dict[str, type[JoinShortestQueue]] = {"jsq": JoinShortestQueue}
+def policy_names() -> list[str]:
+    return sorted(_factories())
 
 
-def create_policy(name: str) -> PlacementPolicy:
+def _factories() -> dict[str, Callable[..., PlacementPolicy]]:
+    # Imported here: those modules build on the types above.
+    from router.cost_policy import CostPolicy
+    from router.mixed_pool import MixedPool
+    from router.power_policy import PowerPolicy
+
+    return {"jsq": JoinShortestQueue, "cost": CostPolicy, "power": PowerPolicy, "mixed": MixedPool}
+
+
+def create_policy(name: str, **options: Any) -> PlacementPolicy:
+    """The policy called `name`, built with its keyword options; ValueError for an unknown name or bad option."""
+    factories = _factories()
+    if name not in factories:
+        raise ValueError(f"unknown placement policy {name!r} (known: {', '.join(sorted(factories))})")
     try:
-        return POLICIES[name]()
-    except KeyError:
-        raise ValueError(
-            f"unknown placement policy {name!r} (known: {', '.join(sorted(POLICIES))})"
-        ) from None
+        return factories[name](**options)
+    except TypeError as exc:
+        raise ValueError(f"placement policy {name!r}: {exc}") from None
+
+
+def parse_policy_options(items: list[str]) -> dict[str, Any]:
+    """KEY=VALUE strings to keyword options; a value is read as JSON (numbers, true/false) or else kept as text."""
+    options: dict[str, Any] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or not key.isidentifier():
+            raise ValueError(f"policy option {item!r} is not KEY=VALUE")
+        try:
+            options[key] = json.loads(text)
+        except ValueError:
+            options[key] = text
+    return options

@@ -11,8 +11,9 @@ import asyncio
 import json
 import os
 import signal
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from aiohttp import web
 
@@ -22,7 +23,7 @@ from ops.grpc_util import make_server
 from router.auth import ApiKeyInterceptor
 from router.inference import InferenceService, RouterConfig
 from router.openai_http import create_app
-from router.policy import create_policy
+from router.policy import PlacementPolicy, create_policy
 from splitserve.v1 import inference_pb2_grpc
 
 SERVICE_NAME = "splitserve.v1.Inference"
@@ -37,8 +38,15 @@ class RouterOptions:
     http_port: int = 8000
     api_key: str | None = None  # None: SPLITSERVE_API_KEY from the environment, if set
     policy: str = "jsq"
+    policy_options: dict[str, Any] = field(default_factory=dict)
+    ttft_slo_s: float | None = None
+    tbt_slo_s: float | None = None
     max_model_len: int | None = None
     grace_s: float = 10.0
+
+    def placement_policy(self) -> PlacementPolicy:
+        """The configured policy; ValueError for an unknown name or option."""
+        return create_policy(self.policy, **self.policy_options)
 
 
 async def run_router(options: RouterOptions) -> int:
@@ -52,11 +60,15 @@ async def run_router(options: RouterOptions) -> int:
     server, health, port = make_server(f"{options.host}:{options.grpc_port}", [SERVICE_NAME], interceptors)
     service = InferenceService(
         RouterConfig(
-            model_name=options.model_dir.name, max_model_len=max_len, vocab_size=int(config["vocab_size"])
+            model_name=options.model_dir.name,
+            max_model_len=max_len,
+            vocab_size=int(config["vocab_size"]),
+            ttft_slo_s=options.ttft_slo_s,
+            tbt_slo_s=options.tbt_slo_s,
         ),
         tokenizer,
         view,
-        create_policy(options.policy),
+        options.placement_policy(),
     )
     inference_pb2_grpc.add_InferenceServicer_to_server(service, server)
     await server.start()

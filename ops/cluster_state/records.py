@@ -95,6 +95,10 @@ def _is_count(value: object, minimum: int = 0) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
 
 
+def _is_finite_non_negative(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and 0 <= value < float("inf")
+
+
 def _is_time(value: object) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and value >= 0
 
@@ -116,6 +120,14 @@ class NodeInfo:
     block_size: int  # tokens per KV block
     transport: bytes = b""  # the KV transport's local_descriptor(): what a peer needs to connect to this node
     started_at: float = field(default_factory=time.time)  # unix seconds
+    # What the machine costs and draws (from its machine type), so a router needs no catalog of its own.
+    cost_per_hour: float = 0.0  # USD per machine-hour
+    idle_power_w: float = 0.0
+    max_power_w: float = 0.0  # its power cap when capped, else its rating
+    # The node's latency model as straight lines (PerfSummary): prefill iteration = prompt_fixed_s +
+    # prompt_per_token_s * batch prompt tokens; decode iteration = token_fixed_s + token_per_seq_s * batch size.
+    # All zero when the node has no performance model (placement then predicts nothing from it).
+    perf: tuple[float, float, float, float] = (0.0, 0.0, 0.0, 0.0)
 
     def __post_init__(self) -> None:
         _check_node_id(self.node_id)
@@ -136,6 +148,17 @@ class NodeInfo:
         _check(_is_count(self.block_size, 1), f"block_size must be >= 1, not {self.block_size!r}")
         _check(isinstance(self.transport, bytes), "transport must be bytes")
         _check(_is_time(self.started_at), f"started_at must be unix seconds, not {self.started_at!r}")
+        for name in ("cost_per_hour", "idle_power_w", "max_power_w"):
+            _check(
+                _is_finite_non_negative(getattr(self, name)),
+                f"{name} must be >= 0, not {getattr(self, name)!r}",
+            )
+        _check(
+            isinstance(self.perf, tuple)
+            and len(self.perf) == 4
+            and all(map(_is_finite_non_negative, self.perf)),
+            f"perf must be four numbers >= 0, not {self.perf!r}",
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,9 +172,13 @@ class LoadReport:
     total_kv_blocks: int
     timestamp: float = field(default_factory=time.time)  # unix seconds at the node when measured
     draining: bool = False  # the node finishes what it has and takes nothing new
+    power_w: float = 0.0  # whole-machine power draw now, W
+    power_source: str = "modeled"  # "measured" (NVML) or "modeled" (the machine type's power model)
 
     def __post_init__(self) -> None:
         _check_node_id(self.node_id)
+        _check(_is_finite_non_negative(self.power_w), f"power_w must be >= 0, not {self.power_w!r}")
+        _check(self.power_source in ("measured", "modeled"), f"bad power_source {self.power_source!r}")
         for name in ("queued_prompt_tokens", "running_requests", "free_kv_blocks", "total_kv_blocks"):
             _check(_is_count(getattr(self, name)), f"{name} must be an int >= 0, not {getattr(self, name)!r}")
         _check(self.free_kv_blocks <= self.total_kv_blocks, "free_kv_blocks exceeds total_kv_blocks")
@@ -217,7 +244,13 @@ def _b64(value: object) -> bytes:
 
 
 def _node_from_json(obj: object) -> NodeInfo:
-    return _from_json(NodeInfo, obj, {"transport": _b64})
+    return _from_json(NodeInfo, obj, {"transport": _b64, "perf": _perf})
+
+
+def _perf(value: object) -> tuple[float, ...]:
+    if not isinstance(value, list):
+        raise InvalidRecord("perf: expected a JSON array")
+    return tuple(value)
 
 
 def _load_from_json(obj: object) -> LoadReport:

@@ -50,20 +50,22 @@ class PrefillRequest(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_inference_pb2.SamplingParameters, _Mapping]] = ..., decode_node_id: _Optional[str] = ..., decode_transport_descriptor: _Optional[bytes] = ..., decode_block_ids: _Optional[_Iterable[int]] = ..., deadline_seconds: _Optional[float] = ..., prior_output_token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class PrefillResponse(_message.Message):
-    __slots__ = ("first_token", "cached_prompt_tokens", "compute_seconds", "transfer_wait_seconds", "finish_reason", "first_text")
+    __slots__ = ("first_token", "cached_prompt_tokens", "compute_seconds", "transfer_wait_seconds", "finish_reason", "first_text", "charges")
     FIRST_TOKEN_FIELD_NUMBER: _ClassVar[int]
     CACHED_PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     COMPUTE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     TRANSFER_WAIT_SECONDS_FIELD_NUMBER: _ClassVar[int]
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
     FIRST_TEXT_FIELD_NUMBER: _ClassVar[int]
+    CHARGES_FIELD_NUMBER: _ClassVar[int]
     first_token: _inference_pb2.TokenLogprob
     cached_prompt_tokens: int
     compute_seconds: float
     transfer_wait_seconds: float
     finish_reason: _inference_pb2.FinishReason
     first_text: str
-    def __init__(self, first_token: _Optional[_Union[_inference_pb2.TokenLogprob, _Mapping]] = ..., cached_prompt_tokens: _Optional[int] = ..., compute_seconds: _Optional[float] = ..., transfer_wait_seconds: _Optional[float] = ..., finish_reason: _Optional[_Union[_inference_pb2.FinishReason, str]] = ..., first_text: _Optional[str] = ...) -> None: ...
+    charges: _inference_pb2.ChargeBreakdown
+    def __init__(self, first_token: _Optional[_Union[_inference_pb2.TokenLogprob, _Mapping]] = ..., cached_prompt_tokens: _Optional[int] = ..., compute_seconds: _Optional[float] = ..., transfer_wait_seconds: _Optional[float] = ..., finish_reason: _Optional[_Union[_inference_pb2.FinishReason, str]] = ..., first_text: _Optional[str] = ..., charges: _Optional[_Union[_inference_pb2.ChargeBreakdown, _Mapping]] = ...) -> None: ...
 
 class DecodeRequest(_message.Message):
     __slots__ = ("request_id", "first_token", "kv_wait_seconds")

@@ -87,16 +87,46 @@ class TokenLogprob(_message.Message):
     def __init__(self, token_id: _Optional[int] = ..., logprob: _Optional[float] = ..., top: _Optional[_Iterable[_Union[TopLogprob, _Mapping]]] = ...) -> None: ...
 
 class Usage(_message.Message):
-    __slots__ = ("prompt_tokens", "completion_tokens", "cached_prompt_tokens", "ttft_seconds")
+    __slots__ = ("prompt_tokens", "completion_tokens", "cached_prompt_tokens", "ttft_seconds", "energy_joules", "cost_usd", "charges")
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     COMPLETION_TOKENS_FIELD_NUMBER: _ClassVar[int]
     CACHED_PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     TTFT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    ENERGY_JOULES_FIELD_NUMBER: _ClassVar[int]
+    COST_USD_FIELD_NUMBER: _ClassVar[int]
+    CHARGES_FIELD_NUMBER: _ClassVar[int]
     prompt_tokens: int
     completion_tokens: int
     cached_prompt_tokens: int
     ttft_seconds: float
-    def __init__(self, prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., cached_prompt_tokens: _Optional[int] = ..., ttft_seconds: _Optional[float] = ...) -> None: ...
+    energy_joules: float
+    cost_usd: float
+    charges: ChargeBreakdown
+    def __init__(self, prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., cached_prompt_tokens: _Optional[int] = ..., ttft_seconds: _Optional[float] = ..., energy_joules: _Optional[float] = ..., cost_usd: _Optional[float] = ..., charges: _Optional[_Union[ChargeBreakdown, _Mapping]] = ...) -> None: ...
+
+class ChargeBreakdown(_message.Message):
+    __slots__ = ("prefill_energy_joules", "transfer_energy_joules", "decode_energy_joules", "prefill_cost_usd", "transfer_cost_usd", "decode_cost_usd", "power_source", "prefill_seconds", "transfer_seconds", "decode_seconds")
+    PREFILL_ENERGY_JOULES_FIELD_NUMBER: _ClassVar[int]
+    TRANSFER_ENERGY_JOULES_FIELD_NUMBER: _ClassVar[int]
+    DECODE_ENERGY_JOULES_FIELD_NUMBER: _ClassVar[int]
+    PREFILL_COST_USD_FIELD_NUMBER: _ClassVar[int]
+    TRANSFER_COST_USD_FIELD_NUMBER: _ClassVar[int]
+    DECODE_COST_USD_FIELD_NUMBER: _ClassVar[int]
+    POWER_SOURCE_FIELD_NUMBER: _ClassVar[int]
+    PREFILL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    TRANSFER_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    DECODE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    prefill_energy_joules: float
+    transfer_energy_joules: float
+    decode_energy_joules: float
+    prefill_cost_usd: float
+    transfer_cost_usd: float
+    decode_cost_usd: float
+    power_source: str
+    prefill_seconds: float
+    transfer_seconds: float
+    decode_seconds: float
+    def __init__(self, prefill_energy_joules: _Optional[float] = ..., transfer_energy_joules: _Optional[float] = ..., decode_energy_joules: _Optional[float] = ..., prefill_cost_usd: _Optional[float] = ..., transfer_cost_usd: _Optional[float] = ..., decode_cost_usd: _Optional[float] = ..., power_source: _Optional[str] = ..., prefill_seconds: _Optional[float] = ..., transfer_seconds: _Optional[float] = ..., decode_seconds: _Optional[float] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
     __slots__ = ("request_id", "text", "token_ids", "logprobs", "finish_reason", "usage")

@@ -1,0 +1,73 @@
+"""The public Inference service on a node: the node's engine runs prompt and tokens of a request itself.
+
+Every node type serves it:
+- a colocated node: Splitwise's baseline and the router's fallback when no (prefill, decode) pair is available;
+- a decode node: when the router prefills locally (cheaper than a remote prefill plus the transfer) or borrows it
+  for the prompt pool (mixed pool);
+- a prefill node: when the router's mixed pool borrows it for the token pool (keep_local: the prefill engine then
+  runs the request to its end instead of handing the KV over).
+Life cycle of a request: validate (INVALID_ARGUMENT) -> queue in the engine -> stream deltas -> on client cancel
+the stream closes and the engine aborts the request, freeing its blocks. `accepting` gates new requests (drain).
+The last message's usage carries the node's charges for the request's prompt and decode steps.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator, Callable
+
+import grpc
+
+from engine.async_engine import AsyncEngine
+from engine.errors import EngineError
+from ops.grpc_util import abort_with
+from ops.power.accounting import ledger_of
+from ops.proto_convert import charged_usage, output_to_proto, sampling_from_proto
+from splitserve.v1 import inference_pb2 as pb
+from splitserve.v1 import inference_pb2_grpc
+
+
+class WholeRequestService(inference_pb2_grpc.InferenceServicer):
+    def __init__(
+        self, engine: AsyncEngine, keep_local: bool = False, accepting: Callable[[], bool] | None = None
+    ) -> None:
+        self.engine = engine
+        self.keep_local = keep_local
+        self._own_gate = True
+        self._gate = accepting  # a split node's own service decides when it drains
+        self.charges = ledger_of(engine)
+
+    @property
+    def accepting(self) -> bool:
+        return self._gate() if self._gate is not None else self._own_gate
+
+    @accepting.setter
+    def accepting(self, value: bool) -> None:
+        self._own_gate = value
+
+    async def Generate(
+        self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.GenerateResponse]:
+        if not self.accepting:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "node is draining")
+        rid = request.request_id or f"req-{uuid.uuid4().hex[:16]}"
+        prompt: str | list[int] = (
+            request.text if request.WhichOneof("prompt") == "text" else list(request.token_ids.ids)
+        )
+        try:
+            stream = await self.engine.generate(
+                rid, prompt, sampling_from_proto(request.sampling), keep_local=self.keep_local
+            )
+        except EngineError as exc:
+            await abort_with(context, exc)
+            return
+        try:
+            async for out in stream:
+                msg = output_to_proto(out)
+                if out.finished and self.charges is not None:
+                    msg.usage.CopyFrom(charged_usage(self.charges.take(rid)))
+                yield msg
+        finally:
+            stream.close()
+            if self.charges is not None:
+                self.charges.discard(rid)
