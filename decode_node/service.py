@@ -29,6 +29,7 @@ import grpc
 from engine.async_engine import AsyncEngine
 from engine.errors import EngineError
 from kvtransfer.notifications import parse_kv_done
+from ops import tracing
 from ops.grpc_util import abort_with
 from ops.power.accounting import ledger_of
 from ops.proto_convert import charged_usage, output_to_proto, sampling_from_proto
@@ -77,11 +78,16 @@ class DecodeNodeService(cluster_pb2_grpc.DecodeNodeServicer):
             await context.abort(grpc.StatusCode.UNAVAILABLE, "decode node is draining")
         rid = request.request_id
         prompt, prior = list(request.prompt_token_ids), list(request.prior_output_token_ids)
+        span = tracing.span_from_grpc("reserve", context, {"splitserve.request_id": rid})
         try:
             params = sampling_from_proto(request.sampling)
             blocks = await self.engine.call(lambda e: e.reserve(rid, prompt, params, prior))
         except EngineError as exc:
+            tracing.mark_failed(span, str(exc))
+            span.end()
             await abort_with(context, exc)
+        span.set_attribute("splitserve.blocks", len(blocks))
+        span.end()
         hold = min(request.hold_seconds or 30.0, MAX_HOLD_S)
         self._expiry[rid] = time.monotonic() + hold
         self._kv_done[rid] = asyncio.Event()
@@ -93,24 +99,34 @@ class DecodeNodeService(cluster_pb2_grpc.DecodeNodeServicer):
     ) -> AsyncIterator[pb.GenerateResponse]:
         rid = request.request_id
         arrived = self._kv_done.get(rid)
+        span = tracing.span_from_grpc("decode", context, {"splitserve.request_id": rid})
         if arrived is None or rid not in self._expiry:  # unknown, expired, or quarantined
+            tracing.mark_failed(span, "no reservation")
+            span.end()
             await context.abort(grpc.StatusCode.NOT_FOUND, f"no reservation for request {rid!r}")
             return
         try:
             await asyncio.wait_for(arrived.wait(), request.kv_wait_seconds or 30.0)
         except TimeoutError:
             self._quarantine(rid)
+            tracing.mark_failed(span, "KV did not arrive in time")
+            span.end()
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"KV for request {rid!r} did not arrive in time")
+        span.add_event("kv_arrived")
         self._expiry.pop(rid, None)
         self._kv_done.pop(rid, None)
         stream = self.engine.open_stream(rid)
+        generation, generated = tracing.INVALID_SPAN, 0
         try:
             # The router already delivered the first token (and its logprob): only its id matters here.
             first_id = request.first_token.token_id
             try:
                 await self.engine.call(lambda e: e.admit(rid, first_id))
             except EngineError as exc:
+                tracing.mark_failed(span, str(exc))
                 await abort_with(context, exc)
+            span.add_event("admitted")
+            generation = tracing.start_span("generation", span)
             skipped_first = False
             async for out in stream:
                 msg = output_to_proto(out)
@@ -122,9 +138,13 @@ class DecodeNodeService(cluster_pb2_grpc.DecodeNodeServicer):
                         continue
                     del msg.token_ids[:], msg.logprobs[:]
                     msg.text = ""
+                generated += len(msg.token_ids)
                 yield msg
         finally:
             stream.close()  # aborts the request if the router went away mid-stream
+            generation.set_attribute("splitserve.output_tokens", generated)
+            generation.end()
+            span.end()
             if self.charges is not None:
                 self.charges.discard(rid)
 

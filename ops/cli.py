@@ -92,6 +92,7 @@ def _build_parser() -> argparse.ArgumentParser:
         "--api-key", default=None, help="require this bearer token (default: $SPLITSERVE_API_KEY)"
     )
     _add_placement_args(router)
+    _add_tracing_arg(router)
     router.set_defaults(func=_cmd_router)
 
     up = sub.add_parser("up", help="start a whole local cluster (Redis, nodes, router) as separate processes")
@@ -183,6 +184,12 @@ def _add_node_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--node-id", default=None)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0, help="gRPC port (0: any free port)")
+    parser.add_argument(
+        "--metrics-port",
+        type=_port_number,
+        default=0,
+        help="Prometheus GET /metrics port on --host (0: any free port)",
+    )
     parser.add_argument("--kv-backend", choices=["nixl", "torch"], default="torch")
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--device", default="cpu")
@@ -226,12 +233,37 @@ def _add_node_args(parser: argparse.ArgumentParser) -> None:
         help="set the cap through NVML (default: a dry run that logs the NVML calls it would make)",
     )
     parser.add_argument("--drain-timeout", type=float, default=30.0)
+    _add_tracing_arg(parser)
     parser.add_argument(
         "--one-piece-below",
         type=int,
         default=512,
         help="prefill: send the KV of prompts shorter than this many tokens in one piece (0: always layer by layer)",
     )
+
+
+def _port_number(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a port number in 0..65535, got {value}")
+    return value
+
+
+def _add_tracing_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--otlp-endpoint",
+        default=None,
+        metavar="URL",
+        help="export OpenTelemetry traces over OTLP/gRPC, e.g. http://127.0.0.1:4317 "
+        "(default: $OTEL_EXPORTER_OTLP_ENDPOINT; neither: tracing off)",
+    )
+
+
+def _otlp_endpoint(args: argparse.Namespace) -> str | None:
+    """The checked OTLP endpoint (flag or environment); ValueError for one the exporter cannot use."""
+    from ops.tracing import endpoint_from
+
+    return endpoint_from(args.otlp_endpoint)
 
 
 def _positive_int(text: str) -> int:
@@ -313,6 +345,7 @@ def _cmd_node(args: argparse.Namespace) -> int:
             args.power_cap_target_s,
             args.power_cap_apply,
         )
+        otlp_endpoint = _otlp_endpoint(args)
     except ValueError as exc:
         print(f"splitserve {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -323,6 +356,7 @@ def _cmd_node(args: argparse.Namespace) -> int:
         node_id=args.node_id,
         host=args.host,
         port=args.port,
+        metrics_port=args.metrics_port,
         kv_backend=args.kv_backend,
         dtype=args.dtype,
         device=args.device,
@@ -334,6 +368,7 @@ def _cmd_node(args: argparse.Namespace) -> int:
         power=power,
         drain_timeout_s=args.drain_timeout,
         one_piece_below=args.one_piece_below,
+        otlp_endpoint=otlp_endpoint,
     )
     if args.role == "prefill":
         from prefill_node.server import serve as serve_prefill
@@ -361,6 +396,7 @@ def _cmd_router(args: argparse.Namespace) -> int:
             policy_options=parse_policy_options(args.policy_option),
             ttft_slo_s=None if args.slo_ttft_ms is None else args.slo_ttft_ms / 1000.0,
             tbt_slo_s=None if args.slo_tbt_ms is None else args.slo_tbt_ms / 1000.0,
+            otlp_endpoint=_otlp_endpoint(args),
         )
         options.placement_policy()
     except ValueError as exc:
@@ -434,7 +470,8 @@ def _cmd_up(args: argparse.Namespace) -> int:
     with LocalCluster(spec) as cluster:
         print(f"splitserve: Redis at {cluster.redis_url}")
         for proc in cluster.processes:
-            print(f"splitserve: {proc.role:<9} {proc.node_id or '':<40} {proc.address}")
+            metrics = f"  metrics http://{proc.metrics_address}/metrics" if proc.role != "router" else ""
+            print(f"splitserve: {proc.role:<9} {proc.node_id or '':<40} {proc.address}{metrics}")
         print(f"splitserve: OpenAI-compatible HTTP on http://{cluster.http_address}/v1")
         print(
             f"splitserve: serving {model.name} on grpc://{cluster.router_address} (Ctrl-C stops)", flush=True

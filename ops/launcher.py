@@ -56,6 +56,11 @@ class Process:
         return str(self.ready.get("address", ""))
 
     @property
+    def metrics_address(self) -> str:
+        """host:port serving this process's Prometheus GET /metrics (a router's is its HTTP address)."""
+        return str(self.ready.get("metrics_address") or self.ready.get("http_address", ""))
+
+    @property
     def node_id(self) -> str:
         return str(self.ready.get("node_id", ""))
 

@@ -4,10 +4,12 @@ A node's process life:
 1. Pick its power meter and set its power cap (ops/power/node_power.py; a cap the GPU refuses exits 2 here), then
    load the model into an engine of the node's role, on its own thread (AsyncEngine), which reports every step to
    the node's ChargeLedger (per-request energy and cost).
-2. Register the engine's KV pool with the transport (prefill, decode) and serve gRPC with health and reflection.
+2. Register the engine's KV pool with the transport (prefill, decode), serve Prometheus metrics over HTTP
+   (ops/node_metrics.py; a port it cannot bind exits 2 here) and gRPC with health and reflection.
 3. Register in Redis (address, KV capacity, transport descriptor, machine type with its cost, power and latency
    model) and publish load (with the meter's power reading) at least every 100 ms.
-4. Print one JSON line `{"event": "ready", ...}` on stdout: launchers (`splitserve up`, tests) wait for it.
+4. Print one JSON line `{"event": "ready", ...}` on stdout (gRPC and metrics addresses): launchers (`splitserve
+   up`, tests) wait for it.
 5. On SIGTERM or SIGINT, drain: stop taking new work (UNAVAILABLE, health NOT_SERVING, `draining` in the load
    report), deregister, let in-flight requests finish within the grace period, then stop and exit 0.
 """
@@ -32,9 +34,11 @@ import grpc
 from engine.async_engine import AsyncEngine
 from engine.config import EngineConfig, EngineRole
 from engine.engine import LLMEngine
+from ops import tracing
 from ops.allocator import keep_freed_memory
 from ops.cluster_state import LoadPublisher, LoadReport, NodeInfo, NodeRegistration
 from ops.grpc_util import make_server
+from ops.node_metrics import MetricsServer, NodeIdentity, NodeMetrics
 from ops.power.node_power import PowerSettings, resolve_settings, start_node_power
 from ops.power.powercap import PowerCapError
 
@@ -49,6 +53,7 @@ class NodeOptions:
     node_id: str | None = None
     host: str = "127.0.0.1"
     port: int = 0  # 0: any free port (printed in the ready line)
+    metrics_port: int = 0  # Prometheus GET /metrics on host (0: any free port, printed in the ready line)
     kv_backend: str = "torch"
     dtype: str = "auto"
     device: str = "cpu"
@@ -60,6 +65,7 @@ class NodeOptions:
     machine_type: str = "cpu"
     power: PowerSettings | None = None  # machine type, perf model and power cap; None: machine_type, no cap
     drain_timeout_s: float = 30.0
+    otlp_endpoint: str | None = None  # None: OTEL_EXPORTER_OTLP_ENDPOINT if set, else no tracing
     one_piece_below: int = (
         512  # prefill: prompts shorter than this send their KV in one piece, not layer by layer
     )
@@ -89,11 +95,30 @@ async def run_node(options: NodeOptions, service_names: list[str], attach: Attac
         print(f"splitserve {options.role}: error: {exc}", file=sys.stderr, flush=True)
         return 2
     _say(power.log)
+    tracing.configure(
+        options.role,
+        tracing.endpoint_from(options.otlp_endpoint),
+        {"splitserve.node_id": node_id, "splitserve.machine_type": settings.machine.name},
+    )
     engine = LLMEngine(options.model_dir, _engine_config(options))
     async_engine = AsyncEngine(engine, name=f"engine-{options.role}", step_observer=power.ledger)
     transport = _make_transport(options, node_id, engine)
     server, health, port = make_server(f"{options.host}:{options.port}", service_names)
     service = attach(async_engine, transport, server)
+    metrics = NodeMetrics(NodeIdentity(options.role, node_id, power.machine.name), async_engine, power.meter)
+    if hasattr(service, "on_kv_transfer"):  # prefill nodes time their transfers
+        service.on_kv_transfer = metrics.observe_kv_transfer
+    metrics_server = MetricsServer(metrics)
+    try:
+        metrics_address = await metrics_server.start(options.host, options.metrics_port)
+    except OSError as exc:  # a taken port or a host this machine does not have: nothing is registered yet
+        where = f"{options.host}:{options.metrics_port}"
+        print(f"splitserve {options.role}: error: cannot serve metrics on {where}: {exc}", file=sys.stderr)
+        async_engine.shutdown()
+        if transport is not None:
+            transport.close()
+        power.close()
+        return 2
     if hasattr(service, "start"):
         await service.start()
     await server.start()
@@ -128,7 +153,8 @@ async def run_node(options: NodeOptions, service_names: list[str], attach: Attac
 
     publisher = LoadPublisher(registration, current_load)
     publisher.start()
-    _say({"event": "ready", "role": options.role, "node_id": node_id, "address": address})
+    ready = {"role": options.role, "node_id": node_id, "address": address, "metrics_address": metrics_address}
+    _say({"event": "ready", **ready})
 
     await _wait_for_signal()
     draining = True
@@ -141,12 +167,14 @@ async def run_node(options: NodeOptions, service_names: list[str], attach: Attac
     publisher.stop()
     registration.deregister()
     await server.stop(grace=1.0)
+    await metrics_server.stop()
     if hasattr(service, "stop"):
         await service.stop()
     async_engine.shutdown()
     if transport is not None:
         transport.close()
     power.close()
+    tracing.shutdown()  # exports the spans still buffered
     _say({"event": "stopped", "node_id": node_id, "drained": not _busy(async_engine)})
     return 0
 

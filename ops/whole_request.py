@@ -20,6 +20,7 @@ import grpc
 
 from engine.async_engine import AsyncEngine
 from engine.errors import EngineError
+from ops import tracing
 from ops.grpc_util import abort_with
 from ops.power.accounting import ledger_of
 from ops.proto_convert import charged_usage, output_to_proto, sampling_from_proto
@@ -54,11 +55,14 @@ class WholeRequestService(inference_pb2_grpc.InferenceServicer):
         prompt: str | list[int] = (
             request.text if request.WhichOneof("prompt") == "text" else list(request.token_ids.ids)
         )
+        span = tracing.span_from_grpc("generate", context, {"splitserve.request_id": rid})
         try:
             stream = await self.engine.generate(
                 rid, prompt, sampling_from_proto(request.sampling), keep_local=self.keep_local
             )
         except EngineError as exc:
+            tracing.mark_failed(span, str(exc))
+            span.end()
             await abort_with(context, exc)
             return
         try:
@@ -69,5 +73,6 @@ class WholeRequestService(inference_pb2_grpc.InferenceServicer):
                 yield msg
         finally:
             stream.close()
+            span.end()
             if self.charges is not None:
                 self.charges.discard(rid)

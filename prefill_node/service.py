@@ -21,9 +21,11 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import grpc
+from opentelemetry.trace import INVALID_SPAN, Span
 
 from engine.async_engine import AsyncEngine
 from engine.engine import KVHandoff, KVLayerWrite, RequestOutput
@@ -31,6 +33,7 @@ from engine.errors import EngineError
 from engine.sequence import FinishReason
 from kvtransfer.base import TransferState
 from kvtransfer.notifications import kv_done
+from ops import tracing
 from ops.grpc_util import abort_with
 from ops.power.accounting import ledger_of
 from ops.proto_convert import charges_to_proto, finish_to_proto, logprob_to_proto, sampling_from_proto
@@ -54,6 +57,12 @@ class _Target:
     layer_wise: bool  # stream each layer as it is computed, or send everything once the prompt is done
     handles: list[object] = field(default_factory=list)
     error: str | None = None
+    span: Span = (
+        INVALID_SPAN  # the request's "prefill" span (no-op when tracing is off): writes are its events
+    )
+    compute_started_ns: int | None = None  # wall clock when the engine stored the request's first layer
+    first_write_at: float | None = None  # monotonic time the first write was issued (the transfer's start)
+    bytes_written: int = 0
 
 
 class PrefillNodeService(cluster_pb2_grpc.PrefillNodeServicer):
@@ -67,6 +76,8 @@ class PrefillNodeService(cluster_pb2_grpc.PrefillNodeServicer):
         self._targets: dict[str, _Target] = {}
         self._peers: dict[bytes, object] = {}
         self.charges = ledger_of(engine)
+        # Told (seconds, bytes) of each completed transfer; the node's metrics (ops/node_metrics.py) set it.
+        self.on_kv_transfer: Callable[[float, int], None] | None = None
         engine.engine.set_kv_layer_hook(self._on_layer_stored)
 
     async def Prefill(
@@ -88,22 +99,27 @@ class PrefillNodeService(cluster_pb2_grpc.PrefillNodeServicer):
             )
         self.in_flight += 1
         started = time.monotonic()
+        span = tracing.span_from_grpc(
+            "prefill", context, {"splitserve.request_id": rid, "splitserve.prompt_tokens": len(prompt)}
+        )
         try:
             params = sampling_from_proto(request.sampling)
             peer = await self._connect(request.decode_transport_descriptor)
             layer_wise = len(prompt) + len(prior) >= self.one_piece_below
-            self._targets[rid] = _Target(peer, list(request.decode_block_ids), layer_wise)
+            self._targets[rid] = _Target(peer, list(request.decode_block_ids), layer_wise, span=span)
             stream = await self.engine.generate(rid, prompt, params, prior or None)
             try:
                 out = await asyncio.wait_for(_last_output(stream), max(0.0, deadline - time.monotonic()))
             finally:
                 stream.close()
             computed = time.monotonic()
+            _trace_queue_and_compute(span, self._targets[rid], time.time_ns())
             if out.finish_reason == FinishReason.PREFILL_DONE:
                 assert out.kv is not None  # the engine attaches the hand-over to every PREFILL_DONE output
                 if self.charges is not None:
                     self.charges.begin_transfer(rid)
-                await self._complete_transfer(rid, out, out.kv, deadline)
+                with tracing.start_span("kv_transfer", span, {"splitserve.layer_wise": layer_wise}):
+                    await self._complete_transfer(rid, out, out.kv, deadline)
             return cpb.PrefillResponse(
                 first_token=_first_token(out),
                 first_text=out.new_text,
@@ -116,9 +132,11 @@ class PrefillNodeService(cluster_pb2_grpc.PrefillNodeServicer):
                 charges=charges_to_proto(self.charges.take(rid)) if self.charges is not None else None,
             )
         except EngineError as exc:
+            tracing.mark_failed(span, str(exc))
             await abort_with(context, exc)
             raise AssertionError("unreachable") from exc
         except (TransferFailed, TimeoutError) as exc:
+            tracing.mark_failed(span, str(exc) or "deadline passed")
             await context.abort(
                 grpc.StatusCode.UNAVAILABLE, f"KV transfer for {rid!r} failed: {exc or 'deadline passed'}"
             )
@@ -129,6 +147,7 @@ class PrefillNodeService(cluster_pb2_grpc.PrefillNodeServicer):
             if self.charges is not None:
                 self.charges.discard(rid)
             await self.engine.call(lambda e: _forget(e, rid))
+            span.end()
 
     async def Abort(self, request: cpb.AbortRequest, context: grpc.aio.ServicerContext) -> cpb.AbortResponse:
         found = request.request_id in self._targets
@@ -151,6 +170,8 @@ class PrefillNodeService(cluster_pb2_grpc.PrefillNodeServicer):
         """Engine thread, right after layer `layer` stored its new KV: ship the touched blocks of our requests."""
         for w in writes:
             target = self._targets.get(w.request_id)
+            if target is not None and target.compute_started_ns is None:
+                target.compute_started_ns = time.time_ns()  # its first layer is stored: it has left the queue
             if target is None or target.error is not None or not target.layer_wise:
                 continue
             first = w.start // self.block_size
@@ -160,9 +181,18 @@ class PrefillNodeService(cluster_pb2_grpc.PrefillNodeServicer):
         self, target: _Target, layer: int, src: list[int], dst: list[int], notify: bytes | None = None
     ) -> None:
         try:
-            target.handles.append(self.transport.write_blocks(target.peer, layer, src, dst, notify))
+            handle = self.transport.write_blocks(target.peer, layer, src, dst, notify)
         except Exception as exc:
             target.error = str(exc) or type(exc).__name__
+            return
+        target.handles.append(handle)
+        if (
+            target.span.is_recording()
+        ):  # one event per layer written (or rewritten, for the kv-done notification)
+            target.span.add_event("kv_write", {"splitserve.layer": layer, "splitserve.blocks": len(src)})
+        target.bytes_written += handle.num_bytes
+        if target.first_write_at is None:
+            target.first_write_at = handle.started
 
     async def _complete_transfer(self, rid: str, out: RequestOutput, kv: KVHandoff, deadline: float) -> None:
         target = self._targets[rid]
@@ -187,6 +217,8 @@ class PrefillNodeService(cluster_pb2_grpc.PrefillNodeServicer):
             lambda _e: self._write(target, last, kv.block_ids[:1], target.dst_blocks[:1], kv_done(rid))
         )
         await self._wait(target, deadline)
+        if self.on_kv_transfer is not None and target.first_write_at is not None:
+            self.on_kv_transfer(time.monotonic() - target.first_write_at, target.bytes_written)
 
     async def _wait(self, target: _Target, deadline: float) -> None:
         while True:
@@ -210,6 +242,17 @@ async def _last_output(stream) -> RequestOutput:
     if last is None:
         raise TransferFailed("the engine produced no output")
     return last
+
+
+def _trace_queue_and_compute(span: Span, target: _Target, computed_ns: int) -> None:
+    """The request's wait in the engine's queue and its prompt computation, as child spans of "prefill"; the queue
+    ends when the first layer's KV is stored (the engine reports nothing earlier), so it includes that layer."""
+    start_ns = getattr(span, "start_time", None)  # SDK spans only; a no-op span records nothing anyway
+    if not span.is_recording() or start_ns is None:
+        return
+    compute_ns = target.compute_started_ns or start_ns
+    tracing.start_span("queue", span, start_time_ns=start_ns).end(end_time=compute_ns)
+    tracing.start_span("compute", span, start_time_ns=compute_ns).end(end_time=computed_ns)
 
 
 def _first_token(out: RequestOutput) -> pb.TokenLogprob:

@@ -21,12 +21,15 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 import grpc
+from opentelemetry.context import Context
+from opentelemetry.trace import Span
 
 from engine.tokenizer import Tokenizer
+from ops import tracing
 from ops.cluster_state import ClusterView, NodeState
 from router.cluster_index import ClusterIndex
 from router.load_tracker import LoadTracker
-from router.metrics import RouterMetrics
+from router.metrics import RequestTimer, RouterMetrics
 from router.node_clients import NodeClients
 from router.policy import Placement, PlacementPolicy, PlacementRequest
 from splitserve.v1 import cluster_pb2 as cpb
@@ -100,7 +103,8 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
     ) -> AsyncIterator[pb.GenerateResponse]:
         try:
             prompt = self.prompt_of(request)
-            async for msg in self.generate(prompt, request.sampling, request.request_id):
+            parent = tracing.caller_context(context)
+            async for msg in self.generate(prompt, request.sampling, request.request_id, parent):
                 yield msg
         except RouterError as exc:
             await context.abort(exc.code, exc.message)
@@ -140,13 +144,31 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
             )
 
     async def generate(
-        self, prompt: list[int], sampling: pb.SamplingParameters, request_id: str = ""
+        self,
+        prompt: list[int],
+        sampling: pb.SamplingParameters,
+        request_id: str = "",
+        trace_parent: Context | None = None,
     ) -> AsyncIterator[pb.GenerateResponse]:
-        """Place and relay one validated request (steps 2-5 of the life cycle); RouterError when it cannot be served."""
-        arrived = time.monotonic()
+        """Place and relay one validated request (steps 2-5 of the life cycle); RouterError when it cannot be served.
+
+        Traced as one span, "generate" (a trace's root, or the child of the client's trace_parent): the node RPCs
+        are its children, and each placement, fallback and retry is one of its events (ops/tracing.py)."""
         rid = request_id or f"req-{uuid.uuid4().hex[:16]}"
+        attributes = {"splitserve.request_id": rid, "splitserve.prompt_tokens": len(prompt)}
+        with tracing.start_span("generate", trace_parent, attributes) as span:
+            async for msg in self._place_and_relay(rid, prompt, sampling, span):
+                yield msg
+
+    async def _place_and_relay(
+        self, rid: str, prompt: list[int], sampling: pb.SamplingParameters, span: Span
+    ) -> AsyncIterator[pb.GenerateResponse]:
+        arrived = time.monotonic()
         max_tokens = sampling.max_tokens if sampling.HasField("max_tokens") else DEFAULT_MAX_TOKENS
-        relay = _Relay(rid, arrived, len(prompt), sampling.HasField("logprobs"), self.metrics.observe_usage)
+        timer = RequestTimer(self.metrics, self.config.model_name, arrived)
+        relay = _Relay(
+            rid, arrived, len(prompt), sampling.HasField("logprobs"), self.metrics.observe_usage, timer
+        )
         failed: set[str] = set()
         reasons: list[str] = []
         for attempt in range(self.config.max_attempts):
@@ -166,11 +188,13 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
                 reasons.append("a stream can resume on a (prefill, decode) pair only, and none is left")
                 break
             attempt_id = rid if attempt == 0 else f"{rid}#{attempt}"
+            _trace_placement(span, attempt, placement)
+            timer.route = "pair" if placement.disaggregated else "colocated"
             try:
                 if placement.disaggregated:
-                    stream = self._via_pair(attempt_id, prompt, sampling, placement, relay)
+                    stream = self._via_pair(attempt_id, prompt, sampling, placement, relay, span)
                 else:
-                    stream = self._via_colocated(attempt_id, prompt, sampling, placement, relay)
+                    stream = self._via_colocated(attempt_id, prompt, sampling, placement, relay, span)
                 async for msg in stream:
                     yield msg
                 self.outputs.observe(len(relay.delivered))
@@ -178,9 +202,14 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
             except _Retry as retry:
                 failed.add(retry.node_id)
                 reasons.append(str(retry))
+                span.add_event(
+                    "retry", {"splitserve.node_id": retry.node_id, "splitserve.reason": str(retry)}
+                )
             except grpc.aio.AioRpcError as exc:  # the request itself was refused (e.g. INVALID_ARGUMENT)
+                self.metrics.request_failed(self.config.model_name, exc.code())
                 raise RouterError(exc.code(), exc.details() or "") from exc
         detail = f" ({'; '.join(reasons)})" if reasons else ""
+        self.metrics.request_failed(self.config.model_name, grpc.StatusCode.UNAVAILABLE)
         raise RouterError(grpc.StatusCode.UNAVAILABLE, f"no node could serve the request{detail}")
 
     def _node(self, node_id: str | None) -> NodeState:
@@ -196,6 +225,7 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
         sampling: pb.SamplingParameters,
         placement: Placement,
         relay: _Relay,
+        trace: Span,
     ) -> AsyncIterator[pb.GenerateResponse]:
         prefill, decode = self._node(placement.prefill), self._node(placement.decode)
         decode_stub = self.clients.decode(decode.info.address)
@@ -204,36 +234,40 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
         self.tracker.picked(decode.info.node_id, rid, 0, blocks)
         reserved = False
         try:
-            reply = await self._call(
-                decode,
-                decode_stub.Reserve(
-                    cpb.ReserveRequest(
-                        request_id=rid,
-                        prompt_token_ids=prompt,
-                        sampling=sampling,
-                        hold_seconds=self.config.reserve_hold_s,
-                        prior_output_token_ids=relay.delivered,
+            with tracing.start_span("Reserve", trace, {"splitserve.node_id": decode.info.node_id}) as call:
+                reply = await self._call(
+                    decode,
+                    decode_stub.Reserve(
+                        cpb.ReserveRequest(
+                            request_id=rid,
+                            prompt_token_ids=prompt,
+                            sampling=sampling,
+                            hold_seconds=self.config.reserve_hold_s,
+                            prior_output_token_ids=relay.delivered,
+                        ),
+                        timeout=self.config.rpc_timeout_s,
+                        metadata=tracing.metadata_for(call),
                     ),
-                    timeout=self.config.rpc_timeout_s,
-                ),
-            )
+                )
             reserved = True
-            first = await self._call(
-                prefill,
-                self.clients.prefill(prefill.info.address).Prefill(
-                    cpb.PrefillRequest(
-                        request_id=rid,
-                        prompt_token_ids=prompt,
-                        sampling=sampling,
-                        decode_node_id=decode.info.node_id,
-                        decode_transport_descriptor=decode.info.transport,
-                        decode_block_ids=reply.block_ids,
-                        deadline_seconds=self.config.prefill_deadline_s,
-                        prior_output_token_ids=relay.delivered,
+            with tracing.start_span("Prefill", trace, {"splitserve.node_id": prefill.info.node_id}) as call:
+                first = await self._call(
+                    prefill,
+                    self.clients.prefill(prefill.info.address).Prefill(
+                        cpb.PrefillRequest(
+                            request_id=rid,
+                            prompt_token_ids=prompt,
+                            sampling=sampling,
+                            decode_node_id=decode.info.node_id,
+                            decode_transport_descriptor=decode.info.transport,
+                            decode_block_ids=reply.block_ids,
+                            deadline_seconds=self.config.prefill_deadline_s,
+                            prior_output_token_ids=relay.delivered,
+                        ),
+                        timeout=self.config.prefill_deadline_s + 1.0,
+                        metadata=tracing.metadata_for(call),
                     ),
-                    timeout=self.config.prefill_deadline_s + 1.0,
-                ),
-            )
+                )
             self.tracker.done(prefill.info.node_id, rid)
             relay.cached = max(relay.cached, first.cached_prompt_tokens)
             relay.charge(first.charges)
@@ -241,10 +275,12 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
                 yield relay.message(rid, first.first_text, [first.first_token], first.finish_reason)
                 return
             yield relay.message(rid, first.first_text, [first.first_token])
+            decode_call = tracing.start_span("Decode", trace, {"splitserve.node_id": decode.info.node_id})
             stream = decode_stub.Decode(
                 cpb.DecodeRequest(
                     request_id=rid, first_token=first.first_token, kv_wait_seconds=self.config.kv_wait_s
-                )
+                ),
+                metadata=tracing.metadata_for(decode_call),
             )
             # From here the decode node owns the request's life: closing the stream aborts it there.
             reserved = False
@@ -255,9 +291,11 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
                 # Resume on another pair: the relay knows which tokens the client already has; they become the
                 # next attempt's prior output, so nothing is repeated and the continuation is the same.
                 reason = f"decode node {decode.info.node_id} failed mid-stream: {exc.details()}"
+                tracing.mark_failed(decode_call, reason)
                 raise _Retry(decode.info.node_id, reason) from exc
             finally:
                 stream.cancel()
+                decode_call.end()
         finally:
             self.tracker.done(prefill.info.node_id, rid)
             self.tracker.done(decode.info.node_id, rid)
@@ -271,22 +309,28 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
         sampling: pb.SamplingParameters,
         placement: Placement,
         relay: _Relay,
+        trace: Span,
     ) -> AsyncIterator[pb.GenerateResponse]:
         node = self._node(placement.colocated)
         self.tracker.picked(node.info.node_id, rid, len(prompt), -(-len(prompt) // node.info.block_size))
         forwarded = pb.GenerateRequest(request_id=rid, token_ids=pb.TokenIds(ids=prompt), sampling=sampling)
-        stream = self.clients.colocated(node.info.address).Generate(forwarded)
+        call = tracing.start_span("Generate", trace, {"splitserve.node_id": node.info.node_id})
+        stream = self.clients.colocated(node.info.address).Generate(
+            forwarded, metadata=tracing.metadata_for(call)
+        )
         started = False
         try:
             async for msg in stream:
                 started = True
                 yield relay.forward(msg)
         except grpc.aio.AioRpcError as exc:
+            tracing.mark_failed(call, exc.details() or exc.code().name)
             if not started and exc.code() not in RETRYABLE:
                 raise
             raise _Retry(node.info.node_id, f"colocated node {node.info.node_id}: {exc.details()}") from exc
         finally:
             stream.cancel()
+            call.end()
             self.tracker.done(node.info.node_id, rid)
 
     async def _call(self, node: NodeState, call):
@@ -304,6 +348,22 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
         # A failure means the node is gone or the reservation already expired: either way nothing is held.
         with contextlib.suppress(grpc.aio.AioRpcError):
             await decode_stub.Abort(cpb.AbortRequest(request_id=rid), timeout=self.config.rpc_timeout_s)
+
+
+def _trace_placement(span: Span, attempt: int, placement: Placement) -> None:
+    """A placement as an event of the request's span: "placed" on a pair, "fallback" on one node doing both phases."""
+    if placement.disaggregated:
+        where = {
+            "splitserve.prefill_node": placement.prefill or "",
+            "splitserve.decode_node": placement.decode or "",
+        }
+    else:
+        where = {"splitserve.colocated_node": placement.colocated or ""}
+    span.add_event(
+        "placed" if placement.disaggregated else "fallback", {"splitserve.attempt": attempt, **where}
+    )
+    if attempt == 0:
+        span.set_attributes(where)
 
 
 class OutputLengthEstimate:
@@ -334,6 +394,7 @@ class _Relay:
         prompt_tokens: int,
         with_logprobs: bool,
         on_finish: Callable[[pb.Usage], None] | None = None,
+        timer: RequestTimer | None = None,
     ) -> None:
         self.request_id = request_id
         self.with_logprobs = with_logprobs
@@ -344,6 +405,7 @@ class _Relay:
         self.ttft: float | None = None
         self.charges = pb.ChargeBreakdown()
         self.on_finish = on_finish
+        self.timer = timer
 
     def charge(self, part: pb.ChargeBreakdown) -> None:
         """Add one node's share (a prefill response's, or a decode or colocated node's final usage)."""
@@ -366,9 +428,12 @@ class _Relay:
 
     def forward(self, msg: pb.GenerateResponse) -> pb.GenerateResponse:
         msg.request_id = self.request_id
+        now = time.monotonic()
         if msg.token_ids and self.ttft is None:
-            self.ttft = time.monotonic() - self.arrived
+            self.ttft = now - self.arrived
         self.delivered.extend(msg.token_ids)
+        if self.timer is not None:
+            self.timer.tokens(len(msg.token_ids), now)
         if msg.finish_reason != pb.FINISH_REASON_UNSPECIFIED:
             self.charge(msg.usage.charges)  # the finishing node's share
             c = self.charges
@@ -385,6 +450,8 @@ class _Relay:
             )
             if self.on_finish is not None:
                 self.on_finish(msg.usage)
+            if self.timer is not None:
+                self.timer.finished(now)
         return msg
 
 

@@ -8,13 +8,19 @@ never share counts. What it exports:
 - splitserve:node_power_watts{node, role, machine_type, source}: each live node's latest reported power, read from
   the router's cluster view at scrape time; idle power shows here, since requests are charged only for the machine
   time they used.
+- splitserve:time_to_first_token_seconds, splitserve:inter_token_latency_seconds (each gap between tokens as the
+  client receives them), splitserve:e2e_request_latency_seconds: histograms labelled {model, route}, route "pair"
+  (a prefill node and a decode node) or "colocated" (one node ran the whole request), as measured at the router.
+- splitserve:requests_total{model, outcome}: placed requests by outcome, "ok" or the gRPC status of the failure.
+Each node serves its own metrics too (ops/node_metrics.py).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram, generate_latest
+import grpc
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
 
 from ops.cluster_state import ClusterView
@@ -25,6 +31,10 @@ PHASES = ("prefill", "transfer", "decode")
 ENERGY_BUCKETS_J = (1.0, 10.0, 100.0, 1e3, 1e4, 1e5, 1e6)
 COST_BUCKETS_USD = (1e-7, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 0.1, 1.0, 10.0)
 NODE_POWER = "splitserve:node_power_watts"
+# Latency buckets (s): CPU test models answer in milliseconds, Splitwise's 70B targets are ~0.1 s TBT and ~1 s TTFT.
+TTFT_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+ITL_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5)
+E2E_BUCKETS_S = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 60.0, 120.0, 300.0)
 
 
 class RouterMetrics:
@@ -44,8 +54,39 @@ class RouterMetrics:
             registry=self.registry,
             buckets=COST_BUCKETS_USD,
         )
+        latency = ["model", "route"]
+        self.ttft = Histogram(
+            "splitserve:time_to_first_token_seconds",
+            "Time from a request's arrival at the router to its first token reaching the client (s)",
+            latency,
+            registry=self.registry,
+            buckets=TTFT_BUCKETS_S,
+        )
+        self.inter_token = Histogram(
+            "splitserve:inter_token_latency_seconds",
+            "Gap between consecutive tokens of a request as the router relays them (s)",
+            latency,
+            registry=self.registry,
+            buckets=ITL_BUCKETS_S,
+        )
+        self.e2e = Histogram(
+            "splitserve:e2e_request_latency_seconds",
+            "Time from a request's arrival at the router to its last token (s)",
+            latency,
+            registry=self.registry,
+            buckets=E2E_BUCKETS_S,
+        )
+        self.requests = Counter(
+            "splitserve:requests",
+            "Placed requests by outcome: ok, or the gRPC status the client got",
+            ["model", "outcome"],
+            registry=self.registry,
+        )
         if view is not None:
             self.registry.register(_NodePower(view))
+
+    def request_failed(self, model: str, code: grpc.StatusCode) -> None:
+        self.requests.labels(model, code.name.lower()).inc()
 
     def observe_usage(self, usage: pb.Usage) -> None:
         """A request finished with this usage (the router's sum over its nodes)."""
@@ -83,3 +124,37 @@ class _NodePower:
             "Latest power reported by each live node (W), measured (NVML) or modeled",
             labels=["node", "role", "machine_type", "source"],
         )
+
+
+class RequestTimer:
+    """One request's latency as the client sees it, told to the router's histograms as its tokens are relayed.
+
+    `route` is set at each placement (a retry may move a request that has no token yet from a pair to a colocated
+    node); the first token's route labels all of the request's observations from then on."""
+
+    def __init__(self, metrics: RouterMetrics, model: str, arrived: float) -> None:
+        self.metrics = metrics
+        self.model = model
+        self.arrived = arrived
+        self.route = "pair"
+        self._last_token_at: float | None = None
+
+    def tokens(self, count: int, now: float) -> None:
+        """`count` tokens reached the client at `now` (monotonic seconds)."""
+        if count <= 0:
+            return
+        labels = (self.model, self.route)
+        if self._last_token_at is None:
+            self.metrics.ttft.labels(*labels).observe(now - self.arrived)
+            count -= 1  # the first token has no gap before it; the rest of its message arrived with it
+            gaps = [0.0] * count
+        else:
+            # Tokens that arrive together share the wait, so the gaps sum to the time between the last tokens.
+            gaps = [(now - self._last_token_at) / count] * count
+        for gap in gaps:
+            self.metrics.inter_token.labels(*labels).observe(gap)
+        self._last_token_at = now
+
+    def finished(self, now: float) -> None:
+        self.metrics.e2e.labels(self.model, self.route).observe(now - self.arrived)
+        self.metrics.requests.labels(self.model, "ok").inc()

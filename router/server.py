@@ -18,6 +18,7 @@ from typing import Any
 from aiohttp import web
 
 from engine.tokenizer import Tokenizer
+from ops import tracing
 from ops.cluster_state import ClusterView
 from ops.grpc_util import make_server
 from router.auth import ApiKeyInterceptor
@@ -43,6 +44,7 @@ class RouterOptions:
     tbt_slo_s: float | None = None
     max_model_len: int | None = None
     grace_s: float = 10.0
+    otlp_endpoint: str | None = None  # None: OTEL_EXPORTER_OTLP_ENDPOINT if set, else no tracing
 
     def placement_policy(self) -> PlacementPolicy:
         """The configured policy; ValueError for an unknown name or option."""
@@ -53,6 +55,7 @@ async def run_router(options: RouterOptions) -> int:
     tokenizer = Tokenizer.from_dir(options.model_dir)
     config = json.loads((options.model_dir / "config.json").read_text())
     max_len = options.max_model_len or int(config.get("max_position_embeddings", 2048))
+    tracing.configure("router", tracing.endpoint_from(options.otlp_endpoint))
     view = ClusterView(options.redis_url)
     view.start()
     api_key = options.api_key or os.environ.get("SPLITSERVE_API_KEY") or None
@@ -90,5 +93,6 @@ async def run_router(options: RouterOptions) -> int:
     await server.stop(grace=options.grace_s)
     await service.clients.close()
     view.stop()
+    tracing.shutdown()  # exports the spans still buffered
     print(json.dumps({"event": "stopped", "role": "router"}), flush=True)
     return 0

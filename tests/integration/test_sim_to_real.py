@@ -31,7 +31,7 @@ effects above stay within 5-15%, and at this load (16 requests, one every ~2.5 s
 noise takes the rest. Each cause found while writing this test moved a median by 20-100%: chunked 512-token
 prefill, gloo's round trips, prompts that hit the warm-up's prefix cache, and two the product now fixes (nodes
 page-faulting their attention temporaries back on every step, see ops/allocator.py; a decode node polling its
-transport 500 times a second while no KV was due, 20% of TBT). A looser bound would let such a cause through; a
+transport 500 times a second while no KV was due). A looser bound would let such a cause through; a
 tighter one would fail on noise alone.
 """
 
