@@ -113,6 +113,11 @@ class AsyncEngine:
         self._thread.join(timeout_s)
 
     @property
+    def open_streams(self) -> int:
+        """Streams whose consumer has not read the final output yet (it may still be relaying earlier ones)."""
+        return len(self._streams)
+
+    @property
     def running(self) -> bool:
         return self._thread.is_alive() and not self._stopped.is_set()
 

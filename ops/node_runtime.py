@@ -202,8 +202,10 @@ def _make_transport(options: NodeOptions, node_id: str, engine: LLMEngine) -> An
 
 
 def _busy(engine: AsyncEngine) -> bool:
+    """Work left to drain: requests in the engine, or outputs the engine made that a stream has not relayed yet
+    (a fast engine finishes long before its last tokens have left over gRPC)."""
     load = engine.load
-    return load.running_requests > 0 or load.waiting_requests > 0
+    return load.running_requests > 0 or load.waiting_requests > 0 or engine.open_streams > 0
 
 
 async def _wait_for_signal() -> None:

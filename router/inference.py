@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import grpc
@@ -32,6 +32,7 @@ from router.load_tracker import LoadTracker
 from router.metrics import RequestTimer, RouterMetrics
 from router.node_clients import NodeClients
 from router.policy import Placement, PlacementPolicy, PlacementRequest
+from router.relay import OutputLengthEstimate, Relay
 from splitserve.v1 import cluster_pb2 as cpb
 from splitserve.v1 import inference_pb2 as pb
 from splitserve.v1 import inference_pb2_grpc
@@ -166,7 +167,7 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
         arrived = time.monotonic()
         max_tokens = sampling.max_tokens if sampling.HasField("max_tokens") else DEFAULT_MAX_TOKENS
         timer = RequestTimer(self.metrics, self.config.model_name, arrived)
-        relay = _Relay(
+        relay = Relay(
             rid, arrived, len(prompt), sampling.HasField("logprobs"), self.metrics.observe_usage, timer
         )
         failed: set[str] = set()
@@ -224,7 +225,7 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
         prompt: list[int],
         sampling: pb.SamplingParameters,
         placement: Placement,
-        relay: _Relay,
+        relay: Relay,
         trace: Span,
     ) -> AsyncIterator[pb.GenerateResponse]:
         prefill, decode = self._node(placement.prefill), self._node(placement.decode)
@@ -308,7 +309,7 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
         prompt: list[int],
         sampling: pb.SamplingParameters,
         placement: Placement,
-        relay: _Relay,
+        relay: Relay,
         trace: Span,
     ) -> AsyncIterator[pb.GenerateResponse]:
         node = self._node(placement.colocated)
@@ -364,96 +365,3 @@ def _trace_placement(span: Span, attempt: int, placement: Placement) -> None:
     )
     if attempt == 0:
         span.set_attributes(where)
-
-
-class OutputLengthEstimate:
-    """How many tokens a request will generate, guessed before it runs: an exponential moving average of the
-    lengths of finished requests (over roughly the last 100), capped by the request's max_tokens."""
-
-    def __init__(self, initial: float = 128.0, weight: float = 0.01) -> None:
-        self.mean = initial
-        self.weight = weight
-
-    def observe(self, tokens: int) -> None:
-        self.mean += self.weight * (tokens - self.mean)
-
-    def expected(self, max_tokens: int) -> int:
-        return max(1, min(max_tokens, round(self.mean)))
-
-
-class _Relay:
-    """Rewrites node messages for the client: the client's request id, usage and TTFT on the last message.
-
-    The last message's usage also carries the request's energy and cost: the sum of every node's charges over every
-    attempt (a prefill whose decode node died still used its machine), told to `on_finish` (the metrics)."""
-
-    def __init__(
-        self,
-        request_id: str,
-        arrived: float,
-        prompt_tokens: int,
-        with_logprobs: bool,
-        on_finish: Callable[[pb.Usage], None] | None = None,
-        timer: RequestTimer | None = None,
-    ) -> None:
-        self.request_id = request_id
-        self.with_logprobs = with_logprobs
-        self.arrived = arrived
-        self.prompt_tokens = prompt_tokens
-        self.delivered: list[int] = []  # token ids the client has received
-        self.cached = 0
-        self.ttft: float | None = None
-        self.charges = pb.ChargeBreakdown()
-        self.on_finish = on_finish
-        self.timer = timer
-
-    def charge(self, part: pb.ChargeBreakdown) -> None:
-        """Add one node's share (a prefill response's, or a decode or colocated node's final usage)."""
-        for name in _CHARGE_AMOUNTS:
-            setattr(self.charges, name, getattr(self.charges, name) + getattr(part, name))
-        ours, theirs = self.charges.power_source, part.power_source
-        if theirs and ours != theirs:
-            self.charges.power_source = theirs if not ours else "mixed"
-
-    def message(
-        self, rid: str, text: str, tokens: list[pb.TokenLogprob], finish: int = pb.FINISH_REASON_UNSPECIFIED
-    ) -> pb.GenerateResponse:
-        msg = pb.GenerateResponse(
-            text=text,
-            token_ids=[t.token_id for t in tokens],
-            logprobs=tokens if self.with_logprobs else [],
-            finish_reason=finish,
-        )
-        return self.forward(msg)
-
-    def forward(self, msg: pb.GenerateResponse) -> pb.GenerateResponse:
-        msg.request_id = self.request_id
-        now = time.monotonic()
-        if msg.token_ids and self.ttft is None:
-            self.ttft = now - self.arrived
-        self.delivered.extend(msg.token_ids)
-        if self.timer is not None:
-            self.timer.tokens(len(msg.token_ids), now)
-        if msg.finish_reason != pb.FINISH_REASON_UNSPECIFIED:
-            self.charge(msg.usage.charges)  # the finishing node's share
-            c = self.charges
-            msg.usage.CopyFrom(
-                pb.Usage(
-                    prompt_tokens=self.prompt_tokens,
-                    completion_tokens=len(self.delivered),
-                    cached_prompt_tokens=self.cached,
-                    ttft_seconds=self.ttft or 0.0,
-                    energy_joules=c.prefill_energy_joules + c.transfer_energy_joules + c.decode_energy_joules,
-                    cost_usd=c.prefill_cost_usd + c.transfer_cost_usd + c.decode_cost_usd,
-                    charges=c,
-                )
-            )
-            if self.on_finish is not None:
-                self.on_finish(msg.usage)
-            if self.timer is not None:
-                self.timer.finished(now)
-        return msg
-
-
-# Every amount in a ChargeBreakdown (all its double fields), summed field by field over nodes.
-_CHARGE_AMOUNTS = tuple(f.name for f in pb.ChargeBreakdown.DESCRIPTOR.fields if f.type == f.TYPE_DOUBLE)
