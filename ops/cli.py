@@ -108,6 +108,13 @@ def _build_parser() -> argparse.ArgumentParser:
     up.add_argument("--http-port", type=int, default=8000)
     up.add_argument("--api-key", default=None, help="require this bearer token on the router's endpoints")
     up.add_argument("--threads-per-node", type=_positive_int, default=1)
+    for role in ("prefill", "decode", "colocated"):
+        up.add_argument(
+            f"--{role}-machine-type",
+            default=None,
+            help=f"machine type of the {role} nodes (price and power model; default: cpu)",
+        )
+    up.add_argument("--machines", default=None, help="a JSON catalog of user machine types")
     _add_placement_args(up)
     up.set_defaults(func=_cmd_up)
 
@@ -444,6 +451,22 @@ def _cmd_up(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"splitserve up: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    from ops.machines import load_catalog
+
+    try:  # the nodes would refuse an unknown type too, but only after Redis started
+        catalog = load_catalog(args.machines)
+        role_args: dict[str, list[str]] = {}
+        for role in ("prefill", "decode", "colocated"):
+            machine = getattr(args, f"{role}_machine_type")
+            if machine is not None and machine not in catalog:
+                raise ValueError(f"unknown machine type {machine!r} (known: {', '.join(sorted(catalog))})")
+            role_args[role] = [
+                *(["--machine-type", machine] if machine else []),
+                *(["--machines", args.machines] if args.machines else []),
+            ]
+    except ValueError as exc:
+        print(f"splitserve up: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     model = args.model
     if model is None:
         model = DEMO_MODEL_DIR
@@ -463,6 +486,7 @@ def _cmd_up(args: argparse.Namespace) -> int:
         api_key=args.api_key,
         threads_per_node=args.threads_per_node,
         router_args=_placement_flags(args),
+        role_args=role_args,
     )
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -120,3 +120,8 @@ def test_truncated_weights_are_one_line_exit_2(llama_dir: Path, tmp_path: Path) 
 def test_bad_flag_is_exit_2() -> None:
     result = run("make-tiny-model", "/tmp/x", "--arch", "gpt2")
     assert result.returncode == 2 and "invalid choice" in result.stderr
+
+
+def test_up_refuses_an_unknown_machine_type_or_policy_before_starting_anything() -> None:
+    one_line_error(run("up", "--decode-machine-type", "dgx-z100"), "unknown machine type 'dgx-z100'")
+    one_line_error(run("up", "--policy", "cheapest"), "unknown placement policy 'cheapest'")
