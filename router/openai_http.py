@@ -19,7 +19,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
+from opentelemetry.context import Context
 
+from ops import tracing
 from router.inference import InferenceService, RouterError
 from router.openai_protocol import FINISH_REASONS, HttpError, ParsedRequest, parse_request, usage_charges
 from splitserve.v1 import inference_pb2 as pb
@@ -120,15 +122,19 @@ class _OpenAIApi:
             max_model_len=self.service.config.max_model_len,
         )
         self.service.check_prompt(parsed.prompt)
+        # A W3C traceparent header makes the request's trace a child of the caller's (when tracing is on here).
+        parent = tracing.context_from_metadata([(k.lower(), v) for k, v in request.headers.items()])
         if parsed.stream:
-            return await self._stream(request, parsed)
+            return await self._stream(request, parsed, parent)
         choices = [_Choice(i) for i in range(parsed.n)]
-        async for index, msg in self._merged(parsed):
+        async for index, msg in self._merged(parsed, parent):
             _absorb(choices[index], msg)
         return web.json_response(self._final_body(parsed, choices))
 
-    async def _stream(self, request: web.Request, parsed: ParsedRequest) -> web.StreamResponse:
-        stream = self._merged(parsed)
+    async def _stream(
+        self, request: web.Request, parsed: ParsedRequest, parent: Context | None
+    ) -> web.StreamResponse:
+        stream = self._merged(parsed, parent)
         # Fail before the 200 when the request cannot even start (no node, bad sampling value).
         first = await anext(stream, None)
         response = web.StreamResponse(
@@ -158,7 +164,9 @@ class _OpenAIApi:
         await response.write_eof()
         return response
 
-    async def _merged(self, parsed: ParsedRequest) -> AsyncGenerator[tuple[int, pb.GenerateResponse], None]:
+    async def _merged(
+        self, parsed: ParsedRequest, parent: Context | None = None
+    ) -> AsyncGenerator[tuple[int, pb.GenerateResponse], None]:
         """The n choices' Generate streams, interleaved as messages arrive; seeds differ per choice."""
         queue: asyncio.Queue[tuple[int, pb.GenerateResponse] | BaseException | None] = asyncio.Queue()
 
@@ -168,7 +176,9 @@ class _OpenAIApi:
             if index and sampling.HasField("seed"):
                 sampling.seed += index
             try:
-                async for msg in self.service.generate(parsed.prompt, sampling, f"{parsed.id}-{index}"):
+                async for msg in self.service.generate(
+                    parsed.prompt, sampling, f"{parsed.id}-{index}", parent
+                ):
                     await queue.put((index, msg))
                 await queue.put(None)
             except BaseException as exc:  # handed to the consumer, which re-raises it

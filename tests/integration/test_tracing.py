@@ -7,8 +7,10 @@ finds it through OTEL_EXPORTER_OTLP_ENDPOINT, which its processes inherit.
 
 from __future__ import annotations
 
+import json
 import threading
 import time
+import urllib.request
 from collections import defaultdict
 from collections.abc import Iterator
 from concurrent import futures
@@ -150,3 +152,22 @@ def test_a_colocated_fallback_is_an_event_and_the_node_span_joins_the_trace(
     call = parent_of[node.parent_id]
     assert (node.name, call.service, call.name, call.parent_id) == ("generate", "splitserve-router", "Generate",
                                                                     root.span_id)  # fmt: skip
+
+
+def test_an_http_callers_traceparent_becomes_the_parent_of_the_request(
+    llama_dir: Path, receiver: _Receiver
+) -> None:
+    trace_id, caller_span = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
+    spec = ClusterSpec(model_dir=llama_dir, prefill=0, decode=0, colocated=1, grpc_port=0, http_port=0,
+                       node_args=["--kv-cache-mb", "32"])  # fmt: skip
+    with LocalCluster(spec) as cluster:
+        request = urllib.request.Request(
+            f"http://{cluster.http_address}/v1/completions",
+            data=json.dumps({"model": llama_dir.name, "prompt": "hello", "max_tokens": 2}).encode(),
+            headers={"Content-Type": "application/json", "traceparent": f"00-{trace_id}-{caller_span}-01"},
+        )
+        with urllib.request.urlopen(request, timeout=60) as reply:
+            assert json.loads(reply.read())["usage"]["completion_tokens"] == 2
+    wait_for_roots(receiver, 1)
+    (root,) = [s for s in receiver.snapshot() if s.name == "generate" and s.service == "splitserve-router"]
+    assert (root.trace_id, root.parent_id) == (bytes.fromhex(trace_id), bytes.fromhex(caller_span))
