@@ -12,7 +12,6 @@ and how many tokens it computed for which request, so a request's charges are co
 from __future__ import annotations
 
 import asyncio
-import itertools
 import queue
 import threading
 import time
@@ -24,7 +23,6 @@ from typing import Protocol, TypeVar
 from engine.engine import EngineLoad, LLMEngine, RequestOutput
 from engine.errors import EngineError
 from engine.sampling_params import SamplingParams
-from engine.sequence import Sequence
 
 T = TypeVar("T")
 
@@ -151,10 +149,12 @@ class AsyncEngine:
         observer = self.step_observer
         if observer is None:
             return self.engine.step()
-        before = _progress(self.engine)
         started = time.monotonic()
         outputs = self.engine.step()
-        observer.observe_step(_timing(before, started, time.monotonic() - started))
+        work = self.engine.last_step
+        observer.observe_step(
+            StepTiming(started, time.monotonic() - started, work.prompt_tokens, work.decode_tokens)
+        )
         return outputs
 
     def _drain_commands(self) -> None:
@@ -174,35 +174,6 @@ class AsyncEngine:
     def _fail_all(self, exc: BaseException) -> None:
         for stream in list(self._streams.values()):
             stream.loop.call_soon_threadsafe(stream.queue.put_nowait, exc)
-
-
-# (sequence, tokens computed before the step, queued before the step, decoding: all but its last token computed)
-_Progress = list[tuple[Sequence, int, bool, bool]]
-
-
-def _progress(engine: LLMEngine) -> _Progress:
-    """Where every sequence the next step may compute stands (the scheduler admits waiting ones from the front)."""
-    sched = engine.scheduler
-    rows = [(s, s.num_computed_tokens, False, _decoding(s)) for s in sched.running]
-    waiting = itertools.islice(sched.waiting, sched.max_num_seqs)
-    return rows + [(s, s.num_computed_tokens, True, False) for s in waiting]
-
-
-def _decoding(seq: Sequence) -> bool:
-    """Past its prompt: it has sampled a token and computed everything before its last one."""
-    return bool(seq.output_token_ids) and seq.num_computed_tokens == seq.num_tokens - 1
-
-
-def _timing(before: _Progress, started: float, wall_s: float) -> StepTiming:
-    prompt: dict[str, int] = {}
-    decode: dict[str, int] = {}
-    for seq, computed, was_waiting, decoding in before:
-        done = seq.num_computed_tokens - computed  # negative for a sequence preempted in this step
-        if was_waiting:  # admission counts the prompt's prefix-cache hits as computed; nothing computed them
-            done -= seq.num_cached_prompt_tokens
-        if done > 0:
-            (decode if decoding else prompt)[seq.request_id] = done
-    return StepTiming(started, wall_s, prompt, decode)
 
 
 class RequestStream:

@@ -25,6 +25,7 @@ from engine.errors import InvalidRequestError, ModelLoadError, ResourceExhausted
 from engine.model_runner import ModelRunner
 from engine.models.decoder import DecoderModel
 from engine.outputs import (
+    NO_WORK,
     Completion,
     EngineLoad,
     EngineStats,
@@ -32,6 +33,7 @@ from engine.outputs import (
     KVLayerHook,
     KVLayerWrite,
     RequestOutput,
+    StepWork,
 )
 from engine.sampler import SampledToken, sample
 from engine.sampling_params import SamplingParams
@@ -81,6 +83,7 @@ class LLMEngine:
         self._preemptions = 0
         self._kv_layer_hook: KVLayerHook | None = None
         self._rng = torch.Generator().manual_seed(self.config.seed)
+        self.last_step = NO_WORK  # what the latest step() computed, per request
 
     # ---- requests -------------------------------------------------------------------------------------------------
 
@@ -179,14 +182,18 @@ class LLMEngine:
     # ---- the step ---------------------------------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
-        """Run one batch; return a delta for every request that produced a token (or finished) in it."""
+        """Run one batch; return a delta for every request that produced a token (or finished) in it.
+
+        `last_step` then says which tokens the batch computed for which request."""
         outputs, self._pending = self._pending, []
+        self.last_step = NO_WORK
         if not self.scheduler.has_work:
             return outputs
         sched = self.scheduler.schedule()
         self._preemptions += len(sched.preempted)
         if not sched.chunks:
             return outputs
+        self.last_step = _work_of(sched)
         logits = self.runner.run(sched, self._layer_hook_for(sched))
         completing = [c.seq for c in sched.chunks if c.completes_sequence]
         for chunk in sched.chunks:
@@ -376,6 +383,20 @@ class LLMEngine:
             blocks = chunk.seq.block_ids[start // bs : -(-end // bs)]
             writes.append(KVLayerWrite(chunk.seq.request_id, blocks, start, end))
         return lambda layer: hook(layer, writes)
+
+
+def _work_of(sched: SchedulerOutput) -> StepWork:
+    prompt: dict[str, int] = {}
+    decode: dict[str, int] = {}
+    for chunk in sched.chunks:
+        seq = chunk.seq
+        # Decoding: past the prompt, with all but the last token computed (a recompute after preemption, or a
+        # resumed request's prior output, is prompt work even though the sequence has output tokens).
+        if seq.output_token_ids and chunk.num_tokens == 1 and seq.num_computed_tokens == seq.num_tokens - 1:
+            decode[seq.request_id] = 1
+        else:
+            prompt[seq.request_id] = chunk.num_tokens
+    return StepWork(prompt, decode)
 
 
 def _completion(seq: Sequence) -> Completion:

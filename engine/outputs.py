@@ -66,6 +66,19 @@ class Completion:
 
 
 @dataclass(frozen=True, slots=True)
+class StepWork:
+    """What one engine step computed, per request id (power accounting charges each request its share)."""
+
+    prompt_tokens: dict[
+        str, int
+    ]  # prompt (or recomputed context) tokens computed; prefix-cache hits excluded
+    decode_tokens: dict[str, int]  # 1 for each sequence that decoded a token
+
+
+NO_WORK = StepWork({}, {})
+
+
+@dataclass(frozen=True, slots=True)
 class EngineLoad:
     """What a node reports for placement: work not yet computed and room left in the KV pool."""
 

@@ -151,19 +151,10 @@ def _build_parser() -> argparse.ArgumentParser:
 
 
 def _add_placement_args(parser: argparse.ArgumentParser) -> None:
+    from router.policy import add_policy_arguments
+
     group = parser.add_argument_group("placement")
-    group.add_argument(
-        "--policy",
-        default="jsq",
-        help="jsq (default), cost, power or mixed (Splitwise's mixed pool around --policy-option inner=NAME)",
-    )
-    group.add_argument(
-        "--policy-option",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="a keyword option of the policy, e.g. budget_w=50000 (power) or inner=cost (mixed); repeatable",
-    )
+    add_policy_arguments(group)
     group.add_argument(
         "--slo-ttft-ms", type=float, default=None, help="TTFT target placement must predict within"
     )

@@ -40,7 +40,8 @@ MIXED_BATCH_FACTOR = 1.1
 # long prompt beyond), so the line is closest where placement predicts most; prefill grows faster than linearly.
 SUMMARY_PROMPT_TOKENS = 4096
 
-_COLUMNS = (
+# The columns of perf_model.csv, in its order (`splitserve profile` writes the same file).
+PERF_CSV_COLUMNS = (
     "model",
     "hardware",
     "prompt_size",
@@ -214,7 +215,7 @@ def read_measurements(path: str | Path) -> list[Measurement]:
     try:
         with path.open(newline="") as handle:
             reader = csv.DictReader(handle)
-            missing = [c for c in _COLUMNS if c not in (reader.fieldnames or ())]
+            missing = [c for c in PERF_CSV_COLUMNS if c not in (reader.fieldnames or ())]
             if missing:
                 raise ValueError(f"{path}: missing column(s) {missing}")
             return [_parse_row(path, reader.line_num, row) for row in reader]

@@ -14,6 +14,7 @@ around any of them). The simulator (ops/sim) calls these same objects on its sim
 
 from __future__ import annotations
 
+import argparse
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -124,3 +125,19 @@ def parse_policy_options(items: list[str]) -> dict[str, Any]:
         except ValueError:
             options[key] = text
     return options
+
+
+def add_policy_arguments(group: argparse._ActionsContainer) -> None:
+    """--policy and --policy-option, for every command that places requests (router, up, simulate, plan)."""
+    group.add_argument(
+        "--policy",
+        default="jsq",
+        help="jsq (default), cost, power or mixed (Splitwise's mixed pool around --policy-option inner=NAME)",
+    )
+    group.add_argument(
+        "--policy-option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a keyword option of the policy, e.g. budget_w=50000 (power) or inner=cost (mixed); repeatable",
+    )

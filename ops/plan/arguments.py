@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ops.sim.arguments import add_input_arguments, add_link_and_kv_arguments
 from ops.sim.design import DESIGNS
+from router.policy import add_policy_arguments
 
 GOAL_NAMES = ("iso-power", "iso-cost", "min-power", "min-cost")
 DEFAULT_BUDGET = "40xdgx-h100"  # the paper's iso budget, splitwise-facts.md line 66
@@ -15,19 +17,7 @@ DEFAULT_SAMPLE = 10000
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--trace",
-        type=Path,
-        required=True,
-        help="Azure LLM inference trace CSV (TIMESTAMP,ContextTokens,...)",
-    )
-    parser.add_argument(
-        "--perf-model", type=Path, required=True, help="perf_model.csv or one `splitserve profile` wrote"
-    )
-    parser.add_argument("--model", default="bloom-176b", help="the perf CSV's model (default bloom-176b)")
-    parser.add_argument(
-        "--tp", type=int, default=8, help="tensor parallelism: GPUs per model instance (default 8)"
-    )
+    add_input_arguments(parser)
     goal = parser.add_argument_group("goal")
     goal.add_argument(
         "--goal",
@@ -68,10 +58,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help='machine catalog JSON {"machines": [...]} added to the built-ins',
     )
-    designs.add_argument("--policy", default="jsq", help="the router placement policy the simulator runs")
-    designs.add_argument(
-        "--policy-option", action="append", default=[], metavar="KEY=VALUE", help="a policy keyword option"
-    )
+    add_policy_arguments(designs)
     sample = parser.add_argument_group("trace sample")
     sample.add_argument("--start", type=int, default=0, help="first trace row of the sample (0-based)")
     sample.add_argument(
@@ -100,11 +87,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     search.add_argument(
         "--time-limit", type=float, default=3600.0, help="stop the plan after this many seconds"
     )
-    machine = parser.add_argument_group("machine model (as `splitserve simulate`)")
-    machine.add_argument("--kv-capacity-tokens", type=int, default=None, help="KV tokens per machine")
-    machine.add_argument(
-        "--link-gbps", type=float, default=None, help="KV transfer bandwidth per machine, Gbps"
-    )
+    add_link_and_kv_arguments(parser.add_argument_group("machine model (as `splitserve simulate`)"))
     out = parser.add_argument_group("output")
     out.add_argument(
         "--paper-trace",

@@ -32,6 +32,7 @@ from ops.plan.rate_search import RateLimits
 from ops.plan.runner import PlanTimeout, Runner
 from ops.plan.sample import TraceSample
 from ops.sim import DESIGNS, SimConfig
+from ops.sim.arguments import shared_config
 
 EXIT_TIMEOUT = 1
 EXIT_USAGE = 2
@@ -54,8 +55,6 @@ def _fail(exc: Exception, code: int) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from router.policy import parse_policy_options
-
     goal: Goal = args.goal
     catalog = load_catalog(args.machines)
     specs = resolve_designs(args.design or list(DESIGNS), args.custom, DESIGNS, catalog)
@@ -70,16 +69,7 @@ def _run(args: argparse.Namespace) -> int:
         coarse_points=args.coarse_points,
         max_machines=args.max_machines,
     )
-    sim_config = SimConfig(
-        perf_csv=args.perf_model,
-        model=args.model,
-        tensor_parallel=args.tp,
-        policy=args.policy,
-        catalog=catalog,
-        kv_capacity_tokens=args.kv_capacity_tokens,
-        link_gbps=args.link_gbps,
-        policy_options=parse_policy_options(args.policy_option),
-    )
+    sim_config = SimConfig(**shared_config(args), catalog=catalog)
     guess_from = _perf_models(sim_config, specs, catalog)
     sample = TraceSample.load(
         args.trace, start=args.start, limit=args.limit, arrivals=args.arrivals, seed=args.seed

@@ -13,21 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from engine.errors import InvalidRequestError
+from ops.perfmodel import PERF_CSV_COLUMNS
 from ops.profiling.sweep import ProfilePoint
 
-PERF_CSV_COLUMNS = (
-    "model",
-    "hardware",
-    "prompt_size",
-    "batch_size",
-    "token_size",
-    "peak_power",
-    "average_power",
-    "prompt_time",
-    "token_time",
-    "e2e_time",
-    "tensor_parallel",
-)
 # One engine process serves the model on this machine: no tensor parallelism.
 TENSOR_PARALLEL = 1
 

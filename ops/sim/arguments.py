@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any
 
 from ops.sim.design import DESIGNS
+from router.policy import add_policy_arguments, parse_policy_options
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
+def add_input_arguments(parser: argparse.ArgumentParser) -> None:
+    """The trace and the performance model: what `simulate` and `plan` both read."""
     parser.add_argument(
         "--trace",
         type=Path,
@@ -25,6 +28,32 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--tp", type=int, default=8, help="tensor parallelism: GPUs per model instance (default 8)"
     )
+
+
+def add_link_and_kv_arguments(group: argparse._ActionsContainer) -> None:
+    """Machine-model overrides that `simulate` and `plan` share."""
+    group.add_argument("--kv-capacity-tokens", type=int, default=None, help="KV tokens per machine")
+    group.add_argument(
+        "--link-gbps", type=float, default=None, help="KV transfer bandwidth per machine, Gbps"
+    )
+
+
+def shared_config(args: argparse.Namespace) -> dict[str, Any]:
+    """SimConfig fields from the flags `simulate` and `plan` share (the three add_* functions above, and the
+    policy flags); ValueError for a malformed policy option."""
+    return {
+        "perf_csv": args.perf_model,
+        "model": args.model,
+        "tensor_parallel": args.tp,
+        "policy": args.policy,
+        "policy_options": parse_policy_options(args.policy_option),
+        "kv_capacity_tokens": args.kv_capacity_tokens,
+        "link_gbps": args.link_gbps,
+    }
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_input_arguments(parser)
     cluster = parser.add_argument_group("cluster (a named --design, or pool types of the machine catalog)")
     cluster.add_argument("--design", default=None, help=f"one of: {', '.join(DESIGNS)}")
     cluster.add_argument("--prefill", type=int, default=0, help="prefill (prompt) machines")
@@ -43,17 +72,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help='machine catalog JSON {"machines": [...]} added to the built-ins',
     )
-    placement = parser.add_argument_group("placement")
-    placement.add_argument(
-        "--policy", default="jsq", help="a router placement policy: jsq, cost, power, mixed"
-    )
-    placement.add_argument(
-        "--policy-option",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="a keyword option of the policy, e.g. budget_w=50000 (power); repeatable",
-    )
+    add_policy_arguments(parser.add_argument_group("placement"))
     load = parser.add_argument_group("workload")
     load.add_argument("--start", type=int, default=0, help="first trace row (0-based)")
     load.add_argument("--limit", type=int, default=None, help="at most this many requests")
@@ -61,10 +80,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     load.add_argument("--token-scale", type=float, default=1.0, help="multiply the trace's token counts")
     load.add_argument("--max-context", type=int, default=None, help="clip prompt + output to this context")
     machine = parser.add_argument_group("machine model")
-    machine.add_argument("--kv-capacity-tokens", type=int, default=None, help="KV tokens per machine")
-    machine.add_argument(
-        "--link-gbps", type=float, default=None, help="KV transfer bandwidth per machine, Gbps"
-    )
+    add_link_and_kv_arguments(machine)
     machine.add_argument(
         "--kv-bytes-per-token", type=int, default=None, help="for models without a size entry"
     )

@@ -21,6 +21,7 @@ from ops.bench.metrics import RequestSample
 from ops.bench.report import write_request_csv
 from ops.bench.workload import load_azure_trace
 from ops.machines import load_catalog
+from ops.sim.arguments import shared_config
 from ops.sim.config import SimConfig
 from ops.sim.design import ClusterDesign, Pool, make_design
 from ops.sim.result import SimResult
@@ -39,24 +40,16 @@ def main(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from router.policy import parse_policy_options
-
     design = design_from_args(args)
     config = SimConfig(
-        perf_csv=args.perf_model,
-        model=args.model,
-        tensor_parallel=args.tp,
-        policy=args.policy,
+        **shared_config(args),
         catalog=load_catalog(args.machines),
         reference_hardware=args.reference_hardware,
         max_batch_tokens=args.max_batch_tokens,
         max_batch_size=args.max_batch_size,
-        kv_capacity_tokens=args.kv_capacity_tokens,
-        link_gbps=args.link_gbps,
         request_overhead_s=args.request_overhead_ms / 1000.0,
         iteration_overhead_s=args.iteration_overhead_ms / 1000.0,
         kv_bytes_per_token=args.kv_bytes_per_token,
-        policy_options=parse_policy_options(args.policy_option),
     )
     requests = load_azure_trace(
         args.trace,
