@@ -10,7 +10,7 @@ TORCH_VERSION ?= 2.13.0
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 export HF_HUB_OFFLINE := 1
 
-.PHONY: run test lint typecheck unit bench clean proto
+.PHONY: run test lint typecheck browser unit bench clean proto
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -31,7 +31,12 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(VENV)/bin/mypy
 
-test: lint typecheck
+# The dashboard test drives Debian's chromium through Playwright (Playwright's own browser download cannot work
+# here); installed once with apt when missing.
+browser:
+	command -v chromium >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; }
+
+test: lint typecheck browser
 	$(PY) -m pytest -q -p no:cacheprovider -m "not timing"
 
 bench: $(STAMP)

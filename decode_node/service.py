@@ -58,6 +58,11 @@ class DecodeNodeService(cluster_pb2_grpc.DecodeNodeServicer):
         self._tasks: list[asyncio.Task[None]] = []
         self.charges = ledger_of(engine)
 
+    @property
+    def pending_work(self) -> int:
+        """Reservations whose Decode call has not taken them over yet: a draining node waits for them too."""
+        return len(self._kv_done)
+
     async def start(self) -> None:
         self._tasks = [
             asyncio.create_task(self._poll_notifications()),

@@ -17,6 +17,8 @@ EXIT_USAGE = 2
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _build_parser()
     args = parser.parse_args(argv)
+    # The words as given: a node moving to another pool re-executes itself with them.
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     if not getattr(args, "command", None):
         parser.print_help()
         return EXIT_USAGE
@@ -147,6 +149,14 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     add_plan_arguments(plan)
     plan.set_defaults(func=_cmd_plan)
+
+    from ops.operator.command import add_arguments as add_operator_arguments
+
+    operator = sub.add_parser(
+        "operator", help="run the Kubernetes operator for SplitserveCluster resources, or print the CRD"
+    )
+    add_operator_arguments(operator)
+    operator.set_defaults(func=_cmd_operator)
     return parser
 
 
@@ -368,13 +378,19 @@ def _cmd_node(args: argparse.Namespace) -> int:
         one_piece_below=args.one_piece_below,
         otlp_endpoint=otlp_endpoint,
     )
-    if args.role == "prefill":
-        from prefill_node.server import serve as serve_prefill
+    from ops.node_control import MoveToPool, exec_in_role
 
-        return serve_prefill(options)
-    from decode_node.server import serve as serve_decode
+    try:
+        if args.role == "prefill":
+            from prefill_node.server import serve as serve_prefill
 
-    return serve_decode(options)
+            return serve_prefill(options)
+        from decode_node.server import serve as serve_decode
+
+        return serve_decode(options)
+    except MoveToPool as move:
+        # The node stopped cleanly; the same flags after the new role word bring it back in that pool.
+        exec_in_role(move.role, args.argv[args.argv.index(args.command) + 1 :])
 
 
 def _cmd_router(args: argparse.Namespace) -> int:
@@ -425,6 +441,12 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     from ops.plan.command import main as plan_main
 
     return plan_main(args)
+
+
+def _cmd_operator(args: argparse.Namespace) -> int:
+    from ops.operator.command import main as operator_main
+
+    return operator_main(args)
 
 
 DEMO_MODEL_DIR = Path(".cache") / "demo-model"
@@ -488,6 +510,7 @@ def _cmd_up(args: argparse.Namespace) -> int:
             metrics = f"  metrics http://{proc.metrics_address}/metrics" if proc.role != "router" else ""
             print(f"splitserve: {proc.role:<9} {proc.node_id or '':<40} {proc.address}{metrics}")
         print(f"splitserve: OpenAI-compatible HTTP on http://{cluster.http_address}/v1")
+        print(f"splitserve: ops dashboard on http://{cluster.http_address}/dashboard")
         print(
             f"splitserve: serving {model.name} on grpc://{cluster.router_address} (Ctrl-C stops)", flush=True
         )

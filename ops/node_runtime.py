@@ -10,8 +10,12 @@ A node's process life:
    model) and publish load (with the meter's power reading) at least every 100 ms.
 4. Print one JSON line `{"event": "ready", ...}` on stdout (gRPC and metrics addresses): launchers (`splitserve
    up`, tests) wait for it.
-5. On SIGTERM or SIGINT, drain: stop taking new work (UNAVAILABLE, health NOT_SERVING, `draining` in the load
-   report), deregister, let in-flight requests finish within the grace period, then stop and exit 0.
+5. While serving, apply the operator's control from Redis (ops/node_control.py): drain in place and resume, each
+   printed as a JSON line `draining` / `resumed`.
+6. On SIGTERM or SIGINT, drain: stop taking new work (UNAVAILABLE, health NOT_SERVING, `draining` in the load
+   report), let in-flight requests finish within the grace period, deregister, then stop and exit 0. A control that
+   moves the node to another pool does the same, prints `moving` instead of `stopped`, and raises MoveToPool: the
+   command line then re-executes the process in its new role.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import grpc
 
@@ -36,8 +40,9 @@ from engine.config import EngineConfig, EngineRole
 from engine.engine import LLMEngine
 from ops import tracing
 from ops.allocator import keep_freed_memory
-from ops.cluster_state import LoadPublisher, LoadReport, NodeInfo, NodeRegistration
+from ops.cluster_state import LoadPublisher, LoadReport, NodeInfo, NodeRegistration, Role
 from ops.grpc_util import make_server
+from ops.node_control import ControlWatcher, MoveToPool, serve_until_stop_or_move
 from ops.node_metrics import MetricsServer, NodeIdentity, NodeMetrics
 from ops.power.node_power import PowerSettings, resolve_settings, start_node_power
 from ops.power.powercap import PowerCapError
@@ -156,13 +161,20 @@ async def run_node(options: NodeOptions, service_names: list[str], attach: Attac
     ready = {"role": options.role, "node_id": node_id, "address": address, "metrics_address": metrics_address}
     _say({"event": "ready", **ready})
 
-    await _wait_for_signal()
-    draining = True
-    service.accepting = False
-    await health.set(False)
-    publisher.notify()
+    async def set_draining(drain: bool) -> None:
+        nonlocal draining
+        draining = drain
+        service.accepting = not drain
+        await health.set(not drain)
+        publisher.notify()
+
+    stop = _stop_on_signal()
+    role = cast(Role, options.role)  # checked by the command line's choices
+    watcher = ControlWatcher(registration.read_control, set_draining, role=role, node_id=node_id, say=_say)
+    move_to = await serve_until_stop_or_move(stop, watcher)
+    await set_draining(True)
     started = time.monotonic()
-    while time.monotonic() - started < options.drain_timeout_s and _busy(async_engine):
+    while time.monotonic() - started < options.drain_timeout_s and _busy(async_engine, service):
         await asyncio.sleep(IDLE_POLL_S)
     publisher.stop()
     registration.deregister()
@@ -175,7 +187,12 @@ async def run_node(options: NodeOptions, service_names: list[str], attach: Attac
         transport.close()
     power.close()
     tracing.shutdown()  # exports the spans still buffered
-    _say({"event": "stopped", "node_id": node_id, "drained": not _busy(async_engine)})
+    drained = not _busy(async_engine, service)
+    # A SIGTERM during the move's drain wins: stop, do not come back.
+    if move_to is not None and not stop.is_set():
+        _say({"event": "moving", "node_id": node_id, "to": move_to, "drained": drained})
+        raise MoveToPool(move_to)
+    _say({"event": "stopped", "node_id": node_id, "drained": drained})
     return 0
 
 
@@ -196,24 +213,29 @@ def _make_transport(options: NodeOptions, node_id: str, engine: LLMEngine) -> An
         return None
     from kvtransfer import create_transport
 
-    transport = create_transport(options.kv_backend, node_id)
+    # The torch backend listens on one address for its peers: the node's own (a pod IP on Kubernetes), not loopback.
+    extra = {"host": options.host} if options.kv_backend == "torch" else {}
+    transport = create_transport(options.kv_backend, node_id, **extra)
     transport.register(engine.kv_layers)
     return transport
 
 
-def _busy(engine: AsyncEngine) -> bool:
-    """Work left to drain: requests in the engine, or outputs the engine made that a stream has not relayed yet
-    (a fast engine finishes long before its last tokens have left over gRPC)."""
+def _busy(engine: AsyncEngine, service: NodeService) -> bool:
+    """Work left to drain: requests in the engine, outputs the engine made that a stream has not relayed yet (a fast
+    engine finishes long before its last tokens have left over gRPC), or work the service holds outside the engine
+    (a decode node's reservations whose Decode call has not come yet, a prefill node's unanswered Prefill calls)."""
     load = engine.load
-    return load.running_requests > 0 or load.waiting_requests > 0 or engine.open_streams > 0
+    in_engine = load.running_requests > 0 or load.waiting_requests > 0 or engine.open_streams > 0
+    return in_engine or getattr(service, "pending_work", 0) > 0
 
 
-async def _wait_for_signal() -> None:
+def _stop_on_signal() -> asyncio.Event:
+    """An event set by the first SIGTERM or SIGINT (further ones change nothing)."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
+    return stop
 
 
 def _say(event: dict[str, object]) -> None:

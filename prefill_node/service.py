@@ -63,6 +63,7 @@ class _Target:
     compute_started_ns: int | None = None  # wall clock when the engine stored the request's first layer
     first_write_at: float | None = None  # monotonic time the first write was issued (the transfer's start)
     bytes_written: int = 0
+    transfer_seconds: float = 0.0  # first write issued -> last write landed; set once every write completed
 
 
 class PrefillNodeService(cluster_pb2_grpc.PrefillNodeServicer):
@@ -79,6 +80,11 @@ class PrefillNodeService(cluster_pb2_grpc.PrefillNodeServicer):
         # Told (seconds, bytes) of each completed transfer; the node's metrics (ops/node_metrics.py) set it.
         self.on_kv_transfer: Callable[[float, int], None] | None = None
         engine.engine.set_kv_layer_hook(self._on_layer_stored)
+
+    @property
+    def pending_work(self) -> int:
+        """Prefill calls not answered yet (computing, or waiting for their KV to land): a draining node waits."""
+        return self.in_flight
 
     async def Prefill(
         self, request: cpb.PrefillRequest, context: grpc.aio.ServicerContext
@@ -98,7 +104,7 @@ class PrefillNodeService(cluster_pb2_grpc.PrefillNodeServicer):
                 f"{len(request.decode_block_ids)} decode blocks reserved, the prompt needs {needed}",
             )
         self.in_flight += 1
-        started = time.monotonic()
+        started, started_ns = time.monotonic(), time.time_ns()
         span = tracing.span_from_grpc(
             "prefill", context, {"splitserve.request_id": rid, "splitserve.prompt_tokens": len(prompt)}
         )
@@ -106,7 +112,8 @@ class PrefillNodeService(cluster_pb2_grpc.PrefillNodeServicer):
             params = sampling_from_proto(request.sampling)
             peer = await self._connect(request.decode_transport_descriptor)
             layer_wise = len(prompt) + len(prior) >= self.one_piece_below
-            self._targets[rid] = _Target(peer, list(request.decode_block_ids), layer_wise, span=span)
+            target = _Target(peer, list(request.decode_block_ids), layer_wise, span=span)
+            self._targets[rid] = target
             stream = await self.engine.generate(rid, prompt, params, prior or None)
             try:
                 out = await asyncio.wait_for(_last_output(stream), max(0.0, deadline - time.monotonic()))
@@ -130,6 +137,9 @@ class PrefillNodeService(cluster_pb2_grpc.PrefillNodeServicer):
                     out.finish_reason if out.finish_reason != FinishReason.PREFILL_DONE else None
                 ),
                 charges=charges_to_proto(self.charges.take(rid)) if self.charges is not None else None,
+                kv_transfer_seconds=target.transfer_seconds,
+                kv_transfer_bytes=target.bytes_written,
+                queue_seconds=_queued_s(target, started_ns),
             )
         except EngineError as exc:
             tracing.mark_failed(span, str(exc))
@@ -217,8 +227,10 @@ class PrefillNodeService(cluster_pb2_grpc.PrefillNodeServicer):
             lambda _e: self._write(target, last, kv.block_ids[:1], target.dst_blocks[:1], kv_done(rid))
         )
         await self._wait(target, deadline)
-        if self.on_kv_transfer is not None and target.first_write_at is not None:
-            self.on_kv_transfer(time.monotonic() - target.first_write_at, target.bytes_written)
+        if target.first_write_at is not None:
+            target.transfer_seconds = time.monotonic() - target.first_write_at
+            if self.on_kv_transfer is not None:
+                self.on_kv_transfer(target.transfer_seconds, target.bytes_written)
 
     async def _wait(self, target: _Target, deadline: float) -> None:
         while True:
@@ -253,6 +265,13 @@ def _trace_queue_and_compute(span: Span, target: _Target, computed_ns: int) -> N
     compute_ns = target.compute_started_ns or start_ns
     tracing.start_span("queue", span, start_time_ns=start_ns).end(end_time=compute_ns)
     tracing.start_span("compute", span, start_time_ns=compute_ns).end(end_time=computed_ns)
+
+
+def _queued_s(target: _Target, started_ns: int) -> float:
+    """Seconds from the request's arrival to its first layer being computed (0 if the engine reported none)."""
+    if target.compute_started_ns is None:
+        return 0.0
+    return max(0.0, (target.compute_started_ns - started_ns) / 1e9)
 
 
 def _first_token(out: RequestOutput) -> pb.TokenLogprob:

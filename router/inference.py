@@ -33,6 +33,7 @@ from router.metrics import RequestTimer, RouterMetrics
 from router.node_clients import NodeClients
 from router.policy import Placement, PlacementPolicy, PlacementRequest
 from router.relay import OutputLengthEstimate, Relay
+from router.request_log import RequestLog, RequestRecord
 from splitserve.v1 import cluster_pb2 as cpb
 from splitserve.v1 import inference_pb2 as pb
 from splitserve.v1 import inference_pb2_grpc
@@ -98,6 +99,7 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
         self.index = ClusterIndex()
         self.metrics = RouterMetrics(view)
         self.outputs = OutputLengthEstimate()
+        self.requests = RequestLog()  # what the ops dashboard shows of recent requests
 
     async def Generate(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
@@ -157,18 +159,36 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
         are its children, and each placement, fallback and retry is one of its events (ops/tracing.py)."""
         rid = request_id or f"req-{uuid.uuid4().hex[:16]}"
         attributes = {"splitserve.request_id": rid, "splitserve.prompt_tokens": len(prompt)}
-        with tracing.start_span("generate", trace_parent, attributes) as span:
-            async for msg in self._place_and_relay(rid, prompt, sampling, span):
-                yield msg
+        record = self.requests.start(rid, len(prompt))
+        outcome, error = "cancelled", ""  # unless the stream ends or fails: the client went away
+        try:
+            with tracing.start_span("generate", trace_parent, attributes) as span:
+                async for msg in self._place_and_relay(rid, prompt, sampling, span, record):
+                    yield msg
+            outcome = "ok"
+        except RouterError as exc:
+            outcome, error = exc.code.name, exc.message
+            raise
+        except Exception as exc:
+            outcome, error = grpc.StatusCode.INTERNAL.name, str(exc)
+            raise
+        finally:
+            self.requests.finish(record, outcome, error)
 
     async def _place_and_relay(
-        self, rid: str, prompt: list[int], sampling: pb.SamplingParameters, span: Span
+        self, rid: str, prompt: list[int], sampling: pb.SamplingParameters, span: Span, record: RequestRecord
     ) -> AsyncIterator[pb.GenerateResponse]:
-        arrived = time.monotonic()
+        arrived = record.arrived
         max_tokens = sampling.max_tokens if sampling.HasField("max_tokens") else DEFAULT_MAX_TOKENS
         timer = RequestTimer(self.metrics, self.config.model_name, arrived)
         relay = Relay(
-            rid, arrived, len(prompt), sampling.HasField("logprobs"), self.metrics.observe_usage, timer
+            rid,
+            arrived,
+            len(prompt),
+            sampling.HasField("logprobs"),
+            self.metrics.observe_usage,
+            timer,
+            record,
         )
         failed: set[str] = set()
         reasons: list[str] = []
@@ -191,6 +211,7 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
             attempt_id = rid if attempt == 0 else f"{rid}#{attempt}"
             _trace_placement(span, attempt, placement)
             timer.route = "pair" if placement.disaggregated else "colocated"
+            record.placed(timer.route, _nodes_of(placement))
             try:
                 if placement.disaggregated:
                     stream = self._via_pair(attempt_id, prompt, sampling, placement, relay, span)
@@ -203,6 +224,7 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
             except _Retry as retry:
                 failed.add(retry.node_id)
                 reasons.append(str(retry))
+                record.retries.append(str(retry))
                 span.add_event(
                     "retry", {"splitserve.node_id": retry.node_id, "splitserve.reason": str(retry)}
                 )
@@ -251,6 +273,7 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
                     ),
                 )
             reserved = True
+            prefill_started = time.monotonic()
             with tracing.start_span("Prefill", trace, {"splitserve.node_id": prefill.info.node_id}) as call:
                 first = await self._call(
                     prefill,
@@ -272,6 +295,7 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
             self.tracker.done(prefill.info.node_id, rid)
             relay.cached = max(relay.cached, first.cached_prompt_tokens)
             relay.charge(first.charges)
+            relay.prefilled(prefill_started, first)
             if first.finish_reason != pb.FINISH_REASON_UNSPECIFIED:
                 yield relay.message(rid, first.first_text, [first.first_token], first.finish_reason)
                 return
@@ -349,6 +373,12 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
         # A failure means the node is gone or the reservation already expired: either way nothing is held.
         with contextlib.suppress(grpc.aio.AioRpcError):
             await decode_stub.Abort(cpb.AbortRequest(request_id=rid), timeout=self.config.rpc_timeout_s)
+
+
+def _nodes_of(placement: Placement) -> dict[str, str]:
+    if placement.disaggregated:
+        return {"prefill": placement.prefill or "", "decode": placement.decode or ""}
+    return {"borrowed" if placement.borrowed else "colocated": placement.colocated or ""}
 
 
 def _trace_placement(span: Span, attempt: int, placement: Placement) -> None:

@@ -11,6 +11,8 @@ import time
 from collections.abc import Callable
 
 from router.metrics import RequestTimer
+from router.request_log import RequestRecord
+from splitserve.v1 import cluster_pb2 as cpb
 from splitserve.v1 import inference_pb2 as pb
 
 
@@ -43,6 +45,7 @@ class Relay:
         with_logprobs: bool,
         on_finish: Callable[[pb.Usage], None] | None = None,
         timer: RequestTimer | None = None,
+        record: RequestRecord | None = None,
     ) -> None:
         self.request_id = request_id
         self.with_logprobs = with_logprobs
@@ -54,6 +57,7 @@ class Relay:
         self.charges = pb.ChargeBreakdown()
         self.on_finish = on_finish
         self.timer = timer
+        self.record = record
 
     def charge(self, part: pb.ChargeBreakdown) -> None:
         """Add one node's share (a prefill response's, or a decode or colocated node's final usage)."""
@@ -62,6 +66,16 @@ class Relay:
         ours, theirs = self.charges.power_source, part.power_source
         if theirs and ours != theirs:
             self.charges.power_source = theirs if not ours else "mixed"
+
+    def prefilled(self, rpc_started: float, response: cpb.PrefillResponse) -> None:
+        """A prefill node answered; its split of the time goes to the request's record."""
+        if self.record is None:
+            return
+        self.record.prefilled(
+            rpc_started, response.queue_seconds, response.compute_seconds, response.transfer_wait_seconds
+        )
+        self.record.transfer_seconds += response.kv_transfer_seconds
+        self.record.transfer_bytes += response.kv_transfer_bytes
 
     def message(
         self, rid: str, text: str, tokens: list[pb.TokenLogprob], finish: int = pb.FINISH_REASON_UNSPECIFIED
@@ -82,6 +96,9 @@ class Relay:
         self.delivered.extend(msg.token_ids)
         if self.timer is not None:
             self.timer.tokens(len(msg.token_ids), now)
+        if self.record is not None and msg.token_ids:
+            self.record.first_token(now)
+            self.record.output_tokens = len(self.delivered)
         if msg.finish_reason != pb.FINISH_REASON_UNSPECIFIED:
             self.charge(msg.usage.charges)  # the finishing node's share
             c = self.charges
@@ -98,6 +115,8 @@ class Relay:
             )
             if self.on_finish is not None:
                 self.on_finish(msg.usage)
+            if self.record is not None:
+                self.record.energy_joules, self.record.cost_usd = msg.usage.energy_joules, msg.usage.cost_usd
             if self.timer is not None:
                 self.timer.finished(now)
         return msg

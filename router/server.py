@@ -20,6 +20,8 @@ from aiohttp import web
 from engine.tokenizer import Tokenizer
 from ops import tracing
 from ops.cluster_state import ClusterView
+from ops.dashboard.app import add_dashboard
+from ops.dashboard.snapshot import DashboardSource
 from ops.grpc_util import make_server
 from router.auth import ApiKeyInterceptor
 from router.inference import InferenceService, RouterConfig
@@ -76,7 +78,10 @@ async def run_router(options: RouterOptions) -> int:
     inference_pb2_grpc.add_InferenceServicer_to_server(service, server)
     await server.start()
     await health.set(True)
-    runner = web.AppRunner(create_app(service, api_key), access_log=None, shutdown_timeout=options.grace_s)
+    app = create_app(service, api_key)
+    source = DashboardSource(service.config.model_name, view, service.requests, service.policy, bool(api_key))
+    add_dashboard(app, source, options.redis_url, api_key)
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=options.grace_s)
     await runner.setup()
     site = web.TCPSite(runner, options.host, options.http_port)
     await site.start()

@@ -2,9 +2,20 @@
 
 records: NodeInfo, LoadReport, events, key names and JSON encoding (its docstring describes the key layout and the
 life of a registration). node: NodeRegistration and LoadPublisher, what a node runs. view: ClusterView, what a
-router runs.
+router runs. control: NodeControl, an operator's drain/resume/move of one node (written by a router, polled by the
+node).
 """
 
+from ops.cluster_state.control import (
+    CONTROL_TTL_S,
+    NodeControl,
+    clear_control,
+    control_key,
+    decode_control,
+    encode_control,
+    read_control,
+    write_control,
+)
 from ops.cluster_state.node import LoadPublisher, NodeRegistration
 from ops.cluster_state.records import (
     DEFAULT_RESYNC_S,
@@ -36,6 +47,7 @@ from ops.cluster_state.records import (
 from ops.cluster_state.view import ClusterView
 
 __all__ = [
+    "CONTROL_TTL_S",
     "DEFAULT_RESYNC_S",
     "DEFAULT_TIMEOUT_S",
     "DEFAULT_TTL_S",
@@ -50,18 +62,25 @@ __all__ = [
     "InvalidRecord",
     "LoadPublisher",
     "LoadReport",
+    "NodeControl",
     "NodeInfo",
     "NodeRegistration",
     "NodeState",
     "NotRegistered",
     "Role",
+    "clear_control",
     "connect",
+    "control_key",
+    "decode_control",
     "decode_event",
     "decode_load",
     "decode_node",
+    "encode_control",
     "encode_event",
     "encode_load",
     "encode_node",
     "load_key",
     "node_key",
+    "read_control",
+    "write_control",
 ]

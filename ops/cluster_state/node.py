@@ -12,6 +12,7 @@ from typing import Self
 
 import redis
 
+from ops.cluster_state.control import NodeControl, control_key, read_control
 from ops.cluster_state.records import (
     DEFAULT_TIMEOUT_S,
     DEFAULT_TTL_S,
@@ -93,14 +94,19 @@ class NodeRegistration:
             pipe.publish(EVENTS_CHANNEL, encode_event(Event("load", info.node_id, load=report)))
             pipe.execute()
 
+    def read_control(self) -> NodeControl | None:
+        """The operator's control of this node (ops/cluster_state/control.py), renewing its TTL; None if none."""
+        return read_control(self._client, self._registered().node_id, renew=True)
+
     def deregister(self) -> None:
-        """Removes the node from every view at once. Idempotent; a no-op when not registered."""
+        """Removes the node from every view at once and drops its control. Idempotent; no-op when not registered."""
         with self._lock:
             if self._info is None:
                 return
             node_id = self._info.node_id
             pipe = self._client.pipeline(transaction=True)
-            pipe.delete(node_key(node_id), load_key(node_id))
+            # The control too: it was meant for this process, not for the next one under the same id.
+            pipe.delete(node_key(node_id), load_key(node_id), control_key(node_id))
             pipe.hdel(INDEX_KEY, node_id)
             pipe.publish(EVENTS_CHANNEL, encode_event(Event("deregister", node_id)))
             pipe.execute()

@@ -7,6 +7,7 @@ finds it through OTEL_EXPORTER_OTLP_ENDPOINT, which its processes inherit.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import threading
 import time
@@ -14,15 +15,17 @@ import urllib.request
 from collections import defaultdict
 from collections.abc import Iterator
 from concurrent import futures
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
 import pytest
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 
+from ops.cluster_state import ClusterView
 from ops.launcher import ClusterSpec, LocalCluster
 from tests.integration.cluster_client import generate_many
+from tests.integration.test_cluster_failures import MAX_TOKENS, prompts, stream_all_and_kill
 
 pytestmark = pytest.mark.timeout(120)
 REQUESTS = 3
@@ -37,6 +40,8 @@ class ReceivedSpan:
     span_id: bytes
     parent_id: bytes  # b"" for a root
     events: tuple[str, ...]
+    attributes: dict[str, str] = field(default_factory=dict)  # the span's string attributes
+    event_attributes: tuple[dict[str, str], ...] = ()  # each event's string attributes, in order
 
 
 class _Receiver(trace_service_pb2_grpc.TraceServiceServicer):
@@ -52,9 +57,11 @@ class _Receiver(trace_service_pb2_grpc.TraceServiceServicer):
                     for s in scope.spans:
                         name = attributes.get("service.name", "")
                         events = tuple(e.name for e in s.events)
-                        self.spans.append(
-                            ReceivedSpan(name, s.name, s.trace_id, s.span_id, s.parent_span_id, events)
-                        )
+                        span = ReceivedSpan(
+                            name, s.name, s.trace_id, s.span_id, s.parent_span_id, events,
+                            _strings(s.attributes), tuple(_strings(e.attributes) for e in s.events),
+                        )  # fmt: skip
+                        self.spans.append(span)
         return trace_service_pb2.ExportTraceServiceResponse()
 
     def snapshot(self) -> list[ReceivedSpan]:
@@ -75,6 +82,10 @@ def receiver(monkeypatch: pytest.MonkeyPatch) -> Iterator[_Receiver]:
         yield service
     finally:
         server.stop(grace=None)
+
+
+def _strings(attributes) -> dict[str, str]:
+    return {a.key: a.value.string_value for a in attributes if a.value.HasField("string_value")}
 
 
 def wait_for_roots(receiver: _Receiver, count: int) -> None:
@@ -171,3 +182,33 @@ def test_an_http_callers_traceparent_becomes_the_parent_of_the_request(
     wait_for_roots(receiver, 1)
     (root,) = [s for s in receiver.snapshot() if s.name == "generate" and s.service == "splitserve-router"]
     assert (root.trace_id, root.parent_id) == (bytes.fromhex(trace_id), bytes.fromhex(caller_span))
+
+
+def test_a_decode_node_dying_mid_stream_is_a_retry_event_on_the_requests_it_served(
+    llama_dir: Path, receiver: _Receiver
+) -> None:
+    batch = prompts(6, 40, seed=3)
+    spec = ClusterSpec(model_dir=llama_dir, prefill=1, decode=2, grpc_port=0, http_port=0)
+    with LocalCluster(spec) as cluster, ClusterView(cluster.redis_url) as view:
+        victim = cluster.by_role("decode")[0]
+        results, _, progress, _ = asyncio.run(
+            stream_all_and_kill(cluster, view, batch, victim, after_tokens=5)
+        )
+        assert min(progress) < MAX_TOKENS, "every stream finished before the kill: the test proved nothing"
+        assert all(r and len(r.token_ids) == MAX_TOKENS for r in results)
+    wait_for_roots(receiver, len(batch))
+    roots = [s for s in receiver.snapshot() if s.name == "generate" and s.service == "splitserve-router"]
+    assert len(roots) == len(batch)
+    on_victim = [r for r in roots if r.attributes["splitserve.decode_node"] == victim.node_id]
+    assert on_victim, "no request was placed on the node that was killed"
+    for root in roots:
+        if root in on_victim:
+            # Placed on the victim, retried when it died, placed again on the survivor.
+            assert root.events == ("placed", "retry", "placed")
+            retry = root.event_attributes[1]
+            assert (
+                retry["splitserve.node_id"] == victim.node_id and "mid-stream" in retry["splitserve.reason"]
+            )
+            assert root.event_attributes[2]["splitserve.decode_node"] != victim.node_id
+        else:
+            assert root.events == ("placed",)
