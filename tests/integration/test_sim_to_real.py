@@ -4,11 +4,11 @@ The median TTFT and the median per-request TBT (mean time between tokens) must a
 
 Status: a timed comparison, so not part of `make test` (no timed assertion gates CI); run it with
 `pytest -m timing tests/integration/test_sim_to_real.py`. Record on the shared 2-core VM: 2026-11-22, 9 runs in a
-row, all within 25% (sim/real medians: TTFT 0.76-0.96x, TBT 0.83-1.11x). Earlier (before decode nodes stopped
-polling their transport while no KV was due, and before the engine stopped snapshotting the scheduler every step)
-TBT came out at 0.59-0.95x and about half the runs passed. The same engine step on this VM still flips between ~13
-and ~21 ms from one few-second stretch to the next (a bare engine loop, nothing else running), which is most of the
-spread that is left.
+row, all within 25% (sim/real medians: TTFT 0.76-0.96x, TBT 0.83-1.11x). Six earlier runs gave TBT 0.59-0.95x
+and passed about half the time; since then the engine stopped snapshotting the scheduler around every step, and the
+machine may have been quieter (how much each contributed is unknown). The same engine step on this VM still flips
+between ~13 and ~21 ms from one few-second stretch to the next (a bare engine loop, nothing else running), which is
+most of the spread that is left.
 
 What the simulator models: prompt batches of up to 2048 tokens timed by the profile's prompt curve, decode batches
 timed by its token curve, FCFS queues, KV transfer time from link bandwidth. The nodes get the same batching rules
