@@ -10,6 +10,10 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ops.launcher import Process
 
 EXIT_USAGE = 2
 
@@ -515,6 +519,8 @@ def _cmd_up(args: argparse.Namespace) -> int:
             f"splitserve: serving {model.name} on grpc://{cluster.router_address} (Ctrl-C stops)", flush=True
         )
         while not stop.wait(0.5):
+            for proc, event in cluster.poll_events():
+                _report_node_event(proc, event)
             dead = [p for p in cluster.processes if p.popen.poll() is not None]
             if dead:
                 print(
@@ -524,6 +530,18 @@ def _cmd_up(args: argparse.Namespace) -> int:
                 break
     print("splitserve: stopped", flush=True)
     return 0
+
+
+def _report_node_event(proc: Process, event: dict[str, object]) -> None:
+    """What an operator did to a node of `splitserve up` (drain, resume, move from the dashboard), as it happens."""
+    kind, node_id = event.get("event"), event.get("node_id", "")
+    if kind in ("draining", "resumed"):
+        print(f"splitserve: {node_id} {kind}", flush=True)
+    elif kind == "moving":
+        print(f"splitserve: {node_id} is moving to the {event.get('to')} pool", flush=True)
+    elif kind == "ready":
+        metrics = f"  metrics http://{proc.metrics_address}/metrics"
+        print(f"splitserve: {proc.role:<9} {node_id!s:<40} {proc.address}{metrics}", flush=True)
 
 
 if __name__ == "__main__":

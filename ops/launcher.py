@@ -159,6 +159,27 @@ class LocalCluster:
         self.processes.append(proc)
         return proc
 
+    def poll_events(self) -> list[tuple[Process, dict[str, object]]]:
+        """The JSON events the processes printed since the last call, without waiting. A node's new `ready` line
+        (it moved to another pool: same process, new role) updates its Process."""
+        events = []
+        for proc in self.processes:
+            while True:
+                try:
+                    line = proc.lines.get_nowait()
+                except queue.Empty:
+                    break
+                if line is None:  # the process closed its output: keep the marker for whoever waits on it
+                    proc.lines.put(None)
+                    break
+                event = _event(line)
+                if event.get("event") == "ready":
+                    proc.ready = event
+                    proc.role = str(event.get("role", proc.role))
+                if event:
+                    events.append((proc, event))
+        return events
+
     def _await_ready(self, proc: Process) -> None:
         deadline = time.monotonic() + READY_TIMEOUT_S
         while time.monotonic() < deadline:

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any, Protocol, cast
 
 import grpc
+import redis
 
 from engine.async_engine import AsyncEngine
 from engine.config import EngineConfig, EngineRole
@@ -177,7 +178,7 @@ async def run_node(options: NodeOptions, service_names: list[str], attach: Attac
     while time.monotonic() - started < options.drain_timeout_s and _busy(async_engine, service):
         await asyncio.sleep(IDLE_POLL_S)
     publisher.stop()
-    registration.deregister()
+    _deregister(registration)
     await server.stop(grace=1.0)
     await metrics_server.stop()
     if hasattr(service, "stop"):
@@ -227,6 +228,18 @@ def _busy(engine: AsyncEngine, service: NodeService) -> bool:
     load = engine.load
     in_engine = load.running_requests > 0 or load.waiting_requests > 0 or engine.open_streams > 0
     return in_engine or getattr(service, "pending_work", 0) > 0
+
+
+def _deregister(registration: NodeRegistration) -> None:
+    """Leave the cluster now; with Redis unreachable, say so and go on stopping: the node's key expires by itself
+    within its lease (2 s), so routers drop it all the same."""
+    try:
+        registration.deregister()
+    except redis.RedisError as exc:
+        print(
+            f"splitserve: could not deregister (Redis unreachable: {exc}); the lease expires it",
+            file=sys.stderr,
+        )
 
 
 def _stop_on_signal() -> asyncio.Event:

@@ -27,7 +27,7 @@ from opentelemetry.trace import Span
 from engine.tokenizer import Tokenizer
 from ops import tracing
 from ops.cluster_state import ClusterView, NodeState
-from router.cluster_index import ClusterIndex
+from router.cluster_index import ClusterIndex, RoleArrays
 from router.load_tracker import LoadTracker
 from router.metrics import RequestTimer, RouterMetrics
 from router.node_clients import NodeClients
@@ -202,8 +202,10 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
                 tbt_slo_s=self.config.tbt_slo_s,
             )
             self.index.update(self.view.nodes())
-            placement = self.policy.place(wanted, self.index.for_request(self.tracker, exclude=failed))
+            roles = self.index.for_request(self.tracker, exclude=failed)
+            placement = self.policy.place(wanted, roles)
             if placement is None:
+                reasons.append(_pools_summary(roles))
                 break
             if relay.delivered and not placement.disaggregated:
                 reasons.append("a stream can resume on a (prefill, decode) pair only, and none is left")
@@ -373,6 +375,12 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
         # A failure means the node is gone or the reservation already expired: either way nothing is held.
         with contextlib.suppress(grpc.aio.AioRpcError):
             await decode_stub.Abort(cpb.AbortRequest(request_id=rid), timeout=self.config.rpc_timeout_s)
+
+
+def _pools_summary(roles: dict[str, RoleArrays]) -> str:
+    """Why nothing could be placed, for the client and the operator: usable nodes per pool."""
+    counts = ", ".join(f"{role} {int(arrays.usable.sum())}/{len(arrays)}" for role, arrays in roles.items())
+    return f"usable nodes per pool: {counts}"
 
 
 def _nodes_of(placement: Placement) -> dict[str, str]:

@@ -101,5 +101,7 @@ def test_no_nodes_is_unavailable_quickly(llama_dir: Path) -> None:
         started = time.monotonic()
         code, details = status_of(empty.router_address, [5, 6, 7], max_tokens=3)
         assert code == grpc.StatusCode.UNAVAILABLE and "no node could serve" in details
+        # It says why, so an operator can tell an empty pool from a full one.
+        assert "usable nodes per pool: prefill 0/0, decode 0/0, colocated 0/0" in details
         # Not a performance bound: it shows the router answers at once instead of waiting out RPC deadlines (60 s).
         assert time.monotonic() - started < 10.0

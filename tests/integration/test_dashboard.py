@@ -277,6 +277,16 @@ def test_moving_a_node_through_the_dashboard_api(cluster: LocalCluster, llama_di
     newcomer = next(n for n in state(cluster)["nodes"] if n["node_id"] not in before)
     assert newcomer["pool"] == "decode" and newcomer["health"] == "ok"
     assert colocated.popen.poll() is None  # the same OS process, restarted in its new role
+    # The launcher (what `splitserve up` prints from) follows it: a `moving` event, then its new ready line.
+    kinds: list[object] = []
+
+    def came_back() -> bool:
+        kinds.extend(event["event"] for proc, event in cluster.poll_events() if proc is colocated)
+        return "ready" in kinds
+
+    wait_until(came_back, "the moved node's new ready line")
+    assert "moving" in kinds and kinds.index("moving") < kinds.index("ready")
+    assert colocated.role == "decode" and colocated.node_id == newcomer["node_id"]
     reply = client(cluster).completions.create(
         model=llama_dir.name, prompt=prompt(30), max_tokens=4, extra_body={"ignore_eos": True}
     )
