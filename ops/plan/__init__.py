@@ -19,4 +19,5 @@ Modules, in the order a plan uses them:
   planner      all designs, then the paper's direction checks (checks)
   paper        the paper's figures and ours beside them
   report, plot the table, the JSON and the PNG; command and arguments: the CLI
+  cluster_spec the SplitserveCluster that runs an answer (--cluster-out)
 """

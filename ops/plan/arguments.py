@@ -98,3 +98,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     out.add_argument("--output", type=Path, default=None, help="write the plan as JSON here")
     out.add_argument("--plot", type=Path, default=None, help="save a PNG of the plan here")
     out.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    cluster = parser.add_argument_group("SplitserveCluster of the answer (docs/planning.md)")
+    cluster.add_argument(
+        "--cluster-out",
+        type=Path,
+        default=None,
+        help="write a SplitserveCluster YAML of the chosen pool sizes here",
+    )
+    cluster.add_argument(
+        "--cluster-design",
+        default=None,
+        help="the phase-split design whose answer it runs (default: the one that best serves the goal)",
+    )
+    cluster.add_argument(
+        "--cluster-template",
+        type=Path,
+        default=None,
+        help="a SplitserveCluster YAML to start from: only the prefill/decode replicas and machineType are set",
+    )
+    cluster.add_argument(
+        "--cluster-name", default=None, help="its metadata.name (default: the template's, else the design's)"
+    )

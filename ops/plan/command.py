@@ -6,7 +6,8 @@
         --design splitwise-hh --jobs 2 --output plan.json --plot plan.png
 
 Exit codes: 0 a plan was found (some designs may have none); 3 no design has a feasible configuration (the table
-says why, and the JSON has "feasible": false); 2 bad input (one line on stderr); 1 the plan ran past --time-limit.
+says why, and the JSON has "feasible": false; with --cluster-out, also when the design it would write has none);
+2 bad input (one line on stderr); 1 the plan ran past --time-limit.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from ops.machines import MachineType, load_catalog
 from ops.perfmodel import PerfModel
 from ops.plan import report
 from ops.plan.budget import parse_budget
+from ops.plan.cluster_spec import ClusterOutput
+from ops.plan.cluster_spec import prepare as prepare_cluster_output
 from ops.plan.designs import DesignSpec, resolve_designs
 from ops.plan.estimate import CapacityGuess, load_perf_models
 from ops.plan.evaluate import Evaluator
@@ -70,6 +73,7 @@ def _run(args: argparse.Namespace) -> int:
         max_machines=args.max_machines,
     )
     sim_config = SimConfig(**shared_config(args), catalog=catalog)
+    cluster_output = prepare_cluster_output(args, specs, catalog)
     guess_from = _perf_models(sim_config, specs, catalog)
     sample = TraceSample.load(
         args.trace, start=args.start, limit=args.limit, arrivals=args.arrivals, seed=args.seed
@@ -93,7 +97,8 @@ def _run(args: argparse.Namespace) -> int:
         from ops.plan.plot import save_plot
 
         save_plot(result, args.plot, report_title)
-    return 0 if result.feasible else EXIT_INFEASIBLE
+    written = cluster_output is None or _write_cluster(cluster_output, result)
+    return 0 if result.feasible and written else EXIT_INFEASIBLE
 
 
 def _prices(
@@ -162,6 +167,15 @@ def _print_progress(result: object) -> None:
             file=sys.stderr,
             flush=True,
         )
+
+
+def _write_cluster(output: ClusterOutput, result: PlanResult) -> bool:
+    why_not = output.write(result)
+    if why_not is not None:
+        print(f"splitserve plan: {output.path} not written: {why_not}", file=sys.stderr)
+        return False
+    print(f"SplitserveCluster written to {output.path}")
+    return True
 
 
 def _write_json(path: Path, document: dict[str, Any]) -> None:
