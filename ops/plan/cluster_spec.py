@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 
 from ops.machines import MachineType
+from ops.operator.labels import GROUP, KIND, VERSION
 from ops.operator.render import render
 from ops.operator.spec import NODE_POOLS, check_cluster_name, parse_spec
 from ops.plan.budget import spend
@@ -26,8 +27,7 @@ from ops.plan.designs import DesignSpec
 from ops.plan.outcome import GOAL_SPEND, DesignPlan, maximises_throughput
 from ops.plan.planner import PlanResult
 
-API_VERSION = "splitserve.io/v1alpha1"
-KIND = "SplitserveCluster"
+API_VERSION = f"{GROUP}/{VERSION}"
 # Without a template the model volume is unknown: a PVC of this name, which the header comment says to edit.
 PLACEHOLDER_PVC = "models"
 # render() needs a namespace; the objects are only checked, never applied, so any valid one will do.
