@@ -91,6 +91,13 @@ def check_schema_rejections() -> list[str]:
             "minReplicas must not exceed",
         ),
         ("sources", {"model": {"name": "m", "demo": True, "pvcName": "p"}}, "exactly one of pvcName"),
+        (
+            "colocated-both",
+            {"colocated": {"replicas": 2, "autoscaling": {"maxReplicas": 3}}},
+            "set replicas or autoscaling",
+        ),
+        # bad-<this> is 54 characters: fine without a colocated pool, one too many for NAME-colocated
+        ("colocated-name".ljust(50, "x"), {"colocated": {"replicas": 1}}, "with a colocated pool the name"),
     ]
     failures = []
     for name, changes, expected in cases:
@@ -122,6 +129,12 @@ def check_defaults() -> list[str]:
     ]
     if "replicas" in spec.get("decode", {}):
         failures.append("replicas was defaulted: it would clash with autoscaling")
+    if "colocated" in spec:
+        failures.append("an absent colocated pool was stored with defaults")
+    create(example("colocated", colocated={"replicas": 1}))
+    colocated = read("colocated")["spec"]["colocated"]
+    if (colocated.get("replicas"), colocated.get("machineType")) != (1, "cpu"):
+        failures.append(f"a colocated pool was stored as {colocated!r}, without its defaults")
     if not failures:
         print("test-apiserver: defaults stored")
     return failures

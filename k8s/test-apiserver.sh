@@ -5,8 +5,9 @@
 # What it checks, with Kubernetes' own apiextensions-apiserver (the CRD half of kube-apiserver) on etcd:
 #   1. the API server accepts the CRD (structural schema, CEL rules compile) and reports it Established;
 #   2. it rejects bad SplitserveClusters with the schema's messages: negative replicas, an unknown KV backend,
-#      replicas together with autoscaling, minReplicas > maxReplicas, two model sources;
-#   3. it stores a good one with the CRD's defaults filled in;
+#      replicas together with autoscaling, minReplicas > maxReplicas, two model sources, a colocated pool with
+#      replicas and autoscaling, a name too long for NAME-colocated;
+#   3. it stores a good one with the CRD's defaults filled in (and an absent colocated pool absent);
 #   4. `splitserve operator` (kopf, through k8s/apiserver_discovery_proxy.py) on a resource the schema accepts but
 #      render() refuses (an unknown machine type) writes a Degraded condition with the one-line message; once the
 #      spec is fixed, Degraded says why applying failed; the operator keeps running throughout (no crash loop).

@@ -5,7 +5,7 @@ checks the committed file against this. The schema is structural (every node typ
 tests/unit/test_k8s_manifests.py), carries spec.py's defaults, and its CEL rules reject the cross-field mistakes
 at `kubectl apply` time: replicas and autoscaling together, minReplicas > maxReplicas, more than one model source.
 
-No scale subresource: a CRD has at most one, and a SplitserveCluster has three pools; each pool's Deployment
+No scale subresource: a CRD has at most one, and a SplitserveCluster has three or four pools; each pool's Deployment
 (or its HPA) is what scales, driven by the pool's replicas or autoscaling fields.
 """
 
@@ -14,7 +14,15 @@ from __future__ import annotations
 from typing import Any
 
 from ops.operator.labels import GROUP, KIND, PLURAL, VERSION
-from ops.operator.spec import DEFAULTS, KV_BACKENDS, MAX_CLUSTER_NAME, PULL_POLICIES
+from ops.operator.spec import (
+    COLOCATED,
+    DEFAULTS,
+    KV_BACKENDS,
+    MAX_CLUSTER_NAME,
+    MAX_COLOCATED_CLUSTER_NAME,
+    POOLS,
+    PULL_POLICIES,
+)
 
 Schema = dict[str, Any]
 
@@ -57,7 +65,8 @@ def crd() -> dict[str, Any]:
 def _root_schema() -> Schema:
     return {
         "type": "object",
-        "description": "A splitserve cluster: a router pool and prefill and decode node pools sharing one Redis.",
+        "description": "A splitserve cluster: a router pool, prefill and decode node pools and an optional colocated"
+        " pool sharing one Redis.",
         "required": ["spec"],
         "properties": {
             "apiVersion": _string(),
@@ -70,7 +79,16 @@ def _root_schema() -> Schema:
             {
                 "rule": f"self.metadata.name.size() <= {MAX_CLUSTER_NAME}",
                 "message": f"the name must be at most {MAX_CLUSTER_NAME} characters (object names add -prefill)",
-            }
+            },
+            {
+                # NAME-colocated is longer than NAME-prefill. As in spec.py, the pool is rendered (and its name
+                # matters) when it has autoscaling or replicas > 0; absent or unset replicas mean 0.
+                "rule": f"!has(self.spec.{COLOCATED}) || (!has(self.spec.{COLOCATED}.autoscaling)"
+                f" && (!has(self.spec.{COLOCATED}.replicas) || self.spec.{COLOCATED}.replicas == 0))"
+                f" || self.metadata.name.size() <= {MAX_COLOCATED_CLUSTER_NAME}",
+                "message": f"with a colocated pool the name must be at most {MAX_COLOCATED_CLUSTER_NAME} characters"
+                " (object names add -colocated)",
+            },
         ],
     }
 
@@ -84,6 +102,14 @@ def _spec_schema() -> Schema:
             "router": _pool_schema("router", _router_fields()),
             "prefill": _pool_schema("prefill", _node_fields()),
             "decode": _pool_schema("decode", _node_fields()),
+            COLOCATED: _pool_schema(
+                COLOCATED,
+                _node_fields(),
+                default_replicas=DEFAULTS["colocated.replicas"],
+                description="nodes that run whole requests (the router's fallback and the baseline); "
+                "absent or with replicas 0 (the default), no objects are made for it",
+                optional=True,
+            ),
             "kvTransfer": _object(
                 {
                     "backend": _string(default=DEFAULTS["kvTransfer.backend"], enum=list(KV_BACKENDS)),
@@ -156,10 +182,19 @@ def _model_schema() -> Schema:
     )
 
 
-def _pool_schema(role: str, role_fields: dict[str, Schema]) -> Schema:
+def _pool_schema(
+    role: str,
+    role_fields: dict[str, Schema],
+    *,
+    default_replicas: int = DEFAULTS["pool.replicas"],
+    description: str | None = None,
+    optional: bool = False,
+) -> Schema:
     fields = {
-        # No default: a defaulted replicas would clash with autoscaling; spec.py uses 1 when neither is set.
-        "replicas": _integer("pods in the pool (default 1); leave unset with autoscaling", minimum=0),
+        # No default: a defaulted replicas would clash with autoscaling; spec.py fills it in when neither is set.
+        "replicas": _integer(
+            f"pods in the pool (default {default_replicas}); leave unset with autoscaling", minimum=0
+        ),
         "autoscaling": _autoscaling_schema(),
         "resources": _resources_schema(),
         "env": _string_map("extra environment variables"),
@@ -172,7 +207,13 @@ def _pool_schema(role: str, role_fields: dict[str, Schema]) -> Schema:
         ),
         **role_fields,
     }
-    return _object(fields, description=f"the {role} pool", default={}, rules=[REPLICAS_XOR_AUTOSCALING])
+    return _object(
+        fields,
+        description=description or f"the {role} pool",
+        # An optional pool gets no default {}: absent, it stays absent in stored resources.
+        default=None if optional else {},
+        rules=[REPLICAS_XOR_AUTOSCALING],
+    )
 
 
 def _router_fields() -> dict[str, Schema]:
@@ -256,7 +297,7 @@ def _status_schema() -> Schema:
                 "x-kubernetes-list-type": "map",
                 "x-kubernetes-list-map-keys": ["type"],
             },
-            "pools": _object({role: pool_status for role in ("router", "prefill", "decode")}),
+            "pools": _object({role: pool_status for role in POOLS}),
         }
     )
 
@@ -265,10 +306,15 @@ def _printer_columns() -> list[dict[str, Any]]:
     columns: list[dict[str, Any]] = [
         {"name": "Ready", "type": "string", "jsonPath": '.status.conditions[?(@.type=="Ready")].status'}
     ]
-    for role in ("router", "prefill", "decode"):
-        columns.append(
-            {"name": role.capitalize(), "type": "integer", "jsonPath": f".status.pools.{role}.readyReplicas"}
-        )
+    for role in POOLS:
+        column: dict[str, Any] = {
+            "name": role.capitalize(),
+            "type": "integer",
+            "jsonPath": f".status.pools.{role}.readyReplicas",
+        }
+        if role == COLOCATED:  # an optional pool: shown with -o wide, so plain `kubectl get` stays as it was
+            column["priority"] = 1
+        columns.append(column)
     columns.append(
         {
             "name": "Reason",

@@ -23,9 +23,9 @@ from typing import Any
 import kopf
 
 from ops.operator.apply import ClusterApplier
-from ops.operator.labels import GROUP, PLURAL, VERSION, Owner
+from ops.operator.labels import COMPONENT, GROUP, PLURAL, VERSION, Owner
 from ops.operator.render import render
-from ops.operator.spec import SpecError
+from ops.operator.spec import POOLS, SpecError
 from ops.operator.status import PoolState, cluster_status
 
 RESYNC_INTERVAL_S = 20.0
@@ -99,7 +99,7 @@ def _reconcile(
         status = cluster_status(_generation(body), {}, _conditions(body), _now(), apply_error=str(exc))
         _patch_status(patch, body, status)
         raise
-    _write_status(patch, body, applier, namespace, name)
+    _write_status(patch, body, applier, namespace, name, objects)
 
 
 def _namespace_of(namespace: str | None) -> str:
@@ -109,15 +109,22 @@ def _namespace_of(namespace: str | None) -> str:
 
 
 def _write_status(
-    patch: kopf.Patch, body: kopf.Body, applier: ClusterApplier, namespace: str, name: str
+    patch: kopf.Patch,
+    body: kopf.Body,
+    applier: ClusterApplier,
+    namespace: str,
+    name: str,
+    objects: list[dict[str, Any]],
 ) -> None:
     with _api_errors_retried("read Deployments"):
         deployments = applier.deployments(namespace, name)
+    # Ready waits for every Deployment render() made: the managed Redis too, a colocated pool only when it has pods.
+    rendered = {o["metadata"]["labels"][COMPONENT] for o in objects if o["kind"] == "Deployment"}
     pools = {
-        component: PoolState.of(deployments.get(component)) for component in ("router", "prefill", "decode")
+        component: PoolState.of(deployments.get(component))
+        for component in (*POOLS, "redis")
+        if component in rendered
     }
-    if "redis" in deployments:  # a managed Redis must be up for the cluster to be Ready
-        pools["redis"] = PoolState.of(deployments["redis"])
     _patch_status(patch, body, cluster_status(_generation(body), pools, _conditions(body), _now()))
 
 

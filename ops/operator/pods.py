@@ -1,4 +1,4 @@
-"""The Deployments: router, prefill and decode pods (and the managed Redis) as render() makes them.
+"""The Deployments: router, prefill, decode and colocated pods (and the managed Redis) as render() makes them.
 
 Rollouts are SIGTERM-safe: Kubernetes runs the preStop sleep first (the endpoints controller and the routers'
 Redis view stop sending new work meanwhile), then sends SIGTERM, on which a node stops taking work, finishes what
@@ -158,6 +158,8 @@ def _node_args(spec: ClusterSpec, pool: Pool) -> list[str]:
     # A node registers --host:--port in Redis for routers and peers to dial: it must be the pod's own IP.
     args = [pool.role, "--model", spec.model.directory, "--redis-url", "$(SPLITSERVE_REDIS_URL)"]
     args += ["--host", "$(POD_IP)", "--port", str(GRPC_PORT), "--metrics-port", str(HTTP_PORT)]
+    # A colocated node makes no KV transport, but takes --kv-backend anyway: a node that the pool control moves to
+    # prefill or decode comes back with these same flags and must then speak the cluster's backend.
     args += ["--kv-backend", spec.kv_transfer.backend, "--machine-type", pool.machine_type]
     args += ["--drain-timeout", str(pool.drain_timeout_s), "--dtype", pool.dtype]
     if pool.gpus:

@@ -3,9 +3,10 @@
 For a cluster NAME in namespace NS it makes
 - ServiceAccount NAME (no API token mounted: no component calls the API, so the pods get no Role either),
 - ConfigMap NAME-config: environment every pod reads (HF offline mode, UCX transports, the OTLP endpoint),
-- Deployments NAME-router, NAME-prefill, NAME-decode (pods.py), and NAME-redis when Redis is managed,
-- Services NAME-router (ClusterIP: gRPC 50051, HTTP 8000), NAME-prefill and NAME-decode (headless: DNS and
-  Prometheus discovery only, since routers find nodes through Redis), and NAME-redis when managed,
+- Deployments NAME-router, NAME-prefill, NAME-decode (pods.py), NAME-colocated when that pool has pods (or
+  autoscaling), and NAME-redis when Redis is managed,
+- Services NAME-router (ClusterIP: gRPC 50051, HTTP 8000), NAME-prefill, NAME-decode and NAME-colocated (headless:
+  DNS and Prometheus discovery only, since routers find nodes through Redis), and NAME-redis when managed,
 - a PodDisruptionBudget per pool (one pod at a time: node drains finish before the next eviction),
 - an autoscaling/v2 HorizontalPodAutoscaler per pool with autoscaling set.
 """
@@ -27,7 +28,7 @@ from ops.operator.labels import (
     selector_labels,
 )
 from ops.operator.pods import deployment, redis_deployment
-from ops.operator.spec import Autoscaling, ClusterSpec, Pool, check_cluster_name, parse_spec
+from ops.operator.spec import COLOCATED, Autoscaling, ClusterSpec, Pool, check_cluster_name, parse_spec
 
 
 def render(
@@ -36,6 +37,7 @@ def render(
     """The objects for cluster `name`; a raw `.spec` mapping is parsed first (SpecError if it is invalid)."""
     check_cluster_name(name)
     parsed = spec if isinstance(spec, ClusterSpec) else parse_spec(spec)
+    check_cluster_name(name, colocated=any(pool.role == COLOCATED for pool in parsed.pools()))
     config = _config_map(name, namespace, parsed, owner)
     config_hash = hashlib.sha256(json.dumps(config["data"], sort_keys=True).encode()).hexdigest()[:16]
     objects: list[dict[str, Any]] = [_service_account(name, namespace, owner), config]

@@ -19,8 +19,11 @@ from ops.machines import BUILTIN_MACHINES
 from ops.operator.fields import Fields, SpecError
 
 KV_BACKENDS = ("nixl", "torch")
-NODE_POOLS = ("prefill", "decode")
-POOLS = ("router", *NODE_POOLS)
+NODE_POOLS = ("prefill", "decode")  # the split pools every cluster has
+# Optional: nodes that run whole requests (the router's fallback when no prefill/decode pair is free, and the
+# baseline to compare against); with no pods it gets no objects at all.
+COLOCATED = "colocated"
+POOLS = ("router", *NODE_POOLS, COLOCATED)
 PULL_POLICIES = ("Always", "IfNotPresent", "Never")
 
 DEFAULTS: dict[str, Any] = {
@@ -28,6 +31,7 @@ DEFAULTS: dict[str, Any] = {
     "imagePullPolicy": "IfNotPresent",
     "model.mountPath": "/models",
     "pool.replicas": 1,
+    "colocated.replicas": 0,
     "pool.machineType": "cpu",
     "pool.gpus": 0,
     "pool.tensorParallelSize": 1,
@@ -47,8 +51,11 @@ DEFAULTS: dict[str, Any] = {
 
 ENV_NAME = re.compile(r"^[-._a-zA-Z][-._a-zA-Z0-9]*$")
 DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
-# Longest object name render() makes is NAME-prefill / NAME-decode; Service names must stay DNS labels (63).
-MAX_CLUSTER_NAME = 63 - len("-prefill")
+# Object names are NAME-<component>, and Service names must stay DNS labels (63). Every cluster has NAME-prefill;
+# NAME-colocated is longer, so a cluster that runs a colocated pool needs a shorter name.
+MAX_DNS_LABEL = 63
+MAX_CLUSTER_NAME = MAX_DNS_LABEL - len("-prefill")
+MAX_COLOCATED_CLUSTER_NAME = MAX_DNS_LABEL - len(f"-{COLOCATED}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,9 +82,9 @@ class Resources:
 
 @dataclass(frozen=True, slots=True)
 class Pool:
-    """One Deployment's worth of router, prefill or decode processes."""
+    """One Deployment's worth of router, prefill, decode or colocated processes."""
 
-    role: str  # router | prefill | decode
+    role: str  # router | prefill | decode | colocated
     replicas: int | None  # None: the HPA owns the count (autoscaling is set)
     autoscaling: Autoscaling | None
     resources: Resources
@@ -143,6 +150,7 @@ class ClusterSpec:
     router: Pool
     prefill: Pool
     decode: Pool
+    colocated: Pool  # replicas 0 (the default): not rendered
     placement: Placement
     kv_transfer: KVTransfer
     redis: Redis
@@ -150,8 +158,10 @@ class ClusterSpec:
     machine_catalog: SecretRef | None  # a ConfigMap (name, key) holding a JSON machine catalog
     otlp_endpoint: str | None
 
-    def pools(self) -> tuple[Pool, Pool, Pool]:
-        return (self.router, self.prefill, self.decode)
+    def pools(self) -> tuple[Pool, ...]:
+        """The pools render() makes objects for: the colocated one only when it has, or may scale to, pods."""
+        colocated = (self.colocated,) if self.colocated.replicas != 0 else ()
+        return (self.router, self.prefill, self.decode, *colocated)
 
 
 def parse_spec(raw: Mapping[str, Any]) -> ClusterSpec:
@@ -164,6 +174,7 @@ def parse_spec(raw: Mapping[str, Any]) -> ClusterSpec:
         "router",
         "prefill",
         "decode",
+        COLOCATED,
         "kvTransfer",
         "redis",
         "apiKeySecret",
@@ -185,6 +196,7 @@ def parse_spec(raw: Mapping[str, Any]) -> ClusterSpec:
         router=pools["router"],
         prefill=pools["prefill"],
         decode=pools["decode"],
+        colocated=pools[COLOCATED],
         placement=Placement(
             policy=router_fields.text("policy", DEFAULTS["router.policy"]),
             options=router_fields.string_map("policyOptions"),
@@ -197,12 +209,15 @@ def parse_spec(raw: Mapping[str, Any]) -> ClusterSpec:
     )
 
 
-def check_cluster_name(name: str) -> None:
-    """Object names derive from the cluster's name: it must be a DNS label short enough for NAME-prefill."""
-    if not DNS_LABEL.match(name) or len(name) > MAX_CLUSTER_NAME:
+def check_cluster_name(name: str, *, colocated: bool = False) -> None:
+    """Object names derive from the cluster's name: it must be a DNS label short enough for NAME-prefill, and for
+    NAME-colocated when that pool is rendered."""
+    limit = MAX_COLOCATED_CLUSTER_NAME if colocated else MAX_CLUSTER_NAME
+    if not DNS_LABEL.match(name) or len(name) > limit:
+        why = " with a colocated pool" if colocated else ""
         raise SpecError(
             f"metadata.name: must be a DNS label (lower-case letters, digits, '-') of at most "
-            f"{MAX_CLUSTER_NAME} characters, got {name!r}"
+            f"{limit} characters{why}, got {name!r}"
         )
 
 
@@ -222,7 +237,8 @@ def _pool(fields: Fields, role: str, *, custom_machines: bool) -> Pool:
     autoscaling = _autoscaling(fields.child("autoscaling")) if "autoscaling" in fields.raw else None
     if autoscaling is not None and "replicas" in fields.raw:
         fields.fail(None, "set replicas or autoscaling, not both")
-    replicas = None if autoscaling else fields.integer("replicas", DEFAULTS["pool.replicas"], minimum=0)
+    default_replicas = DEFAULTS["colocated.replicas" if role == COLOCATED else "pool.replicas"]
+    replicas = None if autoscaling else fields.integer("replicas", default_replicas, minimum=0)
     resources = _resources(fields.child("resources"))
     if autoscaling and autoscaling.target_cpu_percent is not None and "cpu" not in resources.requests:
         fields.fail("autoscaling", "a CPU utilization target needs resources.requests.cpu")

@@ -1,7 +1,8 @@
 """A SplitserveCluster's status from its Deployments: pure, so every condition's rule is tested without an API server.
 
 Conditions follow the Kubernetes convention (type, status, reason, message, lastTransitionTime, observedGeneration):
-- Ready: every Deployment has all its desired pods updated and ready.
+- Ready: every Deployment has all its desired pods updated and ready (only the pools render() made count: a
+  colocated pool with no replicas has no Deployment and is not waited for).
 - Progressing: a rollout or scale-up is under way (or the objects are still being created).
 - Degraded: the spec is invalid (the message says which field and why), the API server refused the objects, or
   a Deployment reports that its rollout stalled (ProgressDeadlineExceeded, ReplicaFailure).
@@ -85,15 +86,20 @@ def cluster_status(
         _condition(kind, status, reason, message, generation, now, previous.get(kind))
         for kind, (status, reason, message) in states.items()
     ]
-    return {
-        "observedGeneration": generation,
-        "conditions": conditions,
-        "pools": {
-            role: {"replicas": state.replicas, "readyReplicas": state.ready, "updatedReplicas": state.updated}
-            for role, state in pools.items()
-            if role in POOLS
-        },
+    return {"observedGeneration": generation, "conditions": conditions, "pools": _pool_counts(pools)}
+
+
+def _pool_counts(pools: Mapping[str, PoolState]) -> dict[str, dict[str, int] | None]:
+    counts: dict[str, dict[str, int] | None] = {
+        role: {"replicas": state.replicas, "readyReplicas": state.ready, "updatedReplicas": state.updated}
+        for role, state in pools.items()
+        if role in POOLS
     }
+    if counts:
+        # The status is merge-patched: null deletes the counts of a pool that is no longer rendered (a colocated
+        # pool scaled to 0), which would otherwise linger. No pools at all (spec or apply error) keeps the last ones.
+        counts.update({role: None for role in POOLS if role not in counts})
+    return counts
 
 
 def _health(pools: Mapping[str, PoolState]) -> dict[str, tuple[str, str, str]]:

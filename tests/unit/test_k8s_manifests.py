@@ -314,10 +314,11 @@ def test_the_crd_has_status_printer_columns_and_cel_rules() -> None:
         "Router",
         "Prefill",
         "Decode",
+        "Colocated",
         "Reason",
         "Age",
     ]
-    for pool in ("router", "prefill", "decode"):
+    for pool in ("router", "prefill", "decode", "colocated"):
         rules = [r["rule"] for r in schema[pool]["x-kubernetes-validations"]]
         assert "!(has(self.replicas) && has(self.autoscaling))" in rules
         autoscaling_rules = [
@@ -391,6 +392,33 @@ def test_crd_defaults_agree_with_the_operator(example: Path) -> None:
 
     jsonschema.validate(stored, schema)
     assert parse_spec(stored["spec"]) == parse_spec(document["spec"])
+
+
+@pytest.mark.parametrize(
+    "colocated",
+    [
+        {"replicas": 2, "machineType": "dgx-a100", "gpus": 1},
+        {"autoscaling": {"maxReplicas": 3}, "resources": {"requests": {"cpu": 1}}},
+    ],
+    ids=["replicas", "autoscaling"],
+)
+def test_a_colocated_pool_fits_the_schema_and_renders_valid_kubernetes(colocated: dict[str, Any]) -> None:
+    (document,) = load_documents(K8S / "examples" / "cpu-demo.yaml")
+    document["spec"]["colocated"] = colocated
+    schema = crd_schema()
+    stored = apply_defaults(schema, copy.deepcopy(document))
+
+    jsonschema.validate(stored, schema)
+    assert parse_spec(stored["spec"]) == parse_spec(document["spec"])
+    objects = render("demo", "team-a", stored["spec"])
+    assert any(o["metadata"]["name"] == "demo-colocated" for o in objects)
+    assert_valid(objects, "render(cpu-demo + colocated)")
+
+
+def test_an_absent_colocated_pool_stays_absent_in_stored_resources() -> None:
+    (document,) = load_documents(K8S / "examples" / "cpu-demo.yaml")
+
+    assert "colocated" not in apply_defaults(crd_schema(), document)["spec"]
 
 
 def test_the_schema_rejects_what_it_can_check_without_cel() -> None:

@@ -253,6 +253,78 @@ def test_render_is_pure() -> None:
 def test_render_refuses_a_name_too_long_for_its_objects() -> None:
     with pytest.raises(SpecError, match=r"^metadata\.name"):
         render("x" * 60, "ns", CPU_DEMO)
+    with_colocated = CPU_DEMO | {"colocated": {"replicas": 1}}
+    render("x" * 55, "ns", CPU_DEMO)
+    with pytest.raises(SpecError, match=r"^metadata\.name: .* with a colocated pool"):
+        render("x" * 55, "ns", with_colocated)
+
+
+# -- the optional colocated pool ---------------------------------------------------------------------------------
+
+
+def colocated_objects(objects: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    return [
+        (o["kind"], o["metadata"]["name"])
+        for o in objects
+        if o["metadata"]["labels"]["app.kubernetes.io/component"] == "colocated"
+    ]
+
+
+def test_without_pods_the_colocated_pool_makes_no_objects() -> None:
+    absent = render("demo", "ns", CPU_DEMO)
+
+    assert colocated_objects(absent) == []
+    assert not [o for o in absent if "colocated" in o["metadata"]["name"]]
+    assert render("demo", "ns", CPU_DEMO | {"colocated": {"replicas": 0, "gpus": 1}}) == absent
+
+
+def test_a_colocated_pool_runs_whole_request_nodes_like_the_other_node_pools() -> None:
+    spec = CPU_DEMO | {"colocated": {"replicas": 2, "machineType": "dgx-a100", "gpus": 1, "threads": 4}}
+    objects = render("demo", "ns", spec)
+    deployment = by_kind(objects, "Deployment")["demo-colocated"]
+    main = container(deployment)
+    args = main["args"]
+
+    assert sorted(colocated_objects(objects)) == [
+        ("Deployment", "demo-colocated"),
+        ("PodDisruptionBudget", "demo-colocated"),
+        ("Service", "demo-colocated"),
+    ]
+    assert deployment["spec"]["replicas"] == 2
+    assert deployment["spec"]["selector"]["matchLabels"] == selector_labels("demo", "colocated")
+    assert (main["name"], main["command"], args[0]) == ("colocated", ["splitserve"], "colocated")
+    assert flag(args, "--host") == "$(POD_IP)"
+    assert env_of(deployment)["POD_IP"] == {"fieldRef": {"fieldPath": "status.podIP"}}
+    assert (flag(args, "--machine-type"), flag(args, "--device"), flag(args, "--threads")) == (
+        "dgx-a100",
+        "cuda",
+        "4",
+    )
+    # No transport of its own, but the cluster's backend in case the pool control moves it to prefill/decode.
+    assert flag(args, "--kv-backend") == "nixl"
+    assert env_of(deployment)["SPLITSERVE_REDIS_URL"] == "redis://demo-redis:6379/0"
+    assert main["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    service = by_kind(objects, "Service")["demo-colocated"]["spec"]
+    assert service["clusterIP"] == "None" and service["selector"] == selector_labels("demo", "colocated")
+    budget = by_kind(objects, "PodDisruptionBudget")["demo-colocated"]["spec"]
+    assert budget["selector"]["matchLabels"] == selector_labels("demo", "colocated")
+    # The other pools render exactly as without it.
+    assert [o for o in objects if "colocated" not in o["metadata"]["name"]] == render("demo", "ns", CPU_DEMO)
+
+
+def test_an_autoscaled_colocated_pool_gets_an_hpa_and_no_fixed_replicas() -> None:
+    spec = CPU_DEMO | {
+        "colocated": {
+            "autoscaling": {"minReplicas": 2, "maxReplicas": 5},
+            "resources": {"requests": {"cpu": 2}},
+        }
+    }
+    objects = render("demo", "ns", spec)
+
+    assert "replicas" not in by_kind(objects, "Deployment")["demo-colocated"]["spec"]
+    hpa = by_kind(objects, "HorizontalPodAutoscaler")["demo-colocated"]["spec"]
+    assert hpa["scaleTargetRef"]["name"] == "demo-colocated"
+    assert (hpa["minReplicas"], hpa["maxReplicas"]) == (2, 5)
 
 
 # -- status ----------------------------------------------------------------------------------------------------
@@ -321,6 +393,20 @@ def test_a_stalled_rollout_is_degraded() -> None:
     degraded = next(c for c in status["conditions"] if c["type"] == "Degraded")
 
     assert (degraded["status"], degraded["message"]) == ("True", "decode: slow")
+
+
+def test_a_colocated_pool_counts_for_readiness_only_when_it_is_rendered() -> None:
+    split = {role: PoolState.of(deployment_status(1, 1, 1)) for role in ("router", "prefill", "decode")}
+    without = cluster_status(3, split, [], "t")
+    starting = cluster_status(3, split | {"colocated": PoolState.of(deployment_status(2, 0, 2))}, [], "t")
+
+    assert conditions(without)["Ready"] == ("True", "AllPoolsReady")
+    # null deletes the counts a dropped colocated pool left in the (merge-patched) status
+    assert without["pools"]["colocated"] is None
+    assert conditions(starting)["Ready"] == ("False", "PoolsNotReady")
+    assert starting["pools"]["colocated"] == {"replicas": 2, "readyReplicas": 0, "updatedReplicas": 2}
+    # Without any pool states (an invalid spec) the last counts stay as they are.
+    assert cluster_status(3, {}, [], "t", spec_error="spec.colocated: bad")["pools"] == {}
 
 
 def test_an_invalid_spec_is_degraded_with_its_message_and_keeps_transition_times() -> None:

@@ -24,6 +24,7 @@ def test_a_minimal_spec_gets_every_default() -> None:
     assert spec.image == DEFAULTS["image"]
     assert spec.model.directory == "/models/demo-model"
     assert [pool.role for pool in spec.pools()] == ["router", "prefill", "decode"]
+    assert spec.colocated.replicas == DEFAULTS["colocated.replicas"] == 0  # optional: not rendered
     for pool in spec.pools():
         assert pool.replicas == 1 and pool.autoscaling is None and pool.gpus == 0
         assert pool.drain_timeout_s == DEFAULTS["pool.drainTimeoutSeconds"]
@@ -43,6 +44,22 @@ def test_autoscaling_leaves_replicas_to_the_autoscaler_and_defaults_a_cpu_target
     assert (spec.decode.autoscaling.min_replicas, spec.decode.autoscaling.max_replicas) == (1, 6)
     assert spec.decode.autoscaling.target_cpu_percent == DEFAULTS["autoscaling.targetCPUUtilizationPercent"]
     assert spec.decode.resources.requests == {"cpu": "2"}
+
+
+def test_a_colocated_pool_with_pods_or_autoscaling_is_rendered() -> None:
+    fixed = parse_spec(with_fields(colocated={"replicas": 2, "machineType": "dgx-a100", "gpus": 8}))
+    scaled = parse_spec(
+        with_fields(colocated={"autoscaling": {"maxReplicas": 4}, "resources": {"requests": {"cpu": 1}}})
+    )
+
+    assert [pool.role for pool in fixed.pools()][-1] == "colocated"
+    assert (fixed.colocated.replicas, fixed.colocated.machine_type, fixed.colocated.gpus) == (
+        2,
+        "dgx-a100",
+        8,
+    )
+    assert scaled.colocated.replicas is None and scaled.colocated in scaled.pools()
+    assert parse_spec(with_fields(colocated={"replicas": 0})).pools() == parse_spec(MINIMAL).pools()
 
 
 def test_secret_references_take_their_default_keys() -> None:
@@ -129,6 +146,17 @@ BAD_SPECS = [
         "spec.imagePullPolicy: must be one of Always, IfNotPresent, Never",
     ),
     (with_fields(decode=[1, 2]), "spec.decode: must be an object, got list"),
+    (with_fields(colocated={"replicas": -2}), "spec.colocated.replicas: must be >= 0, got -2"),
+    (
+        with_fields(colocated={"replicas": 1, "autoscaling": {"maxReplicas": 4}}),
+        "spec.colocated: set replicas or autoscaling, not both",
+    ),
+    (
+        with_fields(colocated={"machineType": "tpu-v9"}),
+        "spec.colocated.machineType: unknown machine type 'tpu-v9'",
+    ),
+    (with_fields(colocated={"policy": "jsq"}), "spec.colocated.policy: unknown field"),
+    (with_fields(colocated={"tensorParallelSize": 2}), "spec.colocated.tensorParallelSize: the nodes do not"),
 ]
 
 
@@ -159,3 +187,9 @@ def test_cluster_names_must_leave_room_for_the_pool_suffix(name: str) -> None:
 
 def test_the_longest_allowed_name_passes() -> None:
     check_cluster_name("x" * 55)
+
+
+def test_a_colocated_pool_needs_room_for_its_longer_suffix() -> None:
+    check_cluster_name("x" * 53, colocated=True)
+    with pytest.raises(SpecError, match=r"^metadata\.name: .* at most 53 characters with a colocated pool"):
+        check_cluster_name("x" * 54, colocated=True)
