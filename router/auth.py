@@ -1,4 +1,5 @@
-"""API-key checking for the router's gRPC endpoint: the public Inference service needs `authorization: Bearer <key>`.
+"""API-key checking for the router: the public Inference service (gRPC) needs `authorization: Bearer <key>`; the
+HTTP endpoints that need the key (/v1/*, dashboard actions) check the same header with `bearer_matches`.
 
 Health checking and server reflection stay open, so probes and generic clients can still discover the service.
 """
@@ -14,9 +15,15 @@ import grpc
 PROTECTED_PREFIX = "/splitserve.v1.Inference/"
 
 
+def bearer_matches(header: str | bytes, api_key: str) -> bool:
+    """Whether an Authorization header carries `Bearer <api_key>` (compared in constant time)."""
+    given = header.encode() if isinstance(header, str) else header
+    return hmac.compare_digest(given, f"Bearer {api_key}".encode())
+
+
 class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
     def __init__(self, api_key: str) -> None:
-        self._expected = f"Bearer {api_key}".encode()
+        self._api_key = api_key
 
     async def intercept_service(
         self,
@@ -32,8 +39,7 @@ class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
     def _authorized(self, details: grpc.HandlerCallDetails) -> bool:
         for key, value in details.invocation_metadata or ():
             if key == "authorization":
-                given = value.encode() if isinstance(value, str) else value
-                return hmac.compare_digest(given, self._expected)
+                return bearer_matches(value, self._api_key)
         return False
 
 

@@ -178,18 +178,9 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
     async def _place_and_relay(
         self, rid: str, prompt: list[int], sampling: pb.SamplingParameters, span: Span, record: RequestRecord
     ) -> AsyncIterator[pb.GenerateResponse]:
-        arrived = record.arrived
         max_tokens = sampling.max_tokens if sampling.HasField("max_tokens") else DEFAULT_MAX_TOKENS
-        timer = RequestTimer(self.metrics, self.config.model_name, arrived)
-        relay = Relay(
-            rid,
-            arrived,
-            len(prompt),
-            sampling.HasField("logprobs"),
-            self.metrics.observe_usage,
-            timer,
-            record,
-        )
+        timer = RequestTimer(self.metrics, self.config.model_name, record.arrived)
+        relay = Relay(record, sampling.HasField("logprobs"), self.metrics.observe_usage, timer)
         failed: set[str] = set()
         reasons: list[str] = []
         for attempt in range(self.config.max_attempts):

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import json
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -22,6 +21,7 @@ from aiohttp import web
 from opentelemetry.context import Context
 
 from ops import tracing
+from router.auth import bearer_matches
 from router.inference import InferenceService, RouterError
 from router.openai_protocol import FINISH_REASONS, HttpError, ParsedRequest, parse_request, usage_charges
 from splitserve.v1 import inference_pb2 as pb
@@ -72,10 +72,12 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
 def _auth(api_key: str | None) -> Any:  # an aiohttp middleware
     @web.middleware
     async def check(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if api_key and request.path.startswith("/v1/"):
-            given = request.headers.get("Authorization", "")
-            if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
-                raise HttpError(401, "invalid or missing API key", code="invalid_api_key")
+        if (
+            api_key
+            and request.path.startswith("/v1/")
+            and not bearer_matches(request.headers.get("Authorization", ""), api_key)
+        ):
+            raise HttpError(401, "invalid or missing API key", code="invalid_api_key")
         return await handler(request)
 
     return check

@@ -39,25 +39,20 @@ class Relay:
 
     def __init__(
         self,
-        request_id: str,
-        arrived: float,
-        prompt_tokens: int,
+        record: RequestRecord,
         with_logprobs: bool,
         on_finish: Callable[[pb.Usage], None] | None = None,
         timer: RequestTimer | None = None,
-        record: RequestRecord | None = None,
     ) -> None:
-        self.request_id = request_id
+        # The request's record (router/request_log.py) holds its id, arrival, prompt length and timings; the
+        # relay adds what the client is sent.
+        self.record = record
         self.with_logprobs = with_logprobs
-        self.arrived = arrived
-        self.prompt_tokens = prompt_tokens
         self.delivered: list[int] = []  # token ids the client has received
         self.cached = 0
-        self.ttft: float | None = None
         self.charges = pb.ChargeBreakdown()
         self.on_finish = on_finish
         self.timer = timer
-        self.record = record
 
     def charge(self, part: pb.ChargeBreakdown) -> None:
         """Add one node's share (a prefill response's, or a decode or colocated node's final usage)."""
@@ -69,8 +64,6 @@ class Relay:
 
     def prefilled(self, rpc_started: float, response: cpb.PrefillResponse) -> None:
         """A prefill node answered; its split of the time goes to the request's record."""
-        if self.record is None:
-            return
         self.record.prefilled(
             rpc_started, response.queue_seconds, response.compute_seconds, response.transfer_wait_seconds
         )
@@ -89,25 +82,24 @@ class Relay:
         return self.forward(msg)
 
     def forward(self, msg: pb.GenerateResponse) -> pb.GenerateResponse:
-        msg.request_id = self.request_id
+        record = self.record
+        msg.request_id = record.request_id
         now = time.monotonic()
-        if msg.token_ids and self.ttft is None:
-            self.ttft = now - self.arrived
         self.delivered.extend(msg.token_ids)
         if self.timer is not None:
             self.timer.tokens(len(msg.token_ids), now)
-        if self.record is not None and msg.token_ids:
-            self.record.first_token(now)
-            self.record.output_tokens = len(self.delivered)
+        if msg.token_ids:
+            record.first_token(now)
+            record.output_tokens = len(self.delivered)
         if msg.finish_reason != pb.FINISH_REASON_UNSPECIFIED:
             self.charge(msg.usage.charges)  # the finishing node's share
             c = self.charges
             msg.usage.CopyFrom(
                 pb.Usage(
-                    prompt_tokens=self.prompt_tokens,
+                    prompt_tokens=record.prompt_tokens,
                     completion_tokens=len(self.delivered),
                     cached_prompt_tokens=self.cached,
-                    ttft_seconds=self.ttft or 0.0,
+                    ttft_seconds=record.ttft_s or 0.0,
                     energy_joules=c.prefill_energy_joules + c.transfer_energy_joules + c.decode_energy_joules,
                     cost_usd=c.prefill_cost_usd + c.transfer_cost_usd + c.decode_cost_usd,
                     charges=c,
@@ -115,8 +107,7 @@ class Relay:
             )
             if self.on_finish is not None:
                 self.on_finish(msg.usage)
-            if self.record is not None:
-                self.record.energy_joules, self.record.cost_usd = msg.usage.energy_joules, msg.usage.cost_usd
+            record.energy_joules, record.cost_usd = msg.usage.energy_joules, msg.usage.cost_usd
             if self.timer is not None:
                 self.timer.finished(now)
         return msg

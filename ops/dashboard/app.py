@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import json
 import time
 from pathlib import Path
@@ -28,6 +27,7 @@ from aiohttp import web
 
 from ops.cluster_state import ROLES, InvalidRecord, NodeControl, connect, read_control, write_control
 from ops.dashboard.snapshot import DashboardSource, snapshot
+from router.auth import bearer_matches
 from router.openai_protocol import HttpError
 
 STATIC_DIR = Path(__file__).parent / "static"
@@ -127,10 +127,8 @@ class _Actions:
 
     async def _authorized(self, request: web.Request) -> tuple[str, dict[str, Any]]:
         """The node an action is for, and the action's JSON body; 401, 404 or 400 before anything is written."""
-        if self.api_key:
-            given = request.headers.get("Authorization", "")
-            if not hmac.compare_digest(given.encode(), f"Bearer {self.api_key}".encode()):
-                raise HttpError(401, "this action needs the API key (Authorization: Bearer <key>)")
+        if self.api_key and not bearer_matches(request.headers.get("Authorization", ""), self.api_key):
+            raise HttpError(401, "this action needs the API key (Authorization: Bearer <key>)")
         node_id = request.match_info["node_id"]
         if self.source.view.get(node_id) is None:
             raise HttpError(404, f"no live node {node_id!r}")

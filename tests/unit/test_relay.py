@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from router.relay import OutputLengthEstimate, Relay
+from router.request_log import RequestRecord
 from splitserve.v1 import inference_pb2 as pb
 
 
@@ -19,7 +20,8 @@ def test_the_output_length_guess_follows_finished_requests_and_respects_max_toke
 
 
 def test_the_last_message_carries_the_sum_of_every_nodes_charges() -> None:
-    relay = Relay("client-id", arrived=0.0, prompt_tokens=7, with_logprobs=False)
+    record = RequestRecord("client-id", prompt_tokens=7, arrived_unix=0.0, arrived=0.0)
+    relay = Relay(record, with_logprobs=False)
     relay.charge(pb.ChargeBreakdown(prefill_energy_joules=2.0, prefill_cost_usd=0.5, power_source="modeled"))
     first = relay.message("node-id", "a", [pb.TokenLogprob(token_id=5)])
     assert first.request_id == "client-id" and not first.HasField("usage")
