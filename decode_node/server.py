@@ -12,6 +12,7 @@ import grpc
 
 from decode_node.service import DecodeNodeService
 from engine.async_engine import AsyncEngine
+from ops.grpc_util import add_checked_servicer
 from ops.node_runtime import NodeOptions, NodeService, run, run_node
 from ops.whole_request import WholeRequestService
 from splitserve.v1 import cluster_pb2_grpc, inference_pb2_grpc
@@ -24,12 +25,12 @@ def serve(options: NodeOptions) -> int:
     def attach(engine: AsyncEngine, transport: Any, server: grpc.aio.Server) -> NodeService:
         if options.role == "colocated":
             colocated = WholeRequestService(engine)
-            inference_pb2_grpc.add_InferenceServicer_to_server(colocated, server)
+            add_checked_servicer(inference_pb2_grpc.add_InferenceServicer_to_server, colocated, server)
             return colocated
         service = DecodeNodeService(engine, transport, engine.engine.config.block_size)
-        cluster_pb2_grpc.add_DecodeNodeServicer_to_server(service, server)
+        add_checked_servicer(cluster_pb2_grpc.add_DecodeNodeServicer_to_server, service, server)
         whole = WholeRequestService(engine, accepting=lambda: service.accepting)
-        inference_pb2_grpc.add_InferenceServicer_to_server(whole, server)
+        add_checked_servicer(inference_pb2_grpc.add_InferenceServicer_to_server, whole, server)
         return service
 
     names = [INFERENCE_SERVICE] if options.role == "colocated" else [DECODE_SERVICE, INFERENCE_SERVICE]

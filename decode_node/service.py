@@ -12,8 +12,12 @@ A request's life cycle on this node:
    usage carries this node's charges (ops/power/accounting.py: its share of the steps that decoded the request).
 4. The end: finishing, the router closing the stream (client cancel), Abort, or an expired reservation frees the
    request's blocks, exactly once (the engine ignores a second abort). A reservation dropped before its KV was
-   complete (Abort after a failed prefill, or KV that never arrived) is quarantined first: writes of a failed
-   transfer may still be in flight and must not land in blocks another request already uses.
+   complete (Abort after a failed or cancelled prefill, or KV that never arrived) is quarantined first: writes of
+   its transfer may still be in flight and must not land in blocks another request already uses. The quarantine
+   ends at the prefill node's `kv-fence:<request id>` (sent after its last write of the request: nothing of it
+   can land later), or else after the transport's per-write deadline. An Abort with `no_kv_writes` (the router
+   knows no write was issued: Prefill never started) frees at once, and an Abort that arrives before its Reserve
+   makes that Reserve fail (ABORTED), so a Reserve the router cancelled on its way holds nothing.
 While draining (SIGTERM), Reserve answers UNAVAILABLE and admitted requests run to completion.
 """
 
@@ -28,11 +32,12 @@ import grpc
 
 from engine.async_engine import AsyncEngine
 from engine.errors import EngineError
-from kvtransfer.notifications import parse_kv_done
+from kvtransfer.notifications import parse_kv_done, parse_kv_fence
 from ops import tracing
 from ops.grpc_util import abort_with
 from ops.power.accounting import ledger_of
 from ops.proto_convert import charged_usage, output_to_proto, sampling_from_proto
+from ops.recent_ids import RecentIds
 from splitserve.v1 import cluster_pb2 as cpb
 from splitserve.v1 import cluster_pb2_grpc
 from splitserve.v1 import inference_pb2 as pb
@@ -41,8 +46,8 @@ from splitserve.v1 import inference_pb2 as pb
 NOTIFICATION_POLL_S = 0.002
 REAPER_INTERVAL_S = 0.1
 MAX_HOLD_S = 120.0
-# How long blocks of a reservation whose transfer failed stay held: the transports' per-write deadline, after which
-# no write of that transfer can still land.
+# How long blocks of a reservation whose transfer failed stay held when no fence comes (its prefill node died, or
+# the path broke): the transport's per-write deadline, after which no write of that transfer can still land.
 QUARANTINE_S = 30.0
 
 
@@ -54,7 +59,12 @@ class DecodeNodeService(cluster_pb2_grpc.DecodeNodeServicer):
         self.accepting = True
         self._expiry: dict[str, float] = {}  # reserved, not yet admitted: request id -> monotonic deadline
         self._kv_done: dict[str, asyncio.Event] = {}
-        self._awaiting_kv = asyncio.Event()  # set while some reservation waits for its kv-done notification
+        # Set while some reservation waits for its kv-done or fence notification.
+        self._awaiting_kv = asyncio.Event()
+        self._quarantined: set[str] = set()  # dropped before their KV was complete: freed at their fence
+        self._fenced: set[str] = set()  # reserved; their prefill node said none of their writes will follow
+        self._aborted = RecentIds()  # aborted before their Reserve arrived: refused if it still comes
+        self.quarantine_s = float(getattr(transport, "transfer_timeout_s", QUARANTINE_S))
         self._tasks: list[asyncio.Task[None]] = []
         self.charges = ledger_of(engine)
 
@@ -82,21 +92,32 @@ class DecodeNodeService(cluster_pb2_grpc.DecodeNodeServicer):
         if not self.accepting:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "decode node is draining")
         rid = request.request_id
+        if rid in self._expiry:
+            await context.abort(
+                grpc.StatusCode.ALREADY_EXISTS, f"request {rid!r} already holds a reservation"
+            )
+        if rid in self._aborted:  # the router gave up on it before this call got here
+            await context.abort(grpc.StatusCode.ABORTED, f"request {rid!r} was aborted")
         prompt, prior = list(request.prompt_token_ids), list(request.prior_output_token_ids)
         span = tracing.span_from_grpc("reserve", context, {"splitserve.request_id": rid})
+        # Registered before the engine reserves: if the router cancels this call meanwhile, its Abort (or else
+        # the reaper) still finds the reservation and frees the blocks.
+        hold = min(request.hold_seconds or 30.0, MAX_HOLD_S)
+        self._expiry[rid] = time.monotonic() + hold
+        self._kv_done[rid] = asyncio.Event()
+        self._awaiting_kv.set()
         try:
             params = sampling_from_proto(request.sampling)
             blocks = await self.engine.call(lambda e: e.reserve(rid, prompt, params, prior))
         except EngineError as exc:
+            self._expiry.pop(rid, None)
+            self._kv_done.pop(rid, None)
+            self._fenced.discard(rid)
             tracing.mark_failed(span, str(exc))
             span.end()
             await abort_with(context, exc)
         span.set_attribute("splitserve.blocks", len(blocks))
         span.end()
-        hold = min(request.hold_seconds or 30.0, MAX_HOLD_S)
-        self._expiry[rid] = time.monotonic() + hold
-        self._kv_done[rid] = asyncio.Event()
-        self._awaiting_kv.set()
         return cpb.ReserveResponse(block_ids=blocks, block_size=self.block_size)
 
     async def Decode(
@@ -105,13 +126,19 @@ class DecodeNodeService(cluster_pb2_grpc.DecodeNodeServicer):
         rid = request.request_id
         arrived = self._kv_done.get(rid)
         span = tracing.span_from_grpc("decode", context, {"splitserve.request_id": rid})
-        if arrived is None or rid not in self._expiry:  # unknown, expired, or quarantined
+        if (
+            arrived is None or rid not in self._expiry or rid in self._fenced
+        ):  # unknown, expired, or abandoned
             tracing.mark_failed(span, "no reservation")
             span.end()
             await context.abort(grpc.StatusCode.NOT_FOUND, f"no reservation for request {rid!r}")
             return
         try:
             await asyncio.wait_for(arrived.wait(), request.kv_wait_seconds or 30.0)
+        except asyncio.CancelledError:  # the router went away before the KV was in
+            self._quarantine(rid)
+            span.end()
+            raise
         except TimeoutError:
             self._quarantine(rid)
             tracing.mark_failed(span, "KV did not arrive in time")
@@ -154,33 +181,59 @@ class DecodeNodeService(cluster_pb2_grpc.DecodeNodeServicer):
                 self.charges.discard(rid)
 
     async def Abort(self, request: cpb.AbortRequest, context: grpc.aio.ServicerContext) -> cpb.AbortResponse:
-        found = request.request_id in self._expiry
-        self._quarantine(request.request_id)
+        rid = request.request_id
+        found = rid in self._expiry
+        if not found:  # its Reserve may still be on its way: refuse it then
+            self._aborted.add(rid)
+        if found and request.no_kv_writes:  # nothing was written into its blocks, and nothing will be
+            self._fenced.add(rid)
+        self._quarantine(rid)
         return cpb.AbortResponse(found=found)
 
     def _quarantine(self, rid: str) -> None:
         """Stop serving a reservation now, free its blocks only once no write of its transfer can still land."""
         event = self._kv_done.pop(rid, None)
-        if rid in self._expiry:
-            complete = event is not None and event.is_set()
-            self._expiry[rid] = time.monotonic() + (0.0 if complete else QUARANTINE_S)
+        if rid not in self._expiry:
+            return
+        if (event is not None and event.is_set()) or rid in self._fenced:
+            self._expiry[rid] = time.monotonic()
+        else:
+            self._expiry[rid] = time.monotonic() + self.quarantine_s
+            self._quarantined.add(rid)
+            self._awaiting_kv.set()  # its fence may still come
+
+    def _fence_arrived(self, rid: str) -> None:
+        """The prefill node issued its last write of rid: a quarantine can end now."""
+        if rid not in self._expiry:
+            return
+        if rid in self._quarantined:
+            self._expiry[rid] = time.monotonic()  # the reaper frees it on its next round
+        else:
+            self._fenced.add(rid)
 
     async def _drop(self, rid: str) -> None:
         self._expiry.pop(rid, None)
         self._kv_done.pop(rid, None)
+        self._quarantined.discard(rid)
+        self._fenced.discard(rid)
         await self.engine.call(lambda e: e.abort(rid))
 
     async def _poll_notifications(self) -> None:
         while True:
-            if not self._kv_done:
+            if not self._kv_done and not self._quarantined:
                 # Nobody waits for KV: sleep until a reservation arrives rather than polling the transport 500
                 # times a second, each poll taking the GIL from the engine thread in the middle of its steps.
                 self._awaiting_kv.clear()
                 await self._awaiting_kv.wait()
             for _peer, payload in self.transport.notifications():
-                event = self._kv_done.get(parse_kv_done(payload) or "")
+                done = parse_kv_done(payload)
+                event = self._kv_done.get(done or "")
                 if event is not None:
                     event.set()
+                # kv-done of a request dropped meanwhile is its last write too: it ends the quarantine like a fence.
+                last = parse_kv_fence(payload) or (done if done in self._quarantined else None)
+                if last is not None:
+                    self._fence_arrived(last)
             await asyncio.sleep(NOTIFICATION_POLL_S)
 
     async def _reap_expired(self) -> None:

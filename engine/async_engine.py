@@ -5,6 +5,10 @@ abort, reserve, admit, release, stats) is a command executed on that thread betw
 each request's asyncio queue with call_soon_threadsafe. A consumer that stops iterating (client cancelled) aborts its
 request, which frees its blocks.
 
+A request that fails inside the engine (LLMEngine.take_failures) ends its own stream with RequestFailedError; the
+others go on. Only when the engine thread itself dies (EngineBrokenError, or a bug outside any one request) does
+every stream get EngineStopped; `fatal_error` then says why and `wait_fatal()` returns, so the node can stop.
+
 A step observer (power accounting) is told after every step, before its outputs are delivered, how long the step took
 and how many tokens it computed for which request, so a request's charges are complete when its last output arrives.
 """
@@ -21,7 +25,7 @@ from dataclasses import dataclass
 from typing import Protocol, TypeVar
 
 from engine.engine import EngineLoad, LLMEngine, RequestOutput
-from engine.errors import EngineError
+from engine.errors import EngineError, RequestFailedError
 from engine.sampling_params import SamplingParams
 
 T = TypeVar("T")
@@ -127,12 +131,24 @@ class AsyncEngine:
         self._commands.put(command)
         self._wake.set()
 
+    @property
+    def fatal_error(self) -> BaseException | None:
+        """What killed the engine thread; None while it runs and after a plain shutdown."""
+        return self._fatal
+
+    async def wait_fatal(self, poll_s: float = 0.1) -> BaseException:
+        """Return once the engine thread has died of an error (never after a plain shutdown)."""
+        while self._fatal is None or self._thread.is_alive():
+            await asyncio.sleep(poll_s)
+        return self._fatal
+
     def _run(self) -> None:
         try:
             while not self._stopped.is_set():
                 self._drain_commands()
                 if self.engine.has_unfinished():
                     self._deliver(self._step())
+                    self._fail_each(self.engine.take_failures())
                     self.load = self.engine.load()
                 else:
                     self.load = self.engine.load()
@@ -170,6 +186,12 @@ class AsyncEngine:
             stream = self._streams.get(out.request_id)
             if stream is not None:
                 stream.loop.call_soon_threadsafe(stream.queue.put_nowait, out)
+
+    def _fail_each(self, failures: list[RequestFailedError]) -> None:
+        for failure in failures:
+            stream = self._streams.get(failure.request_id)
+            if stream is not None:
+                stream.loop.call_soon_threadsafe(stream.queue.put_nowait, failure)
 
     def _fail_all(self, exc: BaseException) -> None:
         for stream in list(self._streams.values()):

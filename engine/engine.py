@@ -8,6 +8,10 @@ Request life cycle by role:
 - decode:    reserve(prompt) -> RESERVED (blocks held, KV written into them from outside) -> admit(first token)
              -> running (one token per step) -> finished.
 Finished, aborted and released requests give every block back exactly once.
+
+Fault isolation (engine/fault_isolation.py): an exception raised while computing one request fails that request
+alone: its blocks are freed, take_failures() reports it (RequestFailedError) and the other requests go on. Only an
+engine that fails every forward raises out of step() (EngineBrokenError).
 """
 
 from __future__ import annotations
@@ -19,9 +23,16 @@ import torch
 
 from engine.block_manager import BlockManager
 from engine.config import EngineConfig, EngineRole, ModelConfig
-from engine.detokenizer import IncrementalDetokenizer
 from engine.devices import resolve_device, resolve_dtype
-from engine.errors import InvalidRequestError, ModelLoadError, ResourceExhaustedError, UnknownRequestError
+from engine.errors import (
+    InvalidRequestError,
+    ModelLoadError,
+    RequestFailedError,
+    ResourceExhaustedError,
+    UnknownRequestError,
+)
+from engine.fault_injection import FaultInjector
+from engine.fault_isolation import ForwardGuard, sample_isolated
 from engine.model_runner import ModelRunner
 from engine.models.decoder import DecoderModel
 from engine.outputs import (
@@ -33,9 +44,9 @@ from engine.outputs import (
     KVLayerHook,
     KVLayerWrite,
     RequestOutput,
-    StepWork,
 )
-from engine.sampler import SampledToken, sample
+from engine.request_intake import RequestIntake
+from engine.sampler import SampledToken
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler, SchedulerOutput
 from engine.sequence import FinishReason, Sequence, SequenceStatus, TokenLogprob
@@ -76,6 +87,8 @@ class LLMEngine:
         # A lone sequence must always fit in the pool, or preemption could never make room for it.
         self.max_seq_tokens = min(self.max_model_len, num_blocks * self.config.block_size)
         self.eos_token_ids = set(self.model_config.eos_token_ids) | self.tokenizer.eos_token_ids
+        limit = "context" if self.max_seq_tokens == self.max_model_len else "KV cache capacity"
+        self.intake = RequestIntake(self.tokenizer, self.model_config.vocab_size, self.max_seq_tokens, limit)
         self._seqs: dict[str, Sequence] = {}
         self._held: dict[str, Sequence] = {}  # RESERVED or PREFILLED: blocks held outside the scheduler
         self._pending: list[RequestOutput] = []
@@ -83,6 +96,9 @@ class LLMEngine:
         self._preemptions = 0
         self._kv_layer_hook: KVLayerHook | None = None
         self._rng = torch.Generator().manual_seed(self.config.seed)
+        self._failures: list[RequestFailedError] = []  # failed since the last take_failures()
+        self._fault = FaultInjector.from_env()  # a test hook; None in production
+        self._guard = ForwardGuard(self._forward)
         self.last_step = NO_WORK  # what the latest step() computed, per request
 
     # ---- requests -------------------------------------------------------------------------------------------------
@@ -119,6 +135,11 @@ class LLMEngine:
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work or bool(self._pending)
+
+    def take_failures(self) -> list[RequestFailedError]:
+        """Requests that failed inside the engine since the last call; each is gone, its blocks free."""
+        failures, self._failures = self._failures, []
+        return failures
 
     def set_kv_layer_hook(self, hook: KVLayerHook | None) -> None:
         """Prefill role: hook(layer, writes) runs right after each layer's new KV is in the cache."""
@@ -174,10 +195,10 @@ class LLMEngine:
         seq.num_computed_tokens = seq.num_tokens
         self.blocks.register_computed_blocks(seq)
         self.scheduler.add_running(seq)
-        out = self._append_token(seq, SampledToken(first_token_id, first_logprob))
+        out = self._record_token(seq, SampledToken(first_token_id, first_logprob))
+        if out is None:
+            raise self._failures.pop()  # the caller hears it: the stream was not delivering yet
         self._pending.append(out)
-        if seq.is_finished:
-            self._finish(seq)
 
     # ---- the step ---------------------------------------------------------------------------------------------------
 
@@ -193,24 +214,33 @@ class LLMEngine:
         self._preemptions += len(sched.preempted)
         if not sched.chunks:
             return outputs
-        self.last_step = _work_of(sched)
-        logits = self.runner.run(sched, self._layer_hook_for(sched))
-        completing = [c.seq for c in sched.chunks if c.completes_sequence]
-        for chunk in sched.chunks:
+        self.last_step = sched.work()
+        computed = self._guard.run(sched)  # raises EngineBrokenError only when nothing can be computed
+        for seq, exc in computed.failed:
+            self._fail(seq, "the model forward", exc)
+        completing = [c.seq for c in computed.chunks if c.completes_sequence]  # before the counts move on
+        for chunk in computed.chunks:
             chunk.seq.num_computed_tokens += chunk.num_tokens
             self.blocks.register_computed_blocks(chunk.seq)
-        for seq, sampled in zip(completing, sample(logits, completing, self._rng), strict=True):
-            outputs.append(self._append_token(seq, sampled))
-            if seq.is_finished:
-                self._finish(seq)
-            elif seq.hands_over:
-                outputs[-1] = self._hand_over(seq, outputs[-1])
+        if computed.logits is None:
+            return outputs
+        for seq, sampled in zip(
+            completing, sample_isolated(computed.logits, completing, self._rng), strict=True
+        ):
+            if isinstance(sampled, Exception):
+                self._fail(seq, "sampling", sampled)
+                continue
+            out = self._record_token(seq, sampled)
+            if out is not None:
+                outputs.append(out)
         return outputs
 
     def generate(
         self, prompts: Iterable[str | list[int]], params: SamplingParams | list[SamplingParams] | None = None
     ) -> list[Completion]:
-        """Run prompts to completion together (continuous batching) and return them in order."""
+        """Run prompts to completion together (continuous batching) and return them in order.
+
+        A prompt that fails inside the engine raises its RequestFailedError (the others are aborted then)."""
         prompts = list(prompts)
         per_prompt = params if isinstance(params, list) else [params or SamplingParams()] * len(prompts)
         ids = [f"generate-{self._admitted + i}" for i in range(len(prompts))]
@@ -222,7 +252,12 @@ class LLMEngine:
             for out in self.step():
                 if out.finished and out.request_id in seqs:
                     seq = seqs[out.request_id]
-                    done[out.request_id] = _completion(seq)
+                    done[out.request_id] = Completion.of(seq)
+            failed = [f for f in self.take_failures() if f.request_id in seqs]
+            if failed:
+                for rid in ids:
+                    self.abort(rid)
+                raise failed[0]
         return [done[rid] for rid in ids]
 
     def load(self) -> EngineLoad:
@@ -257,54 +292,11 @@ class LLMEngine:
         params: SamplingParams,
         prior_output: list[int] | None = None,
     ) -> Sequence:
-        if not isinstance(request_id, str) or not request_id:
-            raise InvalidRequestError("request_id must be a non-empty string")
-        if request_id in self._seqs:
+        if isinstance(request_id, str) and request_id in self._seqs:
             raise InvalidRequestError(f"request id {request_id!r} is already in use")
-        if not isinstance(params, SamplingParams):
-            raise InvalidRequestError(f"params must be SamplingParams, got {type(params).__name__}")
-        params.validate()
-        token_ids = self._tokenize(prompt)
-        prior = self._tokenize(prior_output) if prior_output else []
-        if len(token_ids) >= self.max_seq_tokens:
-            limit = "context" if self.max_seq_tokens == self.max_model_len else "KV cache capacity"
-            raise InvalidRequestError(
-                f"prompt has {len(token_ids)} tokens; the model's {limit} is {self.max_seq_tokens} tokens "
-                "and at least one must be left to generate"
-            )
-        if prior and (len(token_ids) + len(prior) >= self.max_seq_tokens or len(prior) >= params.max_tokens):
-            raise InvalidRequestError(f"{len(prior)} tokens already generated leave nothing to generate")
-        seq = Sequence(
-            request_id=request_id,
-            prompt_token_ids=token_ids,
-            params=params,
-            # Resumed requests decode on from the text already delivered, so deltas continue it seamlessly.
-            detokenizer=IncrementalDetokenizer(self.tokenizer, token_ids + prior),
-        )
-        for (
-            token
-        ) in prior:  # outputs already delivered: they count for max_tokens, penalties and seeded draws
-            seq.output_token_ids.append(token)
-            seq.output_counts[token] = seq.output_counts.get(token, 0) + 1
-        seq.text.stops = list(params.stop)
+        seq = self.intake.new_sequence(request_id, prompt, params, prior_output)
         self._admitted += 1
         return seq
-
-    def _tokenize(self, prompt: str | list[int]) -> list[int]:
-        if isinstance(prompt, str):
-            token_ids = self.tokenizer.encode(prompt)
-        elif isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-            bad = [t for t in prompt if not 0 <= t < self.model_config.vocab_size]
-            if bad:
-                raise InvalidRequestError(
-                    f"prompt token id {bad[0]} is outside the vocabulary (0..{self.model_config.vocab_size - 1})"
-                )
-            token_ids = list(prompt)
-        else:
-            raise InvalidRequestError("prompt must be a string or a list of token ids")
-        if not token_ids:
-            raise InvalidRequestError("prompt is empty")
-        return token_ids
 
     def _require_role_other_than(self, role: EngineRole, action: str) -> None:
         if self.config.role == role:
@@ -342,6 +334,36 @@ class LLMEngine:
             num_prompt_tokens=seq.num_prompt_tokens,
             num_cached_prompt_tokens=seq.num_cached_prompt_tokens,
         )
+
+    def _record_token(self, seq: Sequence, sampled: SampledToken) -> RequestOutput | None:
+        """Append a token and finish or hand over the sequence if it is done; None if that failed (seq dropped)."""
+        try:
+            out = self._append_token(seq, sampled)
+            if seq.is_finished:
+                self._finish(seq)
+            elif seq.hands_over:
+                out = self._hand_over(seq, out)
+        except Exception as exc:  # detokenizer, stop strings, hand-over: this request's trouble only
+            self._fail(seq, "recording its token", exc)
+            return None
+        return out
+
+    def _fail(self, seq: Sequence, where: str, exc: Exception) -> None:
+        """Drop one request whose computation raised; its blocks go back (once) and take_failures() reports it."""
+        if self._seqs.get(seq.request_id) is seq:  # else already forgotten (it finished before the error)
+            self.scheduler.remove(seq)
+            self._forget(seq)
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = FinishReason.ABORT
+        self._failures.append(
+            RequestFailedError(seq.request_id, f"{where} raised {type(exc).__name__}: {exc}")
+        )
+
+    def _forward(self, sched: SchedulerOutput) -> torch.Tensor:
+        hook = self._layer_hook_for(sched)
+        if self._fault is not None:
+            hook = self._fault.around(hook, (c.seq for c in sched.chunks))
+        return self.runner.run(sched, hook)
 
     def _hand_over(self, seq: Sequence, out: RequestOutput) -> RequestOutput:
         """Prefill role: stop after the first token and keep the blocks for the transport."""
@@ -383,30 +405,3 @@ class LLMEngine:
             blocks = chunk.seq.block_ids[start // bs : -(-end // bs)]
             writes.append(KVLayerWrite(chunk.seq.request_id, blocks, start, end))
         return lambda layer: hook(layer, writes)
-
-
-def _work_of(sched: SchedulerOutput) -> StepWork:
-    prompt: dict[str, int] = {}
-    decode: dict[str, int] = {}
-    for chunk in sched.chunks:
-        seq = chunk.seq
-        # Decoding: past the prompt, with all but the last token computed (a recompute after preemption, or a
-        # resumed request's prior output, is prompt work even though the sequence has output tokens).
-        if seq.output_token_ids and chunk.num_tokens == 1 and seq.num_computed_tokens == seq.num_tokens - 1:
-            decode[seq.request_id] = 1
-        else:
-            prompt[seq.request_id] = chunk.num_tokens
-    return StepWork(prompt, decode)
-
-
-def _completion(seq: Sequence) -> Completion:
-    assert seq.finish_reason is not None  # only called for finished sequences
-    return Completion(
-        request_id=seq.request_id,
-        prompt_token_ids=seq.prompt_token_ids,
-        token_ids=list(seq.output_token_ids),
-        text=seq.output_text,
-        finish_reason=seq.finish_reason,
-        logprobs=list(seq.logprobs),
-        num_cached_prompt_tokens=seq.num_cached_prompt_tokens,
-    )

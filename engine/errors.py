@@ -22,3 +22,18 @@ class UnknownRequestError(EngineError, KeyError):
 
     def __str__(self) -> str:  # KeyError quotes its argument; keep the message readable.
         return str(self.args[0]) if self.args else "unknown request"
+
+
+class RequestFailedError(EngineError):
+    """Computing this one request raised an error; the engine dropped it (its blocks are free) and goes on with the
+    others. The same request would likely fail the same way elsewhere, so callers should not retry it on other nodes.
+    """
+
+    def __init__(self, request_id: str, message: str) -> None:
+        super().__init__(f"request {request_id!r} failed inside the engine: {message}")
+        self.request_id = request_id
+
+
+class EngineBrokenError(EngineError):
+    """The engine cannot compute anything any more (every recent forward failed, whatever it held): its process
+    should stop and be restarted."""

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import torch
 
 from engine.block_manager import PrefixCacheStats
-from engine.sequence import FinishReason, TokenLogprob
+from engine.sequence import FinishReason, Sequence, TokenLogprob
 
 
 @dataclass(slots=True)
@@ -63,6 +63,21 @@ class Completion:
     finish_reason: FinishReason
     logprobs: list[TokenLogprob] = field(default_factory=list)
     num_cached_prompt_tokens: int = 0
+
+    @classmethod
+    def of(cls, seq: Sequence) -> Completion:
+        """The result of a finished sequence."""
+        if seq.finish_reason is None:
+            raise ValueError(f"request {seq.request_id!r} has not finished")
+        return cls(
+            request_id=seq.request_id,
+            prompt_token_ids=seq.prompt_token_ids,
+            token_ids=list(seq.output_token_ids),
+            text=seq.output_text,
+            finish_reason=seq.finish_reason,
+            logprobs=list(seq.logprobs),
+            num_cached_prompt_tokens=seq.num_cached_prompt_tokens,
+        )
 
 
 @dataclass(frozen=True, slots=True)

@@ -5,6 +5,8 @@ the model's own log-softmax, before any penalty or filter, which is what clients
 
 Seeded requests draw with a generator re-seeded from (seed, output index), so a token's draw depends only on the
 request, never on which engine or batch computed it: a prefill engine and a decode engine continue one random stream.
+Any uint64 seed works: the generator seed is taken modulo 2**64 (torch's range), which leaves every seed below
+~1.8e13 exactly as before.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from engine.sequence import Sequence, TokenLogprob
 
 # Spreads consecutive output indices far apart in seed space.
 _SEED_STRIDE = 1_000_003
+_SEED_MODULUS = 2**64  # torch.Generator.manual_seed takes seeds in [0, 2**64)
 
 
 @dataclass(slots=True)
@@ -70,12 +73,19 @@ def _generator_for(seq: Sequence, fallback: torch.Generator) -> torch.Generator:
         return fallback
     if seq.generator is None:
         seq.generator = torch.Generator()
-    seq.generator.manual_seed(seq.params.seed * _SEED_STRIDE + len(seq.output_token_ids))
+    seq.generator.manual_seed(generator_seed(seq.params.seed, len(seq.output_token_ids)))
     return seq.generator
 
 
+def generator_seed(seed: int, output_index: int) -> int:
+    """The generator seed for a request's output_index-th draw: distinct per position, valid for any uint64 seed."""
+    return (seed * _SEED_STRIDE + output_index) % _SEED_MODULUS
+
+
 def _draw(row: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> int:
-    scaled = row / params.temperature
+    # Shifting the largest logit to 0 first keeps the division finite for any temperature: the best token scores 0,
+    # the rest at most -inf, and the softmax never sees inf - inf (a tiny temperature degrades to greedy, not NaN).
+    scaled = (row - row.max()) / params.temperature
     if params.top_k and params.top_k < scaled.numel():
         kth = torch.topk(scaled, params.top_k).values[-1]
         scaled = scaled.masked_fill(scaled < kth, float("-inf"))

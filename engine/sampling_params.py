@@ -5,10 +5,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from engine import limits
 from engine.errors import InvalidRequestError
 
-# How many alternatives per token a caller may ask for (OpenAI allows 20 for chat).
-MAX_LOGPROBS = 20
+MAX_LOGPROBS = limits.MAX_LOGPROBS  # kept here too: callers import it from this module
 
 
 @dataclass(slots=True)
@@ -47,12 +47,12 @@ class SamplingParams:
         return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
 
     def validate(self) -> None:
-        """Raise InvalidRequestError naming the first bad field; accepts only what the sampler can honour."""
-        _check_int("max_tokens", self.max_tokens, minimum=1)
-        _check_number("temperature", self.temperature)
-        if self.temperature < 0:
-            raise InvalidRequestError(f"temperature must be >= 0, got {self.temperature}")
-        _check_int("top_k", self.top_k, minimum=0)
+        """Raise InvalidRequestError naming the first bad field; accepts only what the sampler can honour.
+
+        The bounds are engine/limits.py's, shared with the router, so both refuse the same requests."""
+        _check_int("max_tokens", self.max_tokens, minimum=1, maximum=limits.MAX_UINT32)
+        _check_temperature(self.temperature)
+        _check_int("top_k", self.top_k, minimum=0, maximum=limits.MAX_UINT32)
         _check_number("top_p", self.top_p)
         if not 0.0 < self.top_p <= 1.0:
             raise InvalidRequestError(f"top_p must be in (0, 1], got {self.top_p}")
@@ -60,43 +60,82 @@ class SamplingParams:
         if not 0.0 <= self.min_p <= 1.0:
             raise InvalidRequestError(f"min_p must be in [0, 1], got {self.min_p}")
         if self.seed is not None:
-            _check_int("seed", self.seed, minimum=0)
-        _check_number("repetition_penalty", self.repetition_penalty)
-        if self.repetition_penalty <= 0:
-            raise InvalidRequestError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+            _check_int("seed", self.seed, minimum=0, maximum=limits.MAX_SEED)
+        _check_range(
+            "repetition_penalty",
+            self.repetition_penalty,
+            limits.MIN_REPETITION_PENALTY,
+            limits.MAX_REPETITION_PENALTY,
+        )
         for name in ("presence_penalty", "frequency_penalty"):
-            value = getattr(self, name)
-            _check_number(name, value)
-            if not -2.0 <= value <= 2.0:
-                raise InvalidRequestError(f"{name} must be in [-2, 2], got {value}")
+            _check_range(name, getattr(self, name), -limits.MAX_ABS_PENALTY, limits.MAX_ABS_PENALTY)
         self.stop = _string_list("stop", self.stop)
-        if any(s == "" for s in self.stop):
-            raise InvalidRequestError("stop strings must not be empty")
+        _check_stop_strings(self.stop)
         if not isinstance(self.stop_token_ids, Sequence) or isinstance(self.stop_token_ids, str | bytes):
             raise InvalidRequestError(
                 f"stop_token_ids must be a list of integers, got {type(self.stop_token_ids).__name__}"
             )
+        if len(self.stop_token_ids) > limits.MAX_STOP_TOKEN_IDS:
+            raise InvalidRequestError(
+                f"stop_token_ids: at most {limits.MAX_STOP_TOKEN_IDS} ids, got {len(self.stop_token_ids)}"
+            )
         self.stop_token_ids = list(self.stop_token_ids)
         for token_id in self.stop_token_ids:
-            _check_int("stop_token_ids[]", token_id, minimum=0)
+            _check_int("stop_token_ids[]", token_id, minimum=0, maximum=limits.MAX_UINT32)
         if self.logprobs is not None:
-            _check_int("logprobs", self.logprobs, minimum=0)
-            if self.logprobs > MAX_LOGPROBS:
-                raise InvalidRequestError(f"logprobs must be <= {MAX_LOGPROBS}, got {self.logprobs}")
+            _check_int("logprobs", self.logprobs, minimum=0, maximum=MAX_LOGPROBS)
 
 
-def _check_int(name: str, value: object, *, minimum: int) -> None:
+def _check_temperature(value: object) -> None:
+    """0 is greedy; a positive temperature below the minimum would overflow the logits it divides."""
+    value = _check_number("temperature", value)
+    if value < 0:
+        raise InvalidRequestError(f"temperature must be >= 0, got {value}")
+    if 0 < value < limits.MIN_TEMPERATURE:
+        raise InvalidRequestError(
+            f"temperature must be 0 (greedy) or at least {limits.MIN_TEMPERATURE:g}, got {value:g}"
+        )
+    if value > limits.MAX_TEMPERATURE:
+        raise InvalidRequestError(f"temperature must be <= {limits.MAX_TEMPERATURE:g}, got {value:g}")
+
+
+def _check_stop_strings(stops: list[str]) -> None:
+    if len(stops) > limits.MAX_STOP_STRINGS:
+        raise InvalidRequestError(f"stop: at most {limits.MAX_STOP_STRINGS} stop strings, got {len(stops)}")
+    for stop in stops:
+        if not stop:
+            raise InvalidRequestError("stop strings must not be empty")
+        if len(stop) > limits.MAX_STOP_STRING_CHARS:
+            raise InvalidRequestError(
+                f"stop: a stop string may have at most {limits.MAX_STOP_STRING_CHARS} characters, "
+                f"got {len(stop)}"
+            )
+
+
+def _check_range(name: str, value: object, low: float, high: float) -> None:
+    value = _check_number(name, value)
+    if not low <= value <= high:
+        raise InvalidRequestError(f"{name} must be in [{low:g}, {high:g}], got {value:g}")
+
+
+def _check_int(name: str, value: object, *, minimum: int, maximum: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int):
         raise InvalidRequestError(f"{name} must be an integer, got {type(value).__name__}")
     if value < minimum:
         raise InvalidRequestError(f"{name} must be >= {minimum}, got {value}")
+    if value > maximum:
+        raise InvalidRequestError(f"{name} must be <= {maximum}, got {value}")
 
 
-def _check_number(name: str, value: object) -> None:
+def _check_number(name: str, value: object) -> float:
+    """value as a float if it is a finite number (not a bool); InvalidRequestError naming the field otherwise."""
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise InvalidRequestError(f"{name} must be a number, got {type(value).__name__}")
     if value != value:  # NaN
         raise InvalidRequestError(f"{name} must not be NaN")
+    if value in (float("inf"), float("-inf")):
+        raise InvalidRequestError(f"{name} must be finite, got {value}")
+    return float(value)
 
 
 def _string_list(name: str, value: object) -> list[str]:

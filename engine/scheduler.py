@@ -15,6 +15,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from engine.block_manager import BlockManager
+from engine.outputs import StepWork
 from engine.sequence import Sequence, SequenceStatus
 
 
@@ -39,6 +40,24 @@ class SchedulerOutput:
     @property
     def num_tokens(self) -> int:
         return sum(c.num_tokens for c in self.chunks)
+
+    def work(self) -> StepWork:
+        """Which tokens this batch computes for which request, split into prompt and decode work."""
+        prompt: dict[str, int] = {}
+        decode: dict[str, int] = {}
+        for chunk in self.chunks:
+            seq = chunk.seq
+            # Decoding: past the prompt, with all but the last token computed (a recompute after preemption, or a
+            # resumed request's prior output, is prompt work even though the sequence has output tokens).
+            if (
+                seq.output_token_ids
+                and chunk.num_tokens == 1
+                and seq.num_computed_tokens == seq.num_tokens - 1
+            ):
+                decode[seq.request_id] = 1
+            else:
+                prompt[seq.request_id] = chunk.num_tokens
+        return StepWork(prompt, decode)
 
 
 class Scheduler:

@@ -26,7 +26,9 @@ What DONE means on the writer: with NIXL, the data is in the peer's memory; with
 this node. The receiver's signal that a layer arrived is always its notification. After a FAILED write, the
 destination blocks hold unspecified bytes and may still be written by data in flight until the connection is torn
 down: a decode node should not hand a failed request's blocks to another request before `transfer_timeout_s` has
-passed.
+passed, unless the writer says sooner that nothing more will come: one peer's writes land in the order they were
+issued, so a last write that only announces (no blocks, a notify payload such as `kv-fence:<request id>`, see
+kvtransfer/notifications.py) arrives after every earlier write of that request.
 
 Errors: ValueError for caller bugs (bad layer or block ids, write before register), TransferError for expected
 failures (peer unreachable, incompatible layouts, not connected, transport closed), TransferTimeout from wait().

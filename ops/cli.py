@@ -10,10 +10,6 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from ops.launcher import Process
 
 EXIT_USAGE = 2
 
@@ -90,7 +86,7 @@ def _build_parser() -> argparse.ArgumentParser:
     router.add_argument(
         "--model", type=Path, required=True, help="the served model's directory (for its tokenizer)"
     )
-    router.add_argument("--redis-url", required=True)
+    _add_redis_url_arg(router)
     router.add_argument("--host", default="127.0.0.1")
     router.add_argument("--grpc-port", type=int, default=50051)
     router.add_argument("--http-port", type=int, default=8000, help="OpenAI-compatible HTTP endpoint")
@@ -98,6 +94,8 @@ def _build_parser() -> argparse.ArgumentParser:
         "--api-key", default=None, help="require this bearer token (default: $SPLITSERVE_API_KEY)"
     )
     _add_placement_args(router)
+    _add_admission_args(router)
+    _add_cluster_token_args(router)
     _add_tracing_arg(router)
     router.set_defaults(func=_cmd_router)
 
@@ -122,6 +120,8 @@ def _build_parser() -> argparse.ArgumentParser:
         )
     up.add_argument("--machines", default=None, help="a JSON catalog of user machine types")
     _add_placement_args(up)
+    _add_admission_args(up)
+    _add_cluster_token_args(up, generated=True)
     up.set_defaults(func=_cmd_up)
 
     from ops.bench.arguments import add_arguments as add_bench_arguments
@@ -177,6 +177,40 @@ def _add_placement_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_admission_args(parser: argparse.ArgumentParser) -> None:
+    """The router's load-shedding and request-reading limits (router/admission.py, router/http_body.py)."""
+    group = parser.add_argument_group("load shedding")
+    group.add_argument(
+        "--max-concurrent-requests", type=_positive_int, default=256,
+        help="requests running on the nodes at once; more wait in the queue (an OpenAI request counts n)",
+    )  # fmt: skip
+    group.add_argument(
+        "--max-queued-requests", type=int, default=512,
+        help="requests waiting for a slot; beyond it: HTTP 429 with Retry-After, gRPC RESOURCE_EXHAUSTED",
+    )  # fmt: skip
+    group.add_argument(
+        "--queue-timeout-s", type=float, default=30.0, help="longest wait for a slot before a 429"
+    )
+    group.add_argument(
+        "--body-timeout-s",
+        type=float,
+        default=10.0,
+        help="an HTTP request body must arrive within this (408)",
+    )
+    group.add_argument(
+        "--tokenizer-threads", type=_positive_int, default=2, help="threads tokenizing long prompts"
+    )
+
+
+def _admission_flags(args: argparse.Namespace) -> list[str]:
+    """The load-shedding flags, for `up` to pass on to its routers."""
+    flags = []
+    for name in ("max_concurrent_requests", "max_queued_requests", "queue_timeout_s", "body_timeout_s",
+                 "tokenizer_threads"):  # fmt: skip
+        flags += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
+    return flags
+
+
 def _placement_flags(args: argparse.Namespace) -> list[str]:
     """The placement flags as given, for `up` to pass on to its routers."""
     flags = ["--policy", args.policy]
@@ -190,9 +224,7 @@ def _placement_flags(args: argparse.Namespace) -> list[str]:
 
 def _add_node_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", type=Path, required=True)
-    parser.add_argument(
-        "--redis-url", required=True, help="Redis holding cluster state (splitserve up starts one)"
-    )
+    _add_redis_url_arg(parser)
     parser.add_argument("--node-id", default=None)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0, help="gRPC port (0: any free port)")
@@ -245,6 +277,7 @@ def _add_node_args(parser: argparse.ArgumentParser) -> None:
         help="set the cap through NVML (default: a dry run that logs the NVML calls it would make)",
     )
     parser.add_argument("--drain-timeout", type=float, default=30.0)
+    _add_cluster_token_args(parser)
     _add_tracing_arg(parser)
     parser.add_argument(
         "--one-piece-below",
@@ -252,6 +285,46 @@ def _add_node_args(parser: argparse.ArgumentParser) -> None:
         default=512,
         help="prefill: send the KV of prompts shorter than this many tokens in one piece (0: always layer by layer)",
     )
+
+
+REDIS_URL_ENV = "SPLITSERVE_REDIS_URL"
+
+
+def _add_redis_url_arg(parser: argparse.ArgumentParser) -> None:
+    """--redis-url, or $SPLITSERVE_REDIS_URL: a URL with a password belongs in the environment, not in argv."""
+    parser.add_argument(
+        "--redis-url",
+        default=os.environ.get(REDIS_URL_ENV),
+        required=not os.environ.get(REDIS_URL_ENV),
+        help=f"Redis holding cluster state, redis:// or rediss:// (default: ${REDIS_URL_ENV}; splitserve up "
+        "starts one)",
+    )
+
+
+def _add_cluster_token_args(parser: argparse.ArgumentParser, *, generated: bool = False) -> None:
+    """The cluster token (ops/cluster_auth.py): nodes require it on every internal call, routers send it."""
+    default = "a fresh random one" if generated else "none: nodes take every caller"
+    group = parser.add_argument_group("cluster membership")
+    token = group.add_mutually_exclusive_group()
+    token.add_argument(
+        "--cluster-token",
+        default=None,
+        help=f"the cluster's shared secret; argv is visible in `ps`: prefer the file or $SPLITSERVE_CLUSTER_TOKEN "
+        f"(default: $SPLITSERVE_CLUSTER_TOKEN, else {default})",
+    )
+    token.add_argument(
+        "--cluster-token-file",
+        type=Path,
+        default=None,
+        help="read the cluster token from this file (a Secret)",
+    )
+
+
+def _cluster_token(args: argparse.Namespace) -> str | None:
+    """The cluster token from the flags or environment; ClusterTokenError (a ValueError) for a bad file."""
+    from ops.cluster_auth import resolve_token
+
+    return resolve_token(args.cluster_token, args.cluster_token_file)
 
 
 def _port_number(text: str) -> int:
@@ -358,6 +431,7 @@ def _cmd_node(args: argparse.Namespace) -> int:
             args.power_cap_apply,
         )
         otlp_endpoint = _otlp_endpoint(args)
+        cluster_token = _cluster_token(args)
     except ValueError as exc:
         print(f"splitserve {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -381,6 +455,7 @@ def _cmd_node(args: argparse.Namespace) -> int:
         drain_timeout_s=args.drain_timeout,
         one_piece_below=args.one_piece_below,
         otlp_endpoint=otlp_endpoint,
+        cluster_token=cluster_token,
     )
     from ops.node_control import MoveToPool, exec_in_role
 
@@ -415,6 +490,12 @@ def _cmd_router(args: argparse.Namespace) -> int:
             ttft_slo_s=None if args.slo_ttft_ms is None else args.slo_ttft_ms / 1000.0,
             tbt_slo_s=None if args.slo_tbt_ms is None else args.slo_tbt_ms / 1000.0,
             otlp_endpoint=_otlp_endpoint(args),
+            cluster_token=_cluster_token(args),
+            max_concurrent_requests=args.max_concurrent_requests,
+            max_queued_requests=args.max_queued_requests,
+            queue_timeout_s=args.queue_timeout_s,
+            body_timeout_s=args.body_timeout_s,
+            tokenizer_threads=args.tokenizer_threads,
         )
         options.placement_policy()
     except ValueError as exc:
@@ -457,10 +538,7 @@ DEMO_MODEL_DIR = Path(".cache") / "demo-model"
 
 
 def _cmd_up(args: argparse.Namespace) -> int:
-    import signal
-    import threading
-
-    from ops.launcher import ClusterSpec, LocalCluster
+    from ops.launcher import ClusterSpec
     from router.policy import create_policy, parse_policy_options
 
     try:  # the routers would refuse a bad policy too, but only after Redis and the nodes started
@@ -481,6 +559,7 @@ def _cmd_up(args: argparse.Namespace) -> int:
                 *(["--machine-type", machine] if machine else []),
                 *(["--machines", args.machines] if args.machines else []),
             ]
+        cluster_token = _cluster_token(args)  # None: LocalCluster generates one
     except ValueError as exc:
         print(f"splitserve up: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -501,47 +580,14 @@ def _cmd_up(args: argparse.Namespace) -> int:
         grpc_port=args.grpc_port,
         http_port=args.http_port,
         api_key=args.api_key,
+        cluster_token=cluster_token,
         threads_per_node=args.threads_per_node,
-        router_args=_placement_flags(args),
+        router_args=[*_placement_flags(args), *_admission_flags(args)],
         role_args=role_args,
     )
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    with LocalCluster(spec) as cluster:
-        print(f"splitserve: Redis at {cluster.redis_url}")
-        for proc in cluster.processes:
-            metrics = f"  metrics http://{proc.metrics_address}/metrics" if proc.role != "router" else ""
-            print(f"splitserve: {proc.role:<9} {proc.node_id or '':<40} {proc.address}{metrics}")
-        print(f"splitserve: OpenAI-compatible HTTP on http://{cluster.http_address}/v1")
-        print(f"splitserve: ops dashboard on http://{cluster.http_address}/dashboard")
-        print(
-            f"splitserve: serving {model.name} on grpc://{cluster.router_address} (Ctrl-C stops)", flush=True
-        )
-        while not stop.wait(0.5):
-            for proc, event in cluster.poll_events():
-                _report_node_event(proc, event)
-            dead = [p for p in cluster.processes if p.popen.poll() is not None]
-            if dead:
-                print(
-                    f"splitserve: {dead[0].role} exited with code {dead[0].popen.returncode}; stopping",
-                    flush=True,
-                )
-                break
-    print("splitserve: stopped", flush=True)
-    return 0
+    from ops.up_foreground import run_foreground
 
-
-def _report_node_event(proc: Process, event: dict[str, object]) -> None:
-    """What an operator did to a node of `splitserve up` (drain, resume, move from the dashboard), as it happens."""
-    kind, node_id = event.get("event"), event.get("node_id", "")
-    if kind in ("draining", "resumed"):
-        print(f"splitserve: {node_id} {kind}", flush=True)
-    elif kind == "moving":
-        print(f"splitserve: {node_id} is moving to the {event.get('to')} pool", flush=True)
-    elif kind == "ready":
-        metrics = f"  metrics http://{proc.metrics_address}/metrics"
-        print(f"splitserve: {proc.role:<9} {node_id!s:<40} {proc.address}{metrics}", flush=True)
+    return run_foreground(spec, model.name)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,11 @@
-"""gRPC plumbing shared by every splitserve server: health, reflection, and engine errors as status codes."""
+"""gRPC plumbing shared by every splitserve server: health, reflection, engine errors as status codes, and services
+that answer INVALID_ARGUMENT (not UNKNOWN) to request bytes that do not decode."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import inspect
+from collections.abc import AsyncIterator, Callable, Iterable
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -12,6 +15,7 @@ from engine.errors import (
     EngineError,
     InvalidRequestError,
     ModelLoadError,
+    RequestFailedError,
     ResourceExhaustedError,
     UnknownRequestError,
 )
@@ -29,6 +33,9 @@ def status_for(exc: EngineError) -> grpc.StatusCode:
         return grpc.StatusCode.NOT_FOUND
     if isinstance(exc, ModelLoadError):
         return grpc.StatusCode.FAILED_PRECONDITION
+    # This request broke its own computation: not in the router's RETRYABLE, so no other node gets it.
+    if isinstance(exc, RequestFailedError):
+        return grpc.StatusCode.ABORTED
     return grpc.StatusCode.INTERNAL
 
 
@@ -65,3 +72,80 @@ def make_server(
     if port == 0:
         raise OSError(f"cannot listen on {bind}")
     return server, serving, port
+
+
+class _Undecodable:
+    """What a checked deserializer returns for bytes that are not the request message (the handler refuses it)."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+
+class _HandlerRecorder:
+    """Stands in for a server while a generated add_*Servicer_to_server registers its method handlers."""
+
+    def __init__(self) -> None:
+        self.services: dict[str, dict[str, grpc.RpcMethodHandler]] = {}
+
+    def add_generic_rpc_handlers(self, handlers: Any) -> None:
+        pass  # the same handlers also arrive through add_registered_method_handlers
+
+    def add_registered_method_handlers(
+        self, service: str, handlers: dict[str, grpc.RpcMethodHandler]
+    ) -> None:
+        self.services[service] = dict(handlers)
+
+
+def add_checked_servicer(
+    add_to_server: Callable[[Any, Any], None], servicer: object, server: grpc.aio.Server
+) -> None:
+    """Register servicer as the generated add_to_server(servicer, server) does, but a unary request whose bytes do
+    not decode ends with INVALID_ARGUMENT and a message instead of grpcio's UNKNOWN/INTERNAL."""
+    recorder = _HandlerRecorder()
+    add_to_server(servicer, recorder)
+    for service, handlers in recorder.services.items():
+        checked = {name: _checked(handler) for name, handler in handlers.items()}
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, checked),))
+        server.add_registered_method_handlers(service, checked)
+
+
+def _checked(handler: Any) -> grpc.RpcMethodHandler:
+    deserialize = handler.request_deserializer
+    if handler.request_streaming or deserialize is None:
+        return handler  # streamed requests are decoded per message by grpcio; none of ours stream requests
+
+    def decode(data: bytes) -> object:
+        try:
+            return deserialize(data)
+        except Exception as exc:  # DecodeError, or a string field that is not UTF-8
+            return _Undecodable(f"the request message does not decode: {exc}")
+
+    if handler.response_streaming:
+        return grpc.unary_stream_rpc_method_handler(
+            _checked_stream(handler.unary_stream), decode, handler.response_serializer
+        )
+    return grpc.unary_unary_rpc_method_handler(
+        _checked_unary(handler.unary_unary), decode, handler.response_serializer
+    )
+
+
+def _checked_stream(behaviour: Any) -> Any:
+    if inspect.isasyncgenfunction(behaviour):
+
+        async def stream(request: object, context: grpc.aio.ServicerContext) -> AsyncIterator[object]:
+            if isinstance(request, _Undecodable):
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.reason)
+            async for msg in behaviour(request, context):
+                yield msg
+
+        return stream
+    return _checked_unary(behaviour)  # a handler that writes with context.write and returns
+
+
+def _checked_unary(behaviour: Any) -> Any:
+    async def unary(request: object, context: grpc.aio.ServicerContext) -> object:
+        if isinstance(request, _Undecodable):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.reason)
+        return await behaviour(request, context)
+
+    return unary

@@ -2,6 +2,12 @@
 
 Order: Redis (embedded unless a URL is given) -> nodes -> routers, each waited for through its ready line on stdout
 (bounded). Stop: SIGTERM to routers, then nodes (they drain), a bounded wait, SIGKILL to anything left, then Redis.
+`respawn` starts a process that died again with the same flags (ops/supervisor.py decides when).
+
+Secrets reach the children through their environment, never argv (which `ps` shows to every user): the cluster
+token (`SPLITSERVE_CLUSTER_TOKEN`, generated unless the spec has one: nodes then refuse calls without it), the
+Redis URL (`SPLITSERVE_REDIS_URL`) and the routers' API key (`SPLITSERVE_API_KEY`). The embedded Redis has a password, carried by `redis_url`: print
+`redacted(url)` (ops/redis_server.py), never the URL itself.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
+from ops.cluster_auth import TOKEN_ENV, generate_token
 from ops.redis_server import EmbeddedRedis
 
 READY_TIMEOUT_S = 120.0
@@ -36,6 +43,7 @@ class ClusterSpec:
     grpc_port: int = 50051  # the first router's port; further routers take any free port
     http_port: int = 8000  # likewise, for the OpenAI-compatible HTTP endpoint
     api_key: str | None = None
+    cluster_token: str | None = None  # None: a fresh random one
     host: str = "127.0.0.1"
     threads_per_node: int = 1
     node_args: list[str] = field(default_factory=list)  # extra flags for every node (e.g. --kv-cache-mb 64)
@@ -50,6 +58,8 @@ class Process:
     popen: subprocess.Popen[str]
     ready: dict[str, object]
     lines: queue.SimpleQueue[str | None]
+    args: list[str] = field(default_factory=list)  # the flags after the role word, to start it again with
+    started_at: float = field(default_factory=time.monotonic)
 
     @property
     def address(self) -> str:
@@ -71,6 +81,7 @@ class LocalCluster:
         self.redis: EmbeddedRedis | None = None
         self.redis_url = spec.redis_url or ""
         self.processes: list[Process] = []
+        self.cluster_token = spec.cluster_token or generate_token()
 
     def start(self) -> LocalCluster:
         try:
@@ -127,16 +138,15 @@ class LocalCluster:
 
     def _node_args(self, role: str) -> list[str]:
         return [
-            "--model", str(self.spec.model_dir), "--redis-url", self.redis_url, "--host", self.spec.host,
-            "--port", "0", "--kv-backend", self.spec.kv_backend, "--threads", str(self.spec.threads_per_node),
+            "--model", str(self.spec.model_dir), "--host", self.spec.host, "--port", "0",
+            "--kv-backend", self.spec.kv_backend, "--threads", str(self.spec.threads_per_node),
             *self.spec.node_args, *self.spec.role_args.get(role, []),
         ]  # fmt: skip
 
     def _router_args(self, grpc_port: int, http_port: int) -> list[str]:
-        key = ["--api-key", self.spec.api_key] if self.spec.api_key else []
         return [
-            "--model", str(self.spec.model_dir), "--redis-url", self.redis_url, "--host", self.spec.host,
-            "--grpc-port", str(grpc_port), "--http-port", str(http_port), *key, *self.spec.router_args,
+            "--model", str(self.spec.model_dir), "--host", self.spec.host,
+            "--grpc-port", str(grpc_port), "--http-port", str(http_port), *self.spec.router_args,
         ]  # fmt: skip
 
     @property
@@ -144,7 +154,38 @@ class LocalCluster:
         return str(self.by_role("router")[0].ready["http_address"])
 
     def _spawn(self, role: str, args: list[str]) -> Process:
-        env = {**os.environ, "OMP_NUM_THREADS": str(self.spec.threads_per_node), "PYTHONUNBUFFERED": "1"}
+        popen, lines = self._popen(role, args)
+        proc = Process(role, popen, {}, lines, args)
+        self.processes.append(proc)
+        return proc
+
+    def respawn(self, proc: Process) -> None:
+        """Starts `proc`, which has exited, again in its (current) role with the same flags, without waiting for
+        it: its new ready line comes through `poll_events`. A router keeps the ports it had, so the addresses
+        clients hold stay valid."""
+        if proc.popen.poll() is None:
+            raise RuntimeError(f"{proc.role} (pid {proc.popen.pid}) is still running")
+        if proc.popen.stdout is not None:
+            proc.popen.stdout.close()
+        args = proc.args
+        if proc.role == "router" and proc.ready:
+            args = _with_ports(args, proc.address, str(proc.ready.get("http_address", "")))
+        proc.popen, proc.lines = self._popen(proc.role, args)
+        proc.args = args
+        proc.started_at = time.monotonic()
+
+    def _popen(
+        self, role: str, args: list[str]
+    ) -> tuple[subprocess.Popen[str], queue.SimpleQueue[str | None]]:
+        env = {
+            **os.environ,
+            "OMP_NUM_THREADS": str(self.spec.threads_per_node),
+            "PYTHONUNBUFFERED": "1",
+            TOKEN_ENV: self.cluster_token,
+            "SPLITSERVE_REDIS_URL": self.redis_url,  # it may carry a password: not in argv
+        }
+        if role == "router" and self.spec.api_key:
+            env["SPLITSERVE_API_KEY"] = self.spec.api_key
         popen = subprocess.Popen(
             [sys.executable, "-m", "ops.cli", role, *args],
             stdout=subprocess.PIPE,
@@ -155,9 +196,7 @@ class LocalCluster:
         lines: queue.SimpleQueue[str | None] = queue.SimpleQueue()
         assert popen.stdout is not None  # stdout=PIPE above
         threading.Thread(target=_pump, args=(popen.stdout, lines), daemon=True).start()
-        proc = Process(role, popen, {}, lines)
-        self.processes.append(proc)
-        return proc
+        return popen, lines
 
     def poll_events(self) -> list[tuple[Process, dict[str, object]]]:
         """The JSON events the processes printed since the last call, without waiting. A node's new `ready` line
@@ -205,6 +244,16 @@ def _pump(stream: IO[str], lines: queue.SimpleQueue[str | None]) -> None:
     for line in stream:
         lines.put(line)
     lines.put(None)
+
+
+def _with_ports(args: list[str], grpc_address: str, http_address: str) -> list[str]:
+    """A router's flags with the ports it actually had (it may have been started with port 0)."""
+    ports = {"--grpc-port": grpc_address.rpartition(":")[2], "--http-port": http_address.rpartition(":")[2]}
+    out = list(args)
+    for i, word in enumerate(out[:-1]):
+        if word in ports and ports[word].isdigit():
+            out[i + 1] = ports[word]
+    return out
 
 
 def _event(line: str) -> dict[str, object]:

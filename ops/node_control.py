@@ -12,7 +12,8 @@
    (the new process prints its `ready` line there). A node started with --node-id keeps it; otherwise the new
    process picks a fresh id of its new role.
 
-A Redis error or a control that does not decode is logged once and retried: the watcher never stops the node.
+A Redis error or a control that does not decode is logged once and retried, backing off up to every 2 s while it
+lasts: the watcher never stops the node.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from ops.cluster_state import NodeControl, Role
 logger = logging.getLogger(__name__)
 
 POLL_S = 0.25
+MAX_BACKOFF_S = 2.0
 
 
 class MoveToPool(Exception):
@@ -59,6 +61,7 @@ class ControlWatcher:
         self._poll_s = poll_s
         self._drained = False
         self._failing = False
+        self._backoff_s = poll_s
 
     async def wait_for_move(self) -> Role:
         """Applies drain/resume as they come, until the control asks for another pool; returns that role."""
@@ -69,14 +72,17 @@ class ControlWatcher:
                 return pool
             if control is not None or not self._failing:  # an unreadable control changes nothing
                 await self._apply_drain(control is not None and control.drain)
-            await asyncio.sleep(self._poll_s)
+            await asyncio.sleep(self._backoff_s if self._failing else self._poll_s)
 
     async def _poll(self) -> NodeControl | None:
         try:
             control = await asyncio.to_thread(self._read_control)
         except Exception as exc:  # Redis down, a bad record: keep serving as we are, and try again
             if not self._failing:
-                logger.warning("cannot read node control (retrying every %.2f s): %r", self._poll_s, exc)
+                logger.warning("cannot read node control (retrying, backing off): %r", exc)
+                self._backoff_s = self._poll_s
+            else:
+                self._backoff_s = min(self._backoff_s * 2, MAX_BACKOFF_S)
             self._failing = True
             return None
         if self._failing:

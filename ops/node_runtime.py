@@ -5,7 +5,8 @@ A node's process life:
    load the model into an engine of the node's role, on its own thread (AsyncEngine), which reports every step to
    the node's ChargeLedger (per-request energy and cost).
 2. Register the engine's KV pool with the transport (prefill, decode), serve Prometheus metrics over HTTP
-   (ops/node_metrics.py; a port it cannot bind exits 2 here) and gRPC with health and reflection.
+   (ops/node_metrics.py; a port it cannot bind exits 2 here) and gRPC with health and reflection. With a cluster
+   token every other gRPC call needs it (ops/cluster_auth.py), and so do KV peers.
 3. Register in Redis (address, KV capacity, transport descriptor, machine type with its cost, power and latency
    model) and publish load (with the meter's power reading) at least every 100 ms.
 4. Print one JSON line `{"event": "ready", ...}` on stdout (gRPC and metrics addresses): launchers (`splitserve
@@ -16,6 +17,8 @@ A node's process life:
    report), let in-flight requests finish within the grace period, deregister, then stop and exit 0. A control that
    moves the node to another pool does the same, prints `moving` instead of `stopped`, and raises MoveToPool: the
    command line then re-executes the process in its new role.
+7. If the engine thread dies (it cannot compute any more), stop at once without draining: NOT_SERVING, deregister,
+   one line on stderr naming the cause, `stopped` with the error, exit 1 so that a supervisor restarts the node.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ from engine.config import EngineConfig, EngineRole
 from engine.engine import LLMEngine
 from ops import tracing
 from ops.allocator import keep_freed_memory
+from ops.cluster_auth import ClusterTokenInterceptor
 from ops.cluster_state import LoadPublisher, LoadReport, NodeInfo, NodeRegistration, Role
 from ops.grpc_util import make_server
 from ops.node_control import ControlWatcher, MoveToPool, serve_until_stop_or_move
@@ -72,6 +76,8 @@ class NodeOptions:
     power: PowerSettings | None = None  # machine type, perf model and power cap; None: machine_type, no cap
     drain_timeout_s: float = 30.0
     otlp_endpoint: str | None = None  # None: OTEL_EXPORTER_OTLP_ENDPOINT if set, else no tracing
+    # Every gRPC call but health/reflection, and every KV peer, must carry it (ops/cluster_auth.py); None: open.
+    cluster_token: str | None = None
     one_piece_below: int = (
         512  # prefill: prompts shorter than this send their KV in one piece, not layer by layer
     )
@@ -109,7 +115,9 @@ async def run_node(options: NodeOptions, service_names: list[str], attach: Attac
     engine = LLMEngine(options.model_dir, _engine_config(options))
     async_engine = AsyncEngine(engine, name=f"engine-{options.role}", step_observer=power.ledger)
     transport = _make_transport(options, node_id, engine)
-    server, health, port = make_server(f"{options.host}:{options.port}", service_names)
+    # Public Inference included: a node serves only its routers, never a client that skipped one.
+    guard = [ClusterTokenInterceptor(options.cluster_token)] if options.cluster_token else []
+    server, health, port = make_server(f"{options.host}:{options.port}", service_names, guard)
     service = attach(async_engine, transport, server)
     metrics = NodeMetrics(NodeIdentity(options.role, node_id, power.machine.name), async_engine, power.meter)
     if hasattr(service, "on_kv_transfer"):  # prefill nodes time their transfers
@@ -172,10 +180,13 @@ async def run_node(options: NodeOptions, service_names: list[str], attach: Attac
     stop = _stop_on_signal()
     role = cast(Role, options.role)  # checked by the command line's choices
     watcher = ControlWatcher(registration.read_control, set_draining, role=role, node_id=node_id, say=_say)
+    engine_watch = asyncio.create_task(_stop_when_engine_dies(async_engine, stop))
     move_to = await serve_until_stop_or_move(stop, watcher)
+    engine_watch.cancel()
     await set_draining(True)
+    fatal = async_engine.fatal_error  # a dead engine has nothing left to drain: leave at once
     started = time.monotonic()
-    while time.monotonic() - started < options.drain_timeout_s and _busy(async_engine, service):
+    while not fatal and time.monotonic() - started < options.drain_timeout_s and _busy(async_engine, service):
         await asyncio.sleep(IDLE_POLL_S)
     publisher.stop()
     _deregister(registration)
@@ -193,6 +204,11 @@ async def run_node(options: NodeOptions, service_names: list[str], attach: Attac
     if move_to is not None and not stop.is_set():
         _say({"event": "moving", "node_id": node_id, "to": move_to, "drained": drained})
         raise MoveToPool(move_to)
+    if fatal is not None:
+        cause = " ".join(f"{type(fatal).__name__}: {fatal}".split())  # one line, whatever the error's text
+        print(f"splitserve {options.role}: error: the engine stopped: {cause}", file=sys.stderr, flush=True)
+        _say({"event": "stopped", "node_id": node_id, "drained": False, "error": str(fatal)})
+        return 1
     _say({"event": "stopped", "node_id": node_id, "drained": drained})
     return 0
 
@@ -215,7 +231,9 @@ def _make_transport(options: NodeOptions, node_id: str, engine: LLMEngine) -> An
     from kvtransfer import create_transport
 
     # The torch backend listens on one address for its peers: the node's own (a pod IP on Kubernetes), not loopback.
-    extra = {"host": options.host} if options.kv_backend == "torch" else {}
+    extra: dict[str, Any] = {}
+    if options.kv_backend == "torch":
+        extra = {"host": options.host, "cluster_token": options.cluster_token}
     transport = create_transport(options.kv_backend, node_id, **extra)
     transport.register(engine.kv_layers)
     return transport
@@ -240,6 +258,12 @@ def _deregister(registration: NodeRegistration) -> None:
             f"splitserve: could not deregister (Redis unreachable: {exc}); the lease expires it",
             file=sys.stderr,
         )
+
+
+async def _stop_when_engine_dies(engine: AsyncEngine, stop: asyncio.Event) -> None:
+    """Step 7: an engine thread that died cannot serve again; stop the node so that its supervisor restarts it."""
+    await engine.wait_fatal()
+    stop.set()
 
 
 def _stop_on_signal() -> asyncio.Event:

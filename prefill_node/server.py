@@ -11,6 +11,7 @@ from typing import Any
 import grpc
 
 from engine.async_engine import AsyncEngine
+from ops.grpc_util import add_checked_servicer
 from ops.node_runtime import NodeOptions, run, run_node
 from ops.whole_request import WholeRequestService
 from prefill_node.service import PrefillNodeService
@@ -24,9 +25,9 @@ def serve(options: NodeOptions) -> int:
     def attach(engine: AsyncEngine, transport: Any, server: grpc.aio.Server) -> PrefillNodeService:
         block_size = engine.engine.config.block_size
         service = PrefillNodeService(engine, transport, block_size, options.one_piece_below)
-        cluster_pb2_grpc.add_PrefillNodeServicer_to_server(service, server)
+        add_checked_servicer(cluster_pb2_grpc.add_PrefillNodeServicer_to_server, service, server)
         whole = WholeRequestService(engine, keep_local=True, accepting=lambda: service.accepting)
-        inference_pb2_grpc.add_InferenceServicer_to_server(whole, server)
+        add_checked_servicer(inference_pb2_grpc.add_InferenceServicer_to_server, whole, server)
         return service
 
     return run(lambda: run_node(options, [SERVICE_NAME, INFERENCE_SERVICE], attach))

@@ -13,15 +13,23 @@ A request's life cycle on this node:
    `kv-done:<request id>` is sent, the blocks are released, and the first token goes back to the router with this
    node's charges (ops/power/accounting.py: its share of the steps that computed the prompt, and the transfer wait).
 4. On a failed or late transfer, or when the router cancels, the request is aborted here and its blocks freed; the
-   router frees the decode side and retries elsewhere.
+   router frees the decode side and retries elsewhere. A failure the decode peer caused (unreachable, refused, gone
+   mid-transfer, not taking writes before the deadline) says so in the status's trailing metadata
+   (ops/failed_side.py), so the router excludes that decode node and keeps this one. A transfer that did not end
+   with `kv-done` ends with `kv-fence:<request id>` once its issued writes settled: the decode node then knows no
+   write of it can still land, and frees its blocks at once (after a failed write: when its quarantine ends).
+   Abort answers whether a transfer of the request started here (`found`) and ends its Prefill call; if none
+   started, none will: a Prefill of that id arriving later is refused, so the router may tell the decode node to
+   free the blocks at once.
 While draining (SIGTERM), new Prefill calls answer UNAVAILABLE; in-flight ones finish.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 
 import grpc
@@ -32,20 +40,29 @@ from engine.engine import KVHandoff, KVLayerWrite, RequestOutput
 from engine.errors import EngineError
 from engine.sequence import FinishReason
 from kvtransfer.base import TransferState
-from kvtransfer.notifications import kv_done
+from kvtransfer.notifications import kv_done, kv_fence
 from ops import tracing
+from ops.failed_side import Side, failed_side_metadata
 from ops.grpc_util import abort_with
 from ops.power.accounting import ledger_of
 from ops.proto_convert import charges_to_proto, finish_to_proto, logprob_to_proto, sampling_from_proto
+from ops.recent_ids import RecentIds
 from splitserve.v1 import cluster_pb2 as cpb
 from splitserve.v1 import cluster_pb2_grpc
 from splitserve.v1 import inference_pb2 as pb
 
+logger = logging.getLogger(__name__)
+
 TRANSFER_POLL_S = 0.001
+FENCE_POLL_S = 0.005  # how often an abandoned transfer's last writes are checked before its fence is sent
 
 
 class TransferFailed(Exception):
-    pass
+    """The KV transfer failed; `side` is the node that caused it."""
+
+    def __init__(self, message: str, side: Side = "decode") -> None:
+        super().__init__(message)
+        self.side: Side = side
 
 
 @dataclass(slots=True)
@@ -64,6 +81,10 @@ class _Target:
     first_write_at: float | None = None  # monotonic time the first write was issued (the transfer's start)
     bytes_written: int = 0
     transfer_seconds: float = 0.0  # first write issued -> last write landed; set once every write completed
+    done_sent: bool = False  # the kv-done notification was issued: the decode node needs no fence
+    call: asyncio.Task[object] | None = (
+        None  # the Prefill call serving it: Abort ends it (its finally fences)
+    )
 
 
 class PrefillNodeService(cluster_pb2_grpc.PrefillNodeServicer):
@@ -76,6 +97,13 @@ class PrefillNodeService(cluster_pb2_grpc.PrefillNodeServicer):
         self.in_flight = 0
         self._targets: dict[str, _Target] = {}
         self._peers: dict[bytes, object] = {}
+        # Requests whose transfer started here (they end it with kv-done or a fence), and requests aborted before
+        # theirs started (a Prefill of theirs arriving late is refused).
+        self._started = RecentIds()
+        self._refused = RecentIds()
+        self._background: set[asyncio.Task[None]] = (
+            set()
+        )  # transfers being ended (fences), referenced until done
         self.charges = ledger_of(engine)
         # Told (seconds, bytes) of each completed transfer; the node's metrics (ops/node_metrics.py) set it.
         self.on_kv_transfer: Callable[[float, int], None] | None = None
@@ -112,11 +140,18 @@ class PrefillNodeService(cluster_pb2_grpc.PrefillNodeServicer):
             params = sampling_from_proto(request.sampling)
             peer = await self._connect(request.decode_transport_descriptor)
             layer_wise = len(prompt) + len(prior) >= self.one_piece_below
-            target = _Target(peer, list(request.decode_block_ids), layer_wise, span=span)
+            target = _Target(
+                peer, list(request.decode_block_ids), layer_wise, span=span, call=asyncio.current_task()
+            )
+            if rid in self._refused:  # the router gave up on it and told the decode node nothing was written
+                raise TransferFailed("the request was aborted before its transfer started", "prefill")
             self._targets[rid] = target
+            self._started.add(rid)
             stream = await self.engine.generate(rid, prompt, params, prior or None)
             try:
                 out = await asyncio.wait_for(_last_output(stream), max(0.0, deadline - time.monotonic()))
+            except TimeoutError as exc:  # this node did not compute the prompt in time
+                raise TransferFailed("the prompt was not computed before the deadline", "prefill") from exc
             finally:
                 stream.close()
             computed = time.monotonic()
@@ -145,24 +180,66 @@ class PrefillNodeService(cluster_pb2_grpc.PrefillNodeServicer):
             tracing.mark_failed(span, str(exc))
             await abort_with(context, exc)
             raise AssertionError("unreachable") from exc
-        except (TransferFailed, TimeoutError) as exc:
-            tracing.mark_failed(span, str(exc) or "deadline passed")
-            await context.abort(
-                grpc.StatusCode.UNAVAILABLE, f"KV transfer for {rid!r} failed: {exc or 'deadline passed'}"
-            )
+        except TransferFailed as exc:
+            tracing.mark_failed(span, str(exc))
+            if exc.side == "decode":  # the next request reconnects: a broken path is not reused
+                self._peers.pop(request.decode_transport_descriptor, None)
+            context.set_trailing_metadata(failed_side_metadata(exc.side))
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"KV transfer for {rid!r} failed: {exc}")
             raise AssertionError("unreachable") from exc
         finally:
             self.in_flight -= 1
-            self._targets.pop(rid, None)
+            unfinished = self._targets.pop(rid, None)
             if self.charges is not None:
                 self.charges.discard(rid)
-            await self.engine.call(lambda e: _forget(e, rid))
+            # In the background: a second cancel of this call must not stop it (the decode node would then wait out
+            # its quarantine), and the fence waits for the writes already issued.
+            self._in_background(self._end_transfer(rid, unfinished))
             span.end()
 
     async def Abort(self, request: cpb.AbortRequest, context: grpc.aio.ServicerContext) -> cpb.AbortResponse:
-        found = request.request_id in self._targets
-        await self.engine.call(lambda e: _forget(e, request.request_id))
+        rid = request.request_id
+        found = rid in self._started
+        if not found:
+            self._refused.add(rid)
+        target = self._targets.get(rid)
+        if target is not None and target.call is not None:
+            # Do not count on the router's cancel reaching the call: ending it here is what sends the fence.
+            target.call.cancel()
+        await self.engine.call(lambda e: _forget(e, rid))
         return cpb.AbortResponse(found=found)
+
+    async def _end_transfer(self, rid: str, target: _Target | None) -> None:
+        """Free rid here. A transfer that did not end with kv-done ends with a fence (`kv-fence:<rid>`), sent once
+        every write issued for rid has settled: backends that do not keep a peer's writes in order (NIXL) announce
+        each write as it lands, so only then can nothing of rid land after the fence. A failed write may still
+        land until its connection is torn down: no fence then, the decode node's quarantine covers it."""
+        try:
+            # On the engine thread, between steps: no layer hook issues a write of rid after this.
+            issued = await self.engine.call(lambda e: _forget_listing_writes(e, rid, target))
+        except EngineError:  # the engine stopped: so did its writes; the quarantine covers the rest
+            return
+        if target is None or issued is None:
+            return
+        while any(
+            self.transport.poll(h) == TransferState.PENDING for h in issued
+        ):  # bounded by their deadlines
+            await asyncio.sleep(FENCE_POLL_S)
+        if any(self.transport.poll(h) == TransferState.FAILED for h in issued):
+            return
+        try:
+            self.transport.write_blocks(target.peer, 0, [], [], kv_fence(rid))
+        except Exception as exc:  # the transport's own error types vary by backend; the quarantine covers it
+            logger.info(
+                "no kv-fence for %s (its decode node keeps the blocks until its quarantine ends): %s",
+                rid,
+                exc,
+            )
+
+    def _in_background(self, work: Coroutine[object, object, None]) -> None:
+        task = asyncio.get_running_loop().create_task(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     # ---- transfer -------------------------------------------------------------------------------------------------
 
@@ -226,6 +303,7 @@ class PrefillNodeService(cluster_pb2_grpc.PrefillNodeServicer):
         await self.engine.call(
             lambda _e: self._write(target, last, kv.block_ids[:1], target.dst_blocks[:1], kv_done(rid))
         )
+        target.done_sent = target.error is None
         await self._wait(target, deadline)
         if target.first_write_at is not None:
             target.transfer_seconds = time.monotonic() - target.first_write_at
@@ -238,12 +316,17 @@ class PrefillNodeService(cluster_pb2_grpc.PrefillNodeServicer):
                 raise TransferFailed(target.error)
             states = [self.transport.poll(h) for h in target.handles]
             if any(s == TransferState.FAILED for s in states):
-                raise TransferFailed("a KV write failed (decode node gone?)")
+                failed = next(
+                    h for h, s in zip(target.handles, states, strict=True) if s == TransferState.FAILED
+                )
+                raise TransferFailed(
+                    f"a KV write failed: {getattr(failed, 'error', None) or 'decode node gone?'}"
+                )
             if all(s == TransferState.DONE for s in states):
                 target.handles.clear()
                 return
             if time.monotonic() > deadline:
-                raise TimeoutError("transfer deadline passed")
+                raise TransferFailed("the decode node did not take every write before the deadline")
             await asyncio.sleep(TRANSFER_POLL_S)
 
 
@@ -252,7 +335,7 @@ async def _last_output(stream) -> RequestOutput:
     async for out in stream:
         last = out
     if last is None:
-        raise TransferFailed("the engine produced no output")
+        raise TransferFailed("the engine produced no output", "prefill")
     return last
 
 
@@ -279,6 +362,14 @@ def _first_token(out: RequestOutput) -> pb.TokenLogprob:
     if out.new_logprobs:
         return logprob_to_proto(out.new_logprobs[0])
     return pb.TokenLogprob(token_id=token)
+
+
+def _forget_listing_writes(engine, rid: str, target: _Target | None) -> list[object] | None:
+    """Engine thread: free rid, and list the writes its decode node may still receive (None: it needs no fence)."""
+    _forget(engine, rid)
+    if target is None or target.done_sent:
+        return None
+    return list(target.handles)
 
 
 def _forget(engine, rid: str) -> None:

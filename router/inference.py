@@ -2,20 +2,27 @@
 
 A request's life cycle through the router:
 1. Validate and tokenize (INVALID_ARGUMENT for an empty or over-long prompt or a wrong model name). Sampling values
-   are validated by the first node that sees them, with the engine's own checks.
+   and the client's request_id are checked against the engine's own limits (router/sampling_check.py). Long texts
+   are tokenized on a small thread pool (router/prompt_encoder.py), so the event loop keeps serving while they encode.
+1b. Admission (router/admission.py): the router runs at most max_concurrent_requests at once and queues at most
+   max_queued_requests more, for a bounded time; beyond that RESOURCE_EXHAUSTED at once (HTTP: 429).
 2. Place it at arrival from the in-memory cluster view (no Redis round trip): a (prefill, decode) pair, or a
    colocated node when no pair exists; UNAVAILABLE at once when there is nothing to place on.
 3. Pair: decode.Reserve -> prefill.Prefill (the KV streams between the nodes) -> the first token goes to the client
-   -> decode.Decode streams the rest. Colocated: the node's own Generate stream is relayed.
-4. A node failure before any token reached the client (reserve refused, transfer failed, node gone) frees what
-   was reserved and retries on other nodes, a bounded number of times.
-5. Client cancel: the relay's RPCs are cancelled, which aborts the request on both nodes and frees its blocks.
+   -> decode.Decode streams the rest. Colocated: the node's own Generate stream is relayed. Each attempt has its
+   own cluster-internal id (uuid4), which is what nodes see: the client's request_id is only a label (logs, traces,
+   the dashboard, and the responses), so two clients using the same id never touch each other's request.
+4. A node failure (reserve refused, transfer failed, node gone) frees what was reserved and retries on other nodes,
+   a bounded number of times; tokens the client already has become the next attempt's prior output. The failure is
+   blamed on the node that caused it (router/attempts.py): a Prefill that failed because of its decode peer
+   excludes that decode node and keeps the prefill node. Every wait on a node is bounded (router/liveness.py): it
+   ends when the node leaves the cluster view (killed, paused, cut off: its lease lapses within ~2.5 s).
+5. Client cancel: the relay's RPCs are cancelled, which aborts the request on both nodes and frees its blocks (the
+   prefill node fences the transfer, so the decode node frees blocks at once rather than after a quarantine).
 """
 
 from __future__ import annotations
 
-import contextlib
-import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -26,28 +33,27 @@ from opentelemetry.trace import Span
 
 from engine.tokenizer import Tokenizer
 from ops import tracing
-from ops.cluster_state import ClusterView, NodeState
+from ops.cluster_state import ClusterView
+from router.admission import (
+    DEFAULT_MAX_ACTIVE,
+    DEFAULT_MAX_QUEUED,
+    DEFAULT_QUEUE_TIMEOUT_S,
+    Admission,
+    Overloaded,
+)
+from router.attempts import Attempts, RetryElsewhere
 from router.cluster_index import ClusterIndex, RoleArrays
 from router.load_tracker import LoadTracker
 from router.metrics import RequestTimer, RouterMetrics
 from router.node_clients import NodeClients
 from router.policy import Placement, PlacementPolicy, PlacementRequest
+from router.prompt_encoder import EncoderBusy, PromptEncoder, PromptTooLong
 from router.relay import OutputLengthEstimate, Relay
 from router.request_log import RequestLog, RequestRecord
-from splitserve.v1 import cluster_pb2 as cpb
+from router.sampling_check import check_sampling
 from splitserve.v1 import inference_pb2 as pb
 from splitserve.v1 import inference_pb2_grpc
 
-# Statuses that mean "this node could not do it right now": try another one.
-RETRYABLE = {
-    grpc.StatusCode.UNAVAILABLE,
-    grpc.StatusCode.RESOURCE_EXHAUSTED,
-    grpc.StatusCode.DEADLINE_EXCEEDED,
-    grpc.StatusCode.NOT_FOUND,
-    grpc.StatusCode.INTERNAL,
-    grpc.StatusCode.UNKNOWN,
-    grpc.StatusCode.CANCELLED,
-}
 DEFAULT_MAX_TOKENS = 16
 
 
@@ -64,6 +70,11 @@ class RouterConfig:
     # Latency targets handed to placement (cost and power policies keep predictions within them); None: none.
     ttft_slo_s: float | None = None
     tbt_slo_s: float | None = None
+    # Load shedding (router/admission.py) and tokenizing off the event loop (router/prompt_encoder.py).
+    max_concurrent_requests: int = DEFAULT_MAX_ACTIVE
+    max_queued_requests: int = DEFAULT_MAX_QUEUED
+    queue_timeout_s: float = DEFAULT_QUEUE_TIMEOUT_S
+    tokenizer_threads: int = 2
 
 
 class RouterError(Exception):
@@ -76,14 +87,6 @@ class RouterError(Exception):
         self.too_long = (
             too_long  # the prompt exceeds the context (HTTP answers with OpenAI's error code for it)
         )
-
-
-class _Retry(Exception):
-    """A node failed before the client saw a token; place the request again without `node_id`."""
-
-    def __init__(self, node_id: str, reason: str) -> None:
-        super().__init__(reason)
-        self.node_id = node_id
 
 
 class InferenceService(inference_pb2_grpc.InferenceServicer):
@@ -100,20 +103,30 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
         self.metrics = RouterMetrics(view)
         self.outputs = OutputLengthEstimate()
         self.requests = RequestLog()  # what the ops dashboard shows of recent requests
+        self.admission = Admission(
+            config.max_concurrent_requests, config.max_queued_requests, config.queue_timeout_s
+        )
+        self.encoder = PromptEncoder(tokenizer, max_workers=config.tokenizer_threads)
+        self.attempts = Attempts(config, view, self.clients, self.tracker)  # router/attempts.py
 
     async def Generate(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.GenerateResponse]:
         try:
-            prompt = self.prompt_of(request)
+            prompt = await self.prompt_of(request)
             parent = tracing.caller_context(context)
-            async for msg in self.generate(prompt, request.sampling, request.request_id, parent):
-                yield msg
+            async with self.admission.slot():
+                async for msg in self.generate(prompt, request.sampling, request.request_id, parent):
+                    yield msg
         except RouterError as exc:
             await context.abort(exc.code, exc.message)
+        except (Overloaded, EncoderBusy) as exc:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
 
-    def prompt_of(self, request: pb.GenerateRequest) -> list[int]:
-        """The request's prompt as token ids, validated; RouterError (NOT_FOUND, INVALID_ARGUMENT) otherwise."""
+    async def prompt_of(self, request: pb.GenerateRequest) -> list[int]:
+        """The request's prompt as token ids, validated; RouterError (NOT_FOUND, INVALID_ARGUMENT) otherwise.
+
+        Long texts are tokenized on the encoder's threads, so the event loop keeps serving other requests."""
         if request.model and request.model != self.config.model_name:
             raise RouterError(
                 grpc.StatusCode.NOT_FOUND,
@@ -121,8 +134,16 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
             )
         which = request.WhichOneof("prompt")
         if which == "text":
-            # Encoding "" can still yield a BOS token; an empty text is an empty prompt all the same.
-            prompt = self.tokenizer.encode(request.text) if request.text else []
+            # Encoding "" can still yield a BOS token; an empty text is an empty prompt all the same (encoder).
+            try:
+                prompt = await self.encoder.encode(request.text, limit=self.config.max_model_len)
+            except PromptTooLong as exc:
+                raise RouterError(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"prompt has {exc.tokens} tokens; the model's context is {self.config.max_model_len} "
+                    "tokens and at least one must be left to generate",
+                    too_long=True,
+                ) from None
         elif which == "token_ids":
             prompt = list(request.token_ids.ids)
         else:
@@ -157,6 +178,11 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
 
         Traced as one span, "generate" (a trace's root, or the child of the client's trace_parent): the node RPCs
         are its children, and each placement, fallback and retry is one of its events (ops/tracing.py)."""
+        try:  # poison values never reach a node (router/sampling_check.py)
+            check_sampling(sampling, request_id)
+        except RouterError as exc:
+            self.metrics.request_failed(self.config.model_name, exc.code)
+            raise
         rid = request_id or f"req-{uuid.uuid4().hex[:16]}"
         attributes = {"splitserve.request_id": rid, "splitserve.prompt_tokens": len(prompt)}
         record = self.requests.start(rid, len(prompt))
@@ -176,12 +202,18 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
             self.requests.finish(record, outcome, error)
 
     async def _place_and_relay(
-        self, rid: str, prompt: list[int], sampling: pb.SamplingParameters, span: Span, record: RequestRecord
+        self,
+        label: str,
+        prompt: list[int],
+        sampling: pb.SamplingParameters,
+        span: Span,
+        record: RequestRecord,
     ) -> AsyncIterator[pb.GenerateResponse]:
         max_tokens = sampling.max_tokens if sampling.HasField("max_tokens") else DEFAULT_MAX_TOKENS
         timer = RequestTimer(self.metrics, self.config.model_name, record.arrived)
         relay = Relay(record, sampling.HasField("logprobs"), self.metrics.observe_usage, timer)
         failed: set[str] = set()
+        kept_prefill: str | None = None  # a prefill node to stay on: only its decode peer failed
         reasons: list[str] = []
         for attempt in range(self.config.max_attempts):
             context_tokens = len(prompt) + len(relay.delivered)
@@ -193,29 +225,31 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
                 tbt_slo_s=self.config.tbt_slo_s,
             )
             self.index.update(self.view.nodes())
-            roles = self.index.for_request(self.tracker, exclude=failed)
-            placement = self.policy.place(wanted, roles)
+            placement, roles = self._place(wanted, failed, kept_prefill)
             if placement is None:
                 reasons.append(_pools_summary(roles))
                 break
             if relay.delivered and not placement.disaggregated:
                 reasons.append("a stream can resume on a (prefill, decode) pair only, and none is left")
                 break
-            attempt_id = rid if attempt == 0 else f"{rid}#{attempt}"
-            _trace_placement(span, attempt, placement)
+            attempt_id = uuid.uuid4().hex  # what the nodes know this attempt by; never the client's label
+            _trace_placement(span, attempt, placement, attempt_id)
             timer.route = "pair" if placement.disaggregated else "colocated"
             record.placed(timer.route, _nodes_of(placement))
             try:
                 if placement.disaggregated:
-                    stream = self._via_pair(attempt_id, prompt, sampling, placement, relay, span)
+                    stream = self.attempts.via_pair(attempt_id, prompt, sampling, placement, relay, span)
                 else:
-                    stream = self._via_colocated(attempt_id, prompt, sampling, placement, relay, span)
+                    stream = self.attempts.via_colocated(attempt_id, prompt, sampling, placement, relay, span)
                 async for msg in stream:
                     yield msg
                 self.outputs.observe(len(relay.delivered))
                 return
-            except _Retry as retry:
+            except RetryElsewhere as retry:
                 failed.add(retry.node_id)
+                # The decode side failed: the prefill node is fine, and may have the prompt in its prefix cache.
+                blamed_decode = placement.disaggregated and retry.node_id == placement.decode
+                kept_prefill = placement.prefill if blamed_decode else None
                 reasons.append(str(retry))
                 record.retries.append(str(retry))
                 span.add_event(
@@ -228,144 +262,18 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
         self.metrics.request_failed(self.config.model_name, grpc.StatusCode.UNAVAILABLE)
         raise RouterError(grpc.StatusCode.UNAVAILABLE, f"no node could serve the request{detail}")
 
-    def _node(self, node_id: str | None) -> NodeState:
-        state = self.view.get(node_id or "")
-        if state is None:
-            raise _Retry(node_id or "?", f"node {node_id} left the cluster")
-        return state
-
-    async def _via_pair(
-        self,
-        rid: str,
-        prompt: list[int],
-        sampling: pb.SamplingParameters,
-        placement: Placement,
-        relay: Relay,
-        trace: Span,
-    ) -> AsyncIterator[pb.GenerateResponse]:
-        prefill, decode = self._node(placement.prefill), self._node(placement.decode)
-        decode_stub = self.clients.decode(decode.info.address)
-        blocks = -(-(len(prompt) + len(relay.delivered)) // decode.info.block_size)
-        self.tracker.picked(prefill.info.node_id, rid, len(prompt), 0)
-        self.tracker.picked(decode.info.node_id, rid, 0, blocks)
-        reserved = False
-        try:
-            with tracing.start_span("Reserve", trace, {"splitserve.node_id": decode.info.node_id}) as call:
-                reply = await self._call(
-                    decode,
-                    decode_stub.Reserve(
-                        cpb.ReserveRequest(
-                            request_id=rid,
-                            prompt_token_ids=prompt,
-                            sampling=sampling,
-                            hold_seconds=self.config.reserve_hold_s,
-                            prior_output_token_ids=relay.delivered,
-                        ),
-                        timeout=self.config.rpc_timeout_s,
-                        metadata=tracing.metadata_for(call),
-                    ),
-                )
-            reserved = True
-            prefill_started = time.monotonic()
-            with tracing.start_span("Prefill", trace, {"splitserve.node_id": prefill.info.node_id}) as call:
-                first = await self._call(
-                    prefill,
-                    self.clients.prefill(prefill.info.address).Prefill(
-                        cpb.PrefillRequest(
-                            request_id=rid,
-                            prompt_token_ids=prompt,
-                            sampling=sampling,
-                            decode_node_id=decode.info.node_id,
-                            decode_transport_descriptor=decode.info.transport,
-                            decode_block_ids=reply.block_ids,
-                            deadline_seconds=self.config.prefill_deadline_s,
-                            prior_output_token_ids=relay.delivered,
-                        ),
-                        timeout=self.config.prefill_deadline_s + 1.0,
-                        metadata=tracing.metadata_for(call),
-                    ),
-                )
-            self.tracker.done(prefill.info.node_id, rid)
-            relay.cached = max(relay.cached, first.cached_prompt_tokens)
-            relay.charge(first.charges)
-            relay.prefilled(prefill_started, first)
-            if first.finish_reason != pb.FINISH_REASON_UNSPECIFIED:
-                yield relay.message(rid, first.first_text, [first.first_token], first.finish_reason)
-                return
-            yield relay.message(rid, first.first_text, [first.first_token])
-            decode_call = tracing.start_span("Decode", trace, {"splitserve.node_id": decode.info.node_id})
-            stream = decode_stub.Decode(
-                cpb.DecodeRequest(
-                    request_id=rid, first_token=first.first_token, kv_wait_seconds=self.config.kv_wait_s
-                ),
-                metadata=tracing.metadata_for(decode_call),
-            )
-            # From here the decode node owns the request's life: closing the stream aborts it there.
-            reserved = False
-            try:
-                async for msg in stream:
-                    yield relay.forward(msg)
-            except grpc.aio.AioRpcError as exc:
-                # Resume on another pair: the relay knows which tokens the client already has; they become the
-                # next attempt's prior output, so nothing is repeated and the continuation is the same.
-                reason = f"decode node {decode.info.node_id} failed mid-stream: {exc.details()}"
-                tracing.mark_failed(decode_call, reason)
-                raise _Retry(decode.info.node_id, reason) from exc
-            finally:
-                stream.cancel()
-                decode_call.end()
-        finally:
-            self.tracker.done(prefill.info.node_id, rid)
-            self.tracker.done(decode.info.node_id, rid)
-            if reserved:
-                await self._abort_quietly(decode_stub, rid)
-
-    async def _via_colocated(
-        self,
-        rid: str,
-        prompt: list[int],
-        sampling: pb.SamplingParameters,
-        placement: Placement,
-        relay: Relay,
-        trace: Span,
-    ) -> AsyncIterator[pb.GenerateResponse]:
-        node = self._node(placement.colocated)
-        self.tracker.picked(node.info.node_id, rid, len(prompt), -(-len(prompt) // node.info.block_size))
-        forwarded = pb.GenerateRequest(request_id=rid, token_ids=pb.TokenIds(ids=prompt), sampling=sampling)
-        call = tracing.start_span("Generate", trace, {"splitserve.node_id": node.info.node_id})
-        stream = self.clients.colocated(node.info.address).Generate(
-            forwarded, metadata=tracing.metadata_for(call)
-        )
-        started = False
-        try:
-            async for msg in stream:
-                started = True
-                yield relay.forward(msg)
-        except grpc.aio.AioRpcError as exc:
-            tracing.mark_failed(call, exc.details() or exc.code().name)
-            if not started and exc.code() not in RETRYABLE:
-                raise
-            raise _Retry(node.info.node_id, f"colocated node {node.info.node_id}: {exc.details()}") from exc
-        finally:
-            stream.cancel()
-            call.end()
-            self.tracker.done(node.info.node_id, rid)
-
-    async def _call(self, node: NodeState, call):
-        """Await a unary RPC; node failures become _Retry, request errors reach the client unchanged."""
-        try:
-            return await call
-        except grpc.aio.AioRpcError as exc:
-            if exc.code() in RETRYABLE:
-                raise _Retry(
-                    node.info.node_id, f"{node.info.role} node {node.info.node_id}: {exc.details()}"
-                ) from exc
-            raise
-
-    async def _abort_quietly(self, decode_stub, rid: str) -> None:
-        # A failure means the node is gone or the reservation already expired: either way nothing is held.
-        with contextlib.suppress(grpc.aio.AioRpcError):
-            await decode_stub.Abort(cpb.AbortRequest(request_id=rid), timeout=self.config.rpc_timeout_s)
+    def _place(
+        self, wanted: PlacementRequest, failed: set[str], kept_prefill: str | None
+    ) -> tuple[Placement | None, dict[str, RoleArrays]]:
+        """A placement avoiding the failed nodes; on `kept_prefill` (with another decode node) when it can take it."""
+        if kept_prefill is not None and self.view.get(kept_prefill) is not None:
+            others = {s.info.node_id for s in self.view.nodes("prefill")} - {kept_prefill}
+            roles = self.index.for_request(self.tracker, exclude=failed | others)
+            placement = self.policy.place(wanted, roles)
+            if placement is not None and placement.disaggregated:
+                return placement, roles
+        roles = self.index.for_request(self.tracker, exclude=failed)
+        return self.policy.place(wanted, roles), roles
 
 
 def _pools_summary(roles: dict[str, RoleArrays]) -> str:
@@ -380,8 +288,9 @@ def _nodes_of(placement: Placement) -> dict[str, str]:
     return {"borrowed" if placement.borrowed else "colocated": placement.colocated or ""}
 
 
-def _trace_placement(span: Span, attempt: int, placement: Placement) -> None:
-    """A placement as an event of the request's span: "placed" on a pair, "fallback" on one node doing both phases."""
+def _trace_placement(span: Span, attempt: int, placement: Placement, attempt_id: str) -> None:
+    """A placement as an event of the request's span: "placed" on a pair, "fallback" on one node doing both phases.
+    The event carries the attempt's cluster-internal id, the one the nodes' own spans and logs use."""
     if placement.disaggregated:
         where = {
             "splitserve.prefill_node": placement.prefill or "",
@@ -390,7 +299,8 @@ def _trace_placement(span: Span, attempt: int, placement: Placement) -> None:
     else:
         where = {"splitserve.colocated_node": placement.colocated or ""}
     span.add_event(
-        "placed" if placement.disaggregated else "fallback", {"splitserve.attempt": attempt, **where}
+        "placed" if placement.disaggregated else "fallback",
+        {"splitserve.attempt": attempt, "splitserve.attempt_id": attempt_id, **where},
     )
     if attempt == 0:
         span.set_attributes(where)

@@ -1,9 +1,15 @@
-"""gRPC channels and stubs to the nodes, one channel per node address, reused across requests."""
+"""gRPC channels and stubs to the nodes, one channel per node address, reused across requests.
+
+With a cluster token (ops/cluster_auth.py) every call on these channels carries it: nodes refuse calls without it.
+"""
 
 from __future__ import annotations
 
+from typing import Any
+
 import grpc
 
+from ops.cluster_auth import with_cluster_token
 from splitserve.v1 import cluster_pb2_grpc, inference_pb2_grpc
 
 # Fail fast on a dead peer instead of waiting out TCP: a node killed at 3 a.m. must not stall requests.
@@ -17,13 +23,15 @@ CHANNEL_OPTIONS = [
 
 
 class NodeClients:
-    def __init__(self) -> None:
-        self._channels: dict[str, grpc.aio.Channel] = {}
+    def __init__(self, cluster_token: str | None = None) -> None:
+        self.cluster_token = cluster_token  # None: calls carry no token (nodes started without one)
+        self._channels: dict[str, Any] = {}
 
-    def _channel(self, address: str) -> grpc.aio.Channel:
+    def _channel(self, address: str) -> Any:
         channel = self._channels.get(address)
         if channel is None:
-            channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+            plain = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+            channel = with_cluster_token(plain, self.cluster_token)
             self._channels[address] = channel
         return channel
 

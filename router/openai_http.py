@@ -1,11 +1,16 @@
 """The router's OpenAI-compatible HTTP endpoint (aiohttp on the router's event loop).
 
 Routes: POST /v1/completions, POST /v1/chat/completions (both streaming as server-sent events ending in
-`data: [DONE]`, or not), GET /v1/models, GET /healthz (the process is up), GET /readyz (some node can serve),
+`data: [DONE]`, or not), GET /v1/models, GET /healthz (the process is up), GET /readyz (router/readiness.py),
 GET /metrics (Prometheus text: router/metrics.py). `usage` adds splitserve's energy and cost of the request.
 A request becomes `n` Generate streams through the same placement and relay as gRPC; a client that disconnects
 mid-stream closes them, which aborts the request on its nodes. With an API key set, /v1/* needs
 `Authorization: Bearer <key>` (401 otherwise).
+
+A request's life here: read the body (router/http_body.py: size checked before reading, 413; a read deadline,
+408; UTF-8 JSON without lone surrogates or absurd nesting, 400) -> parse and tokenize (long prompts on the encoder's
+threads, never on this loop) -> take n admission slots (router/admission.py; 429 with Retry-After when the router is
+full) -> relay. Every error, down to aiohttp's own parser errors (router/http_runner.py), is OpenAI-shaped JSON.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,13 +27,19 @@ from aiohttp import web
 from opentelemetry.context import Context
 
 from ops import tracing
+from router.admission import RETRY_AFTER_S, Overloaded
 from router.auth import bearer_matches
+from router.http_body import read_json
 from router.inference import InferenceService, RouterError
 from router.openai_protocol import FINISH_REASONS, HttpError, ParsedRequest, parse_request, usage_charges
+from router.prompt_encoder import EncoderBusy
+from router.readiness import readiness
 from splitserve.v1 import inference_pb2 as pb
 
 MAX_BODY_BYTES = 8 * 1024 * 1024
+BODY_TIMEOUT_S = 10.0  # a request body must arrive within this (408 otherwise)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+_log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -40,8 +52,10 @@ class _Choice:
     usage: pb.Usage | None = None
 
 
-def create_app(service: InferenceService, api_key: str | None = None) -> web.Application:
-    api = _OpenAIApi(service)
+def create_app(
+    service: InferenceService, api_key: str | None = None, body_timeout_s: float = BODY_TIMEOUT_S
+) -> web.Application:
+    api = _OpenAIApi(service, body_timeout_s)
     app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[_errors, _auth(api_key)])
     app.router.add_get("/healthz", api.healthz)
     app.router.add_get("/readyz", api.readyz)
@@ -57,7 +71,13 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
         return await handler(request)
     except HttpError as exc:
-        return web.json_response(exc.body(), status=exc.status)
+        response = web.json_response(exc.body(), status=exc.status)
+        if exc.close:
+            await _answer_and_close(request, response)
+        return response
+    except (Overloaded, EncoderBusy) as exc:
+        err = HttpError(429, str(exc), type_="rate_limit_error", code="overloaded")
+        return web.json_response(err.body(), status=429, headers={"Retry-After": str(RETRY_AFTER_S)})
     except RouterError as exc:
         err = HttpError.from_router(exc)
         return web.json_response(err.body(), status=err.status)
@@ -67,6 +87,21 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     except web.HTTPException as exc:  # 404 for unknown paths, 405 for wrong methods: keep OpenAI's shape
         err = HttpError(exc.status, exc.reason or "error")
         return web.json_response(err.body(), status=exc.status)
+    except (ConnectionResetError, asyncio.CancelledError):
+        raise  # the client left: nobody to answer
+    except Exception as exc:  # a bug: still answer in OpenAI's shape, and log it with its traceback
+        _log.exception("unhandled error serving %s %s", request.method, request.path)
+        err = HttpError(500, f"internal error: {type(exc).__name__}", type_="server_error")
+        return web.json_response(err.body(), status=500)
+
+
+async def _answer_and_close(request: web.Request, response: web.StreamResponse) -> None:
+    """Send response, then close the connection at once: the body was never read, so the connection cannot carry
+    another request, and aiohttp would otherwise keep reading ("lingering") for up to 10 s."""
+    response.force_close()
+    await response.prepare(request)
+    await response.write_eof()
+    request.protocol.force_close()
 
 
 def _auth(api_key: str | None) -> Any:  # an aiohttp middleware
@@ -84,18 +119,17 @@ def _auth(api_key: str | None) -> Any:  # an aiohttp middleware
 
 
 class _OpenAIApi:
-    def __init__(self, service: InferenceService) -> None:
+    def __init__(self, service: InferenceService, body_timeout_s: float) -> None:
         self.service = service
         self.model = service.config.model_name
+        self.body_timeout_s = body_timeout_s
 
     async def healthz(self, request: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
 
     async def readyz(self, request: web.Request) -> web.Response:
-        nodes = self.service.view.nodes()
-        roles = {n.info.role for n in nodes}
-        ready = "colocated" in roles or {"prefill", "decode"} <= roles
-        return web.json_response({"ready": ready, "nodes": len(nodes)}, status=200 if ready else 503)
+        state = readiness(self.service.view)  # router/readiness.py: a usable prefill path and a fresh view
+        return web.json_response(state.body(), status=200 if state.ready else 503)
 
     async def metrics(self, request: web.Request) -> web.Response:
         body, content_type = self.service.metrics.exposition()
@@ -112,26 +146,25 @@ class _OpenAIApi:
         return await self._serve(request, chat=True)
 
     async def _serve(self, request: web.Request, chat: bool) -> web.StreamResponse:
-        try:
-            body = await request.json()
-        except json.JSONDecodeError as exc:
-            raise HttpError(400, f"the request body is not valid JSON: {exc.msg}") from exc
-        parsed = parse_request(
+        body = await read_json(request, MAX_BODY_BYTES, self.body_timeout_s)
+        parsed = await parse_request(
             body,
             chat=chat,
-            tokenizer=self.service.tokenizer,
+            encoder=self.service.encoder,
             model_name=self.model,
             max_model_len=self.service.config.max_model_len,
         )
         self.service.check_prompt(parsed.prompt)
         # A W3C traceparent header makes the request's trace a child of the caller's (when tracing is on here).
         parent = tracing.context_from_metadata([(k.lower(), v) for k, v in request.headers.items()])
-        if parsed.stream:
-            return await self._stream(request, parsed, parent)
-        choices = [_Choice(i) for i in range(parsed.n)]
-        async for index, msg in self._merged(parsed, parent):
-            _absorb(choices[index], msg)
-        return web.json_response(self._final_body(parsed, choices))
+        # Each choice is one Generate stream on the nodes, so a request holds n admission slots.
+        async with self.service.admission.slot(parsed.n):
+            if parsed.stream:
+                return await self._stream(request, parsed, parent)
+            choices = [_Choice(i) for i in range(parsed.n)]
+            async for index, msg in self._merged(parsed, parent):
+                _absorb(choices[index], msg)
+            return web.json_response(self._final_body(parsed, choices))
 
     async def _stream(
         self, request: web.Request, parsed: ParsedRequest, parent: Context | None
@@ -176,7 +209,7 @@ class _OpenAIApi:
             sampling = pb.SamplingParameters()
             sampling.CopyFrom(parsed.sampling)
             if index and sampling.HasField("seed"):
-                sampling.seed += index
+                sampling.seed = (sampling.seed + index) % 2**64  # seeds are uint64 on the wire
             try:
                 async for msg in self.service.generate(
                     parsed.prompt, sampling, f"{parsed.id}-{index}", parent

@@ -14,12 +14,13 @@ from typing import Any
 
 import grpc
 
-from engine.tokenizer import Tokenizer
+from engine import limits
 from router.inference import RouterError
+from router.prompt_encoder import EncoderBusy, PromptEncoder, PromptTooLong
 from splitserve.v1 import inference_pb2 as pb
 
 MAX_N = 16
-MAX_STOP_STRINGS = 16
+MAX_STOP_STRINGS = limits.MAX_STOP_STRINGS
 FINISH_REASONS = {
     pb.FINISH_REASON_STOP: "stop",
     pb.FINISH_REASON_LENGTH: "length",
@@ -40,10 +41,11 @@ class HttpError(Exception):
 
     def __init__(
         self, status: int, message: str, *, type_: str = "invalid_request_error", param: str | None = None,
-        code: str | None = None,
+        code: str | None = None, close: bool = False,
     ) -> None:  # fmt: skip
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+        self.close = close  # end the connection after answering (the rest of the body was never read)
 
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
@@ -85,9 +87,10 @@ def usage_charges(usages: Sequence[pb.Usage]) -> dict[str, Any]:
     }
 
 
-def parse_request(
-    body: object, *, chat: bool, tokenizer: Tokenizer, model_name: str, max_model_len: int
+async def parse_request(
+    body: object, *, chat: bool, encoder: PromptEncoder, model_name: str, max_model_len: int
 ) -> ParsedRequest:
+    """The request's fields, validated, with its prompt tokenized off the event loop (router/prompt_encoder.py)."""
     if not isinstance(body, dict):
         raise HttpError(400, "the request body must be a JSON object")
     model = body.get("model")
@@ -97,33 +100,48 @@ def parse_request(
         raise HttpError(
             404, f"the model {model!r} does not exist (served: {model_name!r})", code="model_not_found"
         )
-    prompt = _chat_prompt(body, tokenizer) if chat else _completion_prompt(body, tokenizer)
-    if len(prompt) >= max_model_len:
+    param = "messages" if chat else "prompt"
+    try:
+        prompt = await (
+            _chat_prompt(body, encoder, max_model_len)
+            if chat
+            else _completion_prompt(body, encoder, max_model_len)
+        )
+    except PromptTooLong as exc:
+        prompt_tokens = exc.tokens
+    else:
+        prompt_tokens = len(prompt)
+    if prompt_tokens >= max_model_len:
         raise HttpError(
             400,
-            f"the prompt has {len(prompt)} tokens; this model's context is {max_model_len} tokens",
-            param="messages" if chat else "prompt",
+            f"the prompt has {prompt_tokens} tokens; this model's context is {max_model_len} tokens",
+            param=param,
             code="context_length_exceeded",
         )
     sampling = pb.SamplingParameters()
     default_max = 16 if not chat else max_model_len - len(prompt)
     max_tokens = _int(body, "max_completion_tokens", 1) if chat else None
-    sampling.max_tokens = max_tokens or _int(body, "max_tokens", 1) or default_max
-    for name, low, high in (("temperature", 0.0, 2.0), ("top_p", 1e-9, 1.0), ("min_p", 0.0, 1.0),
-                            ("presence_penalty", -2.0, 2.0), ("frequency_penalty", -2.0, 2.0),
-                            ("repetition_penalty", 1e-6, 100.0)):  # fmt: skip
+    max_param = "max_completion_tokens" if max_tokens else "max_tokens"
+    _assign(sampling, "max_tokens", max_tokens or _int(body, "max_tokens", 1) or default_max, max_param)
+    # The engine's bounds (engine/limits.py); the router's check (router/sampling_check.py) adds the rest, such as
+    # temperature's gap between 0 and its minimum.
+    for name, low, high in (("temperature", 0.0, limits.MAX_TEMPERATURE), ("top_p", 1e-9, 1.0), ("min_p", 0.0, 1.0),
+                            ("presence_penalty", -limits.MAX_ABS_PENALTY, limits.MAX_ABS_PENALTY),
+                            ("frequency_penalty", -limits.MAX_ABS_PENALTY, limits.MAX_ABS_PENALTY),
+                            ("repetition_penalty", limits.MIN_REPETITION_PENALTY, limits.MAX_REPETITION_PENALTY),
+                            ):  # fmt: skip
         value = _number(body, name, low, high)
         if value is not None:
-            setattr(sampling, name, value)
+            _assign(sampling, name, value)
     for name in ("seed", "top_k"):
         value = _int(body, name, 0)
         if value is not None:
-            setattr(sampling, name, value)
+            _assign(sampling, name, value)
     sampling.stop.extend(_stop(body))
     sampling.ignore_eos = _bool(body, "ignore_eos")
     logprobs = _logprobs(body, chat)
     if logprobs is not None:
-        sampling.logprobs = logprobs
+        _assign(sampling, "logprobs", logprobs, "top_logprobs" if chat else "logprobs")
     n = _int(body, "n", 1) or 1
     if n > MAX_N:
         raise HttpError(400, f"n must be <= {MAX_N}", param="n")
@@ -141,12 +159,12 @@ def parse_request(
     )
 
 
-def _completion_prompt(body: dict[str, Any], tokenizer: Tokenizer) -> list[int]:
+async def _completion_prompt(body: dict[str, Any], encoder: PromptEncoder, max_model_len: int) -> list[int]:
     prompt = body.get("prompt")
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str | list):
         prompt = prompt[0]  # a batch of one
     if isinstance(prompt, str):
-        ids = tokenizer.encode(prompt) if prompt else []
+        ids = await encoder.encode(prompt, limit=max_model_len)
     elif isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
         ids = list(prompt)
     elif isinstance(prompt, list):
@@ -158,7 +176,7 @@ def _completion_prompt(body: dict[str, Any], tokenizer: Tokenizer) -> list[int]:
     return ids
 
 
-def _chat_prompt(body: dict[str, Any], tokenizer: Tokenizer) -> list[int]:
+async def _chat_prompt(body: dict[str, Any], encoder: PromptEncoder, max_model_len: int) -> list[int]:
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise HttpError(400, "messages must be a non-empty list", param="messages")
@@ -179,11 +197,20 @@ def _chat_prompt(body: dict[str, Any], tokenizer: Tokenizer) -> list[int]:
             raise HttpError(400, f"messages[{i}].content must be a string", param="messages")
         normalised.append({"role": message["role"], "content": content})
     try:
-        rendered = tokenizer.apply_chat_template(normalised, add_generation_prompt=True)
+        return await encoder.encode_chat(normalised, limit=max_model_len)
+    except (PromptTooLong, EncoderBusy):
+        raise
     except Exception as exc:  # the model's own template rejected the conversation
         raise HttpError(400, f"messages: {exc}", param="messages") from exc
-    # The template already holds any BOS token.
-    return tokenizer.encode(rendered, add_special_tokens=False)
+
+
+def _assign(sampling: pb.SamplingParameters, name: str, value: float, param: str | None = None) -> None:
+    """Set a protobuf field; a value its wire type cannot hold (over 2**32 - 1 for uint32, ...) is a 400, not a 500."""
+    try:
+        setattr(sampling, name, value)
+    except (ValueError, TypeError, OverflowError):
+        shown = str(value) if len(str(value)) <= 40 else f"{str(value)[:20]}...({len(str(value))} digits)"
+        raise HttpError(400, f"{param or name} is out of range: {shown}", param=param or name) from None
 
 
 def _int(body: dict[str, Any], name: str, minimum: int) -> int | None:

@@ -19,13 +19,16 @@ from aiohttp import web
 
 from engine.tokenizer import Tokenizer
 from ops import tracing
+from ops.cluster_auth import TOKEN_ENV
 from ops.cluster_state import ClusterView
 from ops.dashboard.app import add_dashboard
 from ops.dashboard.snapshot import DashboardSource
-from ops.grpc_util import make_server
+from ops.grpc_util import add_checked_servicer, make_server
+from router.admission import DEFAULT_MAX_ACTIVE, DEFAULT_MAX_QUEUED, DEFAULT_QUEUE_TIMEOUT_S
 from router.auth import ApiKeyInterceptor
+from router.http_runner import JsonErrorAppRunner
 from router.inference import InferenceService, RouterConfig
-from router.openai_http import create_app
+from router.openai_http import BODY_TIMEOUT_S, create_app
 from router.policy import PlacementPolicy, create_policy
 from splitserve.v1 import inference_pb2_grpc
 
@@ -46,7 +49,22 @@ class RouterOptions:
     tbt_slo_s: float | None = None
     max_model_len: int | None = None
     grace_s: float = 10.0
+    # Load shedding (router/admission.py): requests running on the nodes, and waiting for a slot (for how long).
+    max_concurrent_requests: int = DEFAULT_MAX_ACTIVE
+    max_queued_requests: int = DEFAULT_MAX_QUEUED
+    queue_timeout_s: float = DEFAULT_QUEUE_TIMEOUT_S
+    body_timeout_s: float = BODY_TIMEOUT_S  # an HTTP request body must arrive within this (408)
+    tokenizer_threads: int = 2  # threads tokenizing long prompts off the event loop
     otlp_endpoint: str | None = None  # None: OTEL_EXPORTER_OTLP_ENDPOINT if set, else no tracing
+    cluster_token: str | None = (
+        None  # sent on every call to a node (ops/cluster_auth.py); None: $SPLITSERVE_CLUSTER_TOKEN
+    )
+
+    def __post_init__(self) -> None:
+        if self.max_concurrent_requests < 1 or self.max_queued_requests < 0:
+            raise ValueError("--max-concurrent-requests must be >= 1 and --max-queued-requests >= 0")
+        if self.queue_timeout_s <= 0 or self.body_timeout_s <= 0 or self.tokenizer_threads < 1:
+            raise ValueError("--queue-timeout-s and --body-timeout-s must be > 0, --tokenizer-threads >= 1")
 
     def placement_policy(self) -> PlacementPolicy:
         """The configured policy; ValueError for an unknown name or option."""
@@ -70,18 +88,25 @@ async def run_router(options: RouterOptions) -> int:
             vocab_size=int(config["vocab_size"]),
             ttft_slo_s=options.ttft_slo_s,
             tbt_slo_s=options.tbt_slo_s,
+            max_concurrent_requests=options.max_concurrent_requests,
+            max_queued_requests=options.max_queued_requests,
+            queue_timeout_s=options.queue_timeout_s,
+            tokenizer_threads=options.tokenizer_threads,
         ),
         tokenizer,
         view,
         options.placement_policy(),
     )
-    inference_pb2_grpc.add_InferenceServicer_to_server(service, server)
+    service.clients.cluster_token = options.cluster_token or os.environ.get(TOKEN_ENV) or None
+    # Registered like the generated add_InferenceServicer_to_server, but undecodable bytes get INVALID_ARGUMENT.
+    add_checked_servicer(inference_pb2_grpc.add_InferenceServicer_to_server, service, server)
     await server.start()
     await health.set(True)
-    app = create_app(service, api_key)
+    app = create_app(service, api_key, options.body_timeout_s)
     source = DashboardSource(service.config.model_name, view, service.requests, service.policy, bool(api_key))
     add_dashboard(app, source, options.redis_url, api_key)
-    runner = web.AppRunner(app, access_log=None, shutdown_timeout=options.grace_s)
+    # Parser-level errors (bad request line, bad headers) are OpenAI-shaped JSON too (router/http_runner.py).
+    runner = JsonErrorAppRunner(app, access_log=None, shutdown_timeout=options.grace_s)
     await runner.setup()
     site = web.TCPSite(runner, options.host, options.http_port)
     await site.start()
@@ -97,6 +122,7 @@ async def run_router(options: RouterOptions) -> int:
     await runner.cleanup()
     await server.stop(grace=options.grace_s)
     await service.clients.close()
+    service.encoder.close()
     view.stop()
     tracing.shutdown()  # exports the spans still buffered
     print(json.dumps({"event": "stopped", "role": "router"}), flush=True)

@@ -56,8 +56,7 @@ def main(args: argparse.Namespace) -> int:
     baseline = report.read_request_csv(args.baseline) if args.baseline else None
     summary = summarize(timings, duration_s=duration, slos=slos, baseline=baseline)
     out.mkdir(parents=True, exist_ok=True)
-    config = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "func"}
-    report.write_results(out / "results.json", summary, config)
+    report.write_results(out / "results.json", summary, recorded_config(args))
     samples = request_samples(timings)
     report.write_request_csv(out / "requests.csv", samples)
     if args.plot:
@@ -116,6 +115,39 @@ def _driver(args: argparse.Namespace) -> Driver:
         )
     model = args.model or _first_model(endpoint, args.api_key)
     return OpenAIDriver(endpoint, model, chat=args.api == "chat", api_key=args.api_key)
+
+
+SECRET_FLAGS = ("--api-key",)
+
+
+def recorded_config(args: argparse.Namespace) -> dict[str, object]:
+    """The run's settings for results.json, with no secret: the API key becomes whether one was set, and its value
+    is cut out of the words of the command line too (results get shared; keys must not travel with them)."""
+    config: dict[str, object] = {
+        k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k not in ("func", "api_key")
+    }
+    config["api_key_set"] = bool(getattr(args, "api_key", None))
+    argv = config.get("argv")
+    if isinstance(argv, list):
+        config["argv"] = _without_secrets([str(word) for word in argv])
+    return config
+
+
+def _without_secrets(words: list[str]) -> list[str]:
+    kept: list[str] = []
+    hide_next = False
+    for word in words:
+        if hide_next:
+            kept.append("***")
+            hide_next = False
+        elif word in SECRET_FLAGS:
+            kept.append(word)
+            hide_next = True
+        elif word.startswith(tuple(f"{flag}=" for flag in SECRET_FLAGS)):
+            kept.append(word.split("=", 1)[0] + "=***")
+        else:
+            kept.append(word)
+    return kept
 
 
 def _first_model(base_url: str, api_key: str | None) -> str:

@@ -139,8 +139,10 @@ class LoadPublisher:
 
     Every `poll_s` (or at once after `notify()`) it reads `current_load()` and publishes the report when it differs
     from the last one published, or when `period_s` has passed since; never twice within `min_gap_s`. It heartbeats
-    every TTL/4. Redis errors are logged and retried on the next tick, never raised: the lease expiring is what
-    tells the cluster that this node is gone.
+    every TTL/4. Redis errors are logged and retried, never raised: the lease expiring is what tells the cluster
+    that this node is gone. Retries back off (20 ms doubling to 1 s) so that a Redis outage costs neither CPU nor a
+    flood of reconnects; the first success resets the back-off, and since a restarted Redis is empty the heartbeat
+    then finds the node key gone and registers the node again.
     """
 
     def __init__(
@@ -151,12 +153,14 @@ class LoadPublisher:
         period_s: float = 0.1,
         poll_s: float = 0.02,
         min_gap_s: float = 0.01,
+        max_backoff_s: float = 1.0,
     ) -> None:
         if not 0 < min_gap_s <= poll_s <= period_s:
             raise ValueError("need 0 < min_gap_s <= poll_s <= period_s")
         self._registration = registration
         self._current_load = current_load
         self._period_s, self._poll_s, self._min_gap_s = period_s, poll_s, min_gap_s
+        self._max_backoff_s = max(max_backoff_s, poll_s)
         self._heartbeat_s = registration.ttl_s / 4
         self._wake = threading.Event()
         self._stopping = threading.Event()
@@ -186,6 +190,7 @@ class LoadPublisher:
     def _run(self) -> None:
         last: LoadReport | None = None
         last_at = next_heartbeat = float("-inf")
+        backoff_s = self._poll_s
         while not self._stopping.is_set():
             self._wake.wait(self._poll_s)
             self._wake.clear()
@@ -204,10 +209,19 @@ class LoadPublisher:
                 if self._failing:
                     logger.info("publishing load works again")
                 self._failing = False
+                backoff_s = self._poll_s
             except Exception as exc:  # a bug in current_load or a Redis error must not kill the lease keeper
                 if not self._failing:
-                    logger.warning("publishing load failed (retrying every %.2f s): %r", self._poll_s, exc)
+                    logger.warning(
+                        "publishing load failed (retrying, backing off to every %.1f s): %r",
+                        self._max_backoff_s,
+                        exc,
+                    )
                 self._failing = True
+                self._stopping.wait(
+                    backoff_s
+                )  # notify() does not cut this short: Redis is the one to wait for
+                backoff_s = min(backoff_s * 2, self._max_backoff_s)
 
     def __enter__(self) -> Self:
         self.start()

@@ -30,7 +30,9 @@ How a dead node leaves every view: a node that deregisters goes at once (event).
 deregistering stops heartbeating; Redis expires its key at most TTL later; a view drops it at once on the expired-key
 event where the server sends them (the embedded one does: `notify-keyspace-events Ex`), and otherwise at its next
 resync: within TTL + 500 ms = 2.5 s. If Redis itself is unreachable, a view keeps its last state (nodes may well be
-serving) and `sync_age_s()` grows; failed calls to a node are the router's signal then.
+serving) and `sync_age_s()` grows; failed calls to a node are the router's signal then. When Redis comes back
+(a restarted one is empty), the view keeps the nodes it knew for one more TTL, while their heartbeats find their
+keys gone and register them again; a node that does not come back within that grace leaves as above.
 
 Threads rather than asyncio: `ClusterView.nodes()` is a plain method that reads memory, so an asyncio router calls
 it on its event loop as is, and runs only the bounded `start()` and `stop()` through `asyncio.to_thread`.

@@ -16,6 +16,7 @@ import redis
 from ops.cluster_state.records import (
     DEFAULT_RESYNC_S,
     DEFAULT_TIMEOUT_S,
+    DEFAULT_TTL_S,
     EVENTS_CHANNEL,
     INDEX_KEY,
     KEY_PREFIX,
@@ -33,6 +34,10 @@ from ops.cluster_state.records import (
 )
 
 logger = logging.getLogger(__name__)
+
+# How long a view keeps the nodes it knew once Redis is back after an outage, though Redis lacks them: a live node
+# registers again at its next heartbeat (TTL/4, or its retry back-off of at most 1 s), well within one lease.
+REJOIN_GRACE_S = DEFAULT_TTL_S
 
 
 # Every registered node whose key exists: flat (id, generation, load JSON or nil) triples. Index entries of nodes
@@ -65,7 +70,12 @@ class ClusterView:
     """
 
     def __init__(
-        self, redis_url: str, *, resync_s: float = DEFAULT_RESYNC_S, timeout_s: float = DEFAULT_TIMEOUT_S
+        self,
+        redis_url: str,
+        *,
+        resync_s: float = DEFAULT_RESYNC_S,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+        rejoin_grace_s: float = REJOIN_GRACE_S,
     ) -> None:
         if not 0.01 <= resync_s <= 60:
             raise ValueError(f"resync_s must be within [0.01, 60], not {resync_s}")
@@ -84,6 +94,12 @@ class ClusterView:
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
         self._synced_at = float("-inf")
+        self._rejoin_grace_s = rejoin_grace_s
+        # After an outage, until this monotonic time, nodes known before it stay although Redis lacks them (a
+        # restarted Redis is empty until the nodes' next heartbeats register them again).
+        self._keep_known_until = float("-inf")
+        self._in_outage = False
+        self._unconfirmed: frozenset[str] = frozenset()
         self._last_error: Exception | None = None
         self._warned: set[str] = set()
 
@@ -101,6 +117,10 @@ class ClusterView:
 
     def get(self, node_id: str) -> NodeState | None:
         return self._states.get(node_id)
+
+    def unconfirmed(self) -> frozenset[str]:
+        """Ids of nodes kept from before a Redis outage that Redis has not listed again yet (no live lease seen)."""
+        return self._unconfirmed
 
     def sync_age_s(self) -> float:
         """Seconds since the last successful full resync (inf before the first)."""
@@ -165,6 +185,7 @@ class ClusterView:
                         exc_info=unexpected,
                     )
                 self._last_error = exc
+                self._in_outage = self._synced.is_set()
                 self._stopping.wait(0.2)
 
     def _follow(self) -> None:
@@ -200,6 +221,9 @@ class ClusterView:
         fetched = (
             dict(zip(stale, self._client.mget([node_key(n) for n in stale]), strict=True)) if stale else {}
         )
+        if self._in_outage:  # the first resync since Redis came back: give the nodes time to register again
+            self._in_outage = False
+            self._keep_known_until = time.monotonic() + self._rejoin_grace_s
         states: dict[str, NodeState] = {}
         for node_id, (generation, load_data) in live.items():
             info = (
@@ -213,9 +237,14 @@ class ClusterView:
             states[node_id] = NodeState(
                 info, load if load is None or load.node_id == node_id else None, generation
             )
+        carried: set[str] = set()
+        if time.monotonic() < self._keep_known_until:
+            carried = {node_id for node_id in known if node_id not in states}
+            states.update((node_id, known[node_id]) for node_id in carried)
         with self._lock:
             self._states = states
             self._cache = {}
+            self._unconfirmed = frozenset(carried)
         self._synced_at = time.monotonic()
         self._last_error = None
         self._synced.set()

@@ -241,7 +241,8 @@ def test_view_and_nodes_ride_out_a_redis_restart() -> None:
             with LoadPublisher(node, lambda: load("decode-0")):
                 elapsed_until(lambda: view.get("decode-0") is not None, 1.0)
                 first.stop()
-                with EmbeddedRedis(port=port):  # empty: the node must register again by itself
+                # empty: the node must register again by itself
+                with EmbeddedRedis(port=port, password=first.password):
                     client = redis.Redis.from_url(url)
                     elapsed_until(lambda: client.exists(node_key("decode-0")) == 1, 3.0)
                     elapsed_until(lambda: view.sync_age_s() < 0.6 and view.get("decode-0") is not None, 3.0)

@@ -21,6 +21,7 @@ from engine.engine import LLMEngine
 from engine.sampling_params import SamplingParams
 from kvtransfer import create_transport
 from kvtransfer.notifications import parse_kv_done
+from ops.cluster_auth import TOKEN_METADATA_KEY
 from ops.launcher import ClusterSpec, LocalCluster
 from splitserve.v1 import cluster_pb2 as cpb
 from splitserve.v1 import cluster_pb2_grpc
@@ -31,7 +32,7 @@ PROMPT = list(range(7, 7 + 150))  # 150 tokens: 9 full blocks and a partial one
 
 
 @pytest.fixture(scope="module", params=["torch", "nixl"])
-def prefill_node(request: pytest.FixtureRequest, llama_dir: Path) -> Iterator[tuple[str, str]]:
+def prefill_node(request: pytest.FixtureRequest, llama_dir: Path) -> Iterator[tuple[str, str, str]]:
     if request.param == "nixl":
         pytest.importorskip("nixl")
     spec = ClusterSpec(
@@ -39,14 +40,16 @@ def prefill_node(request: pytest.FixtureRequest, llama_dir: Path) -> Iterator[tu
         node_args=["--one-piece-below", "0"],  # layer by layer, the path that overlaps compute
     )  # fmt: skip
     with LocalCluster(spec) as cluster:
-        yield cluster.by_role("prefill")[0].address, request.param
+        yield cluster.by_role("prefill")[0].address, request.param, cluster.cluster_token
 
 
-def test_decode_blocks_hold_the_prefill_nodes_values(prefill_node: tuple[str, str], llama_dir: Path) -> None:
-    address, backend = prefill_node
+def test_decode_blocks_hold_the_prefill_nodes_values(
+    prefill_node: tuple[str, str, str], llama_dir: Path
+) -> None:
+    address, backend, cluster_token = prefill_node
     params = SamplingParams(max_tokens=4, temperature=0.0)
     decode = LLMEngine(llama_dir, EngineConfig(role=EngineRole.DECODE, num_kv_blocks=64))
-    transport = create_transport(backend, "test-decode")
+    transport = create_transport(backend, "test-decode")  # without a token: it takes any peer
     try:
         transport.register(decode.kv_layers)
         dst = decode.reserve("crossing", PROMPT, params)
@@ -62,6 +65,7 @@ def test_decode_blocks_hold_the_prefill_nodes_values(prefill_node: tuple[str, st
                     deadline_seconds=60,
                 ),
                 timeout=90,
+                metadata=[(TOKEN_METADATA_KEY, cluster_token)],  # nodes serve cluster members only
             )
         assert _kv_done_arrives(transport, "crossing")
         expected_first, expected = _local_prompt_kv(llama_dir, params)

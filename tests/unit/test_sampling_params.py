@@ -24,7 +24,7 @@ from engine.sampling_params import SamplingParams
         ({"stop_token_ids": [-1]}, "stop_token_ids[] must be >= 0"),
         ({"logprobs": 21}, "logprobs must be <= 20"),
         ({"presence_penalty": 3}, "presence_penalty must be in [-2, 2]"),
-        ({"repetition_penalty": 0}, "repetition_penalty must be > 0"),
+        ({"repetition_penalty": 0}, "repetition_penalty must be in [0.01, 100]"),
         ({"temperature": float("nan")}, "temperature must not be NaN"),
         ({"seed": -4}, "seed must be >= 0"),
     ],

@@ -7,6 +7,13 @@ answers under "kv/pair/<key>/answer"; then both build a two-rank ProcessGroupGlo
 (writer rank 0, receiver rank 1). Nothing global is set up: pairs join and leave at any time. A pair carries writes
 from the connecting node to the accepting one only.
 
+Who may connect. The store listens on the node's advertised host alone (a socket bound there, handed to TCPStore),
+never on every interface, and gloo binds that host too. With a cluster token, a connect request carries
+HMAC-SHA256(token, pair key) and the receiver refuses requests without it (or replaying a pair key already used):
+no pair, so no write, from a process outside the cluster. TCPStore itself has no authentication hook: whoever can
+reach the store's port can still read and write its keys (and so disturb pairs being set up); keep that port
+reachable from cluster members only (a NetworkPolicy on Kubernetes), or use the NIXL backend.
+
 A write, in the pair's order (pairs.py):
 1. write_blocks() validates the ids and queues the write. The pair's sender thread cuts the (src, dst) pairs into
    runs consecutive on both sides (layout.coalesce_block_pairs). Long runs (256 KiB on average) go as one gloo

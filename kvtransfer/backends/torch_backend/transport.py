@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import hmac
 import json
 import logging
+import os
 import socket
 import threading
 import time
@@ -54,8 +57,12 @@ class TorchTransport(KVTransport):
         port: int = 0,
         connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S,
         transfer_timeout_s: float = DEFAULT_TRANSFER_TIMEOUT_S,
+        cluster_token: str | None = None,
     ) -> None:
-        """host: the address peers reach this node at (its store and gloo sockets); port 0 picks a free port."""
+        """host: the address peers reach this node at; its store and gloo sockets bind it alone, never every
+        interface. port 0 picks a free port. cluster_token: a peer's connect request must prove it holds this
+        secret (an HMAC of the request's one-time pair key; the token itself never crosses the store), and this
+        node proves it to the peers it connects to; None accepts any peer."""
         if not node_id:
             raise ValueError("node_id must be a non-empty string")
         self.node_id = node_id
@@ -63,6 +70,8 @@ class TorchTransport(KVTransport):
         self.port = port
         self.connect_timeout_s = connect_timeout_s
         self.transfer_timeout_s = transfer_timeout_s
+        self._cluster_token = cluster_token
+        self._seen_keys: set[str] = set()  # pair keys already accepted: a replayed request is refused
         self._lock = threading.Lock()
         self._connect_lock = threading.Lock()  # one connect at a time: it waits for the peer
         self._layout: KVLayout | None = None
@@ -83,14 +92,8 @@ class TorchTransport(KVTransport):
             if self._layout is not None:
                 raise ValueError("register() was already called: a transport registers one pool")
             try:
-                self._server = dist.TCPStore(
-                    self.host,
-                    self.port,
-                    is_master=True,
-                    wait_for_workers=False,
-                    timeout=self._connect_timeout,
-                )
-            except DIST_ERRORS as exc:
+                self._server = self._host_store()
+            except (*DIST_ERRORS, OSError) as exc:
                 raise TransferError(f"cannot host a TCPStore on {self.host}:{self.port}: {exc}") from exc
             self._pool = list(kv_layers)
             self._layout = layout
@@ -98,6 +101,25 @@ class TorchTransport(KVTransport):
                 target=self._accept_loop, args=(self._server.port, layout), name="kv-accept", daemon=True
             )
             self._accept_thread.start()
+
+    def _host_store(self) -> Any:
+        """The TCPStore server, on `host` alone: left to itself it listens on every interface; handed a listening
+        socket it serves on that one (and owns it: it closes the descriptor when it stops)."""
+        listener = _listen(self.host, self.port)
+        port = listener.getsockname()[1]
+        fd = listener.detach()
+        try:
+            return dist.TCPStore(
+                self.host,
+                port,
+                is_master=True,
+                wait_for_workers=False,
+                timeout=self._connect_timeout,
+                master_listen_fd=fd,
+            )
+        except BaseException:
+            os.close(fd)
+            raise
 
     def local_descriptor(self) -> bytes:
         with self._lock:
@@ -144,6 +166,8 @@ class TorchTransport(KVTransport):
             raise TransferError(f"KV peer {node.node_id!r} at {node.endpoint} is unreachable: {exc}") from exc
         key = f"{self.node_id}/{uuid.uuid4().hex}"
         request = {"key": key, "node_id": self.node_id, "layout": self._require_registered().to_json()}
+        if self._cluster_token:
+            request["proof"] = pair_proof(self._cluster_token, key)
         try:
             store = dist.TCPStore(host, int(port), is_master=False, timeout=self._connect_timeout)
             store.queue_push(_ACCEPT_QUEUE, json.dumps(request))
@@ -173,7 +197,7 @@ class TorchTransport(KVTransport):
 
     def _accept(self, store: Any, port: int, layout: KVLayout, request: dict[str, str]) -> None:
         key, peer = request["key"], PeerId(request["node_id"])
-        reason = layout.compatible_with(KVLayout.from_json(request["layout"]))
+        reason = self._refusal(key, request) or layout.compatible_with(KVLayout.from_json(request["layout"]))
         store.set(f"kv/pair/{key}/answer", "ok" if reason is None else reason)
         if reason is not None or self._closed:
             return
@@ -197,6 +221,19 @@ class TorchTransport(KVTransport):
                 on_notify=lambda peer, payload: self._notifications.append((peer, payload)),
                 on_end=self._retire,
             )
+
+    def _refusal(self, key: str, request: dict[str, str]) -> str | None:
+        """Why a connect request is refused before its layout is even read: no valid proof of the cluster token,
+        or a pair key seen before (a request replayed by someone who read the store); None when it may go on."""
+        if not self._cluster_token:
+            return None
+        if not hmac.compare_digest(str(request.get("proof", "")), pair_proof(self._cluster_token, key)):
+            log.warning("KV transport %s refused a peer without the cluster token", self.node_id)
+            return "unauthorized: the connect request does not carry the cluster token"
+        if key in self._seen_keys:
+            return "unauthorized: this pair key was used before"
+        self._seen_keys.add(key)
+        return None
 
     def _retire(self, pair: InboundPair) -> None:
         with self._lock:
@@ -282,3 +319,22 @@ class TorchTransport(KVTransport):
         if self._layout is None:
             raise ValueError("register() the KV pool first")
         return self._layout
+
+
+def pair_proof(token: str, key: str) -> str:
+    """What a connect request carries to show its sender holds the cluster token: HMAC-SHA256(token, pair key)."""
+    return hmac.new(token.encode(), key.encode(), hashlib.sha256).hexdigest()
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """A listening TCP socket on `host` alone (IPv4 or IPv6, whichever `host` is)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    listener = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind((host.strip("[]"), port))
+        listener.listen(128)
+    except OSError:
+        listener.close()
+        raise
+    return listener

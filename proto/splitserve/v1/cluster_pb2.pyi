@@ -84,10 +84,12 @@ class DecodeRequest(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., first_token: _Optional[_Union[_inference_pb2.TokenLogprob, _Mapping]] = ..., kv_wait_seconds: _Optional[float] = ...) -> None: ...
 
 class AbortRequest(_message.Message):
-    __slots__ = ("request_id",)
+    __slots__ = ("request_id", "no_kv_writes")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    NO_KV_WRITES_FIELD_NUMBER: _ClassVar[int]
     request_id: str
-    def __init__(self, request_id: _Optional[str] = ...) -> None: ...
+    no_kv_writes: bool
+    def __init__(self, request_id: _Optional[str] = ..., no_kv_writes: _Optional[bool] = ...) -> None: ...
 
 class AbortResponse(_message.Message):
     __slots__ = ("found",)

@@ -1,0 +1,50 @@
+"""Refuses, at the router, sampling values and request ids that no node would accept (or that would break one).
+
+The router runs the engine's own checks (SamplingParams.validate with the bounds of engine/limits.py; both are
+torch-free), so its answer is exactly the node's, only earlier: a poison request never reaches a node, and the gRPC
+and HTTP paths (both pass InferenceService.generate) refuse the same values with INVALID_ARGUMENT / 400.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import grpc
+
+from engine.errors import InvalidRequestError
+from engine.limits import MAX_REQUEST_ID_CHARS
+from engine.sampling_params import SamplingParams
+from splitserve.v1 import inference_pb2 as pb
+
+# The wire's optional scalars carry the SamplingParams field of the same name; unset ones keep the engine's default.
+_OPTIONAL_FIELDS = (
+    "max_tokens",
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "seed",
+    "repetition_penalty",
+    "presence_penalty",
+    "frequency_penalty",
+    "logprobs",
+)
+
+
+def check_sampling(msg: pb.SamplingParameters, request_id: str = "") -> None:
+    """Raise RouterError(INVALID_ARGUMENT) naming the first bad field of msg, or an over-long client request_id."""
+    # Imported here: router.inference imports this module to call it.
+    from router.inference import RouterError
+
+    if len(request_id) > MAX_REQUEST_ID_CHARS:
+        raise RouterError(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"request_id may have at most {MAX_REQUEST_ID_CHARS} characters, got {len(request_id)}",
+        )
+    kwargs: dict[str, Any] = {name: getattr(msg, name) for name in _OPTIONAL_FIELDS if msg.HasField(name)}
+    try:
+        SamplingParams(
+            stop=list(msg.stop), stop_token_ids=list(msg.stop_token_ids), ignore_eos=msg.ignore_eos, **kwargs
+        )
+    except InvalidRequestError as exc:
+        raise RouterError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from exc
