@@ -66,6 +66,10 @@ class AsyncEngine:
         self._wake = threading.Event()
         # Replaced (never mutated) by the engine thread after every loop turn, so other threads read it safely.
         self.load: EngineLoad = engine.load()
+        # Monotonic time the step in progress began; None between steps. Read by the node's progress watch from
+        # another thread (a float assignment is atomic). The first step is left out: it includes warm-up.
+        self.step_started: float | None = None
+        self._steps_done = 0
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
@@ -147,7 +151,11 @@ class AsyncEngine:
             while not self._stopped.is_set():
                 self._drain_commands()
                 if self.engine.has_unfinished():
-                    self._deliver(self._step())
+                    self.step_started = time.monotonic() if self._steps_done else None
+                    outputs = self._step()
+                    self.step_started = None
+                    self._steps_done += 1
+                    self._deliver(outputs)
                     self._fail_each(self.engine.take_failures())
                     self.load = self.engine.load()
                 else:

@@ -277,6 +277,13 @@ def _add_node_args(parser: argparse.ArgumentParser) -> None:
         help="set the cap through NVML (default: a dry run that logs the NVML calls it would make)",
     )
     parser.add_argument("--drain-timeout", type=float, default=30.0)
+    parser.add_argument(
+        "--stall-timeout-s",
+        type=_stall_seconds,
+        default=2.0,
+        help="leave the cluster while one engine step or the event loop is stuck longer than this; raise it for "
+        "models whose single step takes longer (a large model on CPU)",
+    )
     _add_cluster_token_args(parser)
     _add_tracing_arg(parser)
     parser.add_argument(
@@ -325,6 +332,15 @@ def _cluster_token(args: argparse.Namespace) -> str | None:
     from ops.cluster_auth import resolve_token
 
     return resolve_token(args.cluster_token, args.cluster_token_file)
+
+
+def _stall_seconds(text: str) -> float:
+    from ops.progress_watch import TICK_S
+
+    value = float(text)
+    if not value > TICK_S:  # also refuses NaN
+        raise argparse.ArgumentTypeError(f"must be more than {TICK_S} s")
+    return value
 
 
 def _port_number(text: str) -> int:
@@ -453,6 +469,7 @@ def _cmd_node(args: argparse.Namespace) -> int:
         machine_type=args.machine_type,
         power=power,
         drain_timeout_s=args.drain_timeout,
+        stall_timeout_s=args.stall_timeout_s,
         one_piece_below=args.one_piece_below,
         otlp_endpoint=otlp_endpoint,
         cluster_token=cluster_token,

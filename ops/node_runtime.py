@@ -8,7 +8,9 @@ A node's process life:
    (ops/node_metrics.py; a port it cannot bind exits 2 here) and gRPC with health and reflection. With a cluster
    token every other gRPC call needs it (ops/cluster_auth.py), and so do KV peers.
 3. Register in Redis (address, KV capacity, transport descriptor, machine type with its cost, power and latency
-   model) and publish load (with the meter's power reading) at least every 100 ms.
+   model) and publish load (with the meter's power reading) at least every 100 ms. While one engine step or the
+   event loop is stuck longer than `--stall-timeout-s` (ops/progress_watch.py), the registration is withdrawn, so
+   routers move the node's requests elsewhere; it is registered again when the node makes progress.
 4. Print one JSON line `{"event": "ready", ...}` on stdout (gRPC and metrics addresses): launchers (`splitserve
    up`, tests) wait for it.
 5. While serving, apply the operator's control from Redis (ops/node_control.py): drain in place and resume, each
@@ -51,6 +53,7 @@ from ops.node_control import ControlWatcher, MoveToPool, serve_until_stop_or_mov
 from ops.node_metrics import MetricsServer, NodeIdentity, NodeMetrics
 from ops.power.node_power import PowerSettings, resolve_settings, start_node_power
 from ops.power.powercap import PowerCapError
+from ops.progress_watch import ProgressWatch
 
 IDLE_POLL_S = 0.05
 
@@ -75,6 +78,9 @@ class NodeOptions:
     machine_type: str = "cpu"
     power: PowerSettings | None = None  # machine type, perf model and power cap; None: machine_type, no cap
     drain_timeout_s: float = 30.0
+    stall_timeout_s: float = (
+        2.0  # a step or the event loop stuck this long withdraws the node (ops/progress_watch.py)
+    )
     otlp_endpoint: str | None = None  # None: OTEL_EXPORTER_OTLP_ENDPOINT if set, else no tracing
     # Every gRPC call but health/reflection, and every KV peer, must carry it (ops/cluster_auth.py); None: open.
     cluster_token: str | None = None
@@ -165,7 +171,9 @@ async def run_node(options: NodeOptions, service_names: list[str], attach: Attac
             **power.load_fields(),
         )
 
-    publisher = LoadPublisher(registration, current_load)
+    progress = ProgressWatch(lambda: async_engine.step_started, options.stall_timeout_s)
+    ticker = asyncio.create_task(progress.tick_forever())
+    publisher = LoadPublisher(registration, current_load, stalled=progress.stalled)
     publisher.start()
     ready = {"role": options.role, "node_id": node_id, "address": address, "metrics_address": metrics_address}
     _say({"event": "ready", **ready})
@@ -189,6 +197,7 @@ async def run_node(options: NodeOptions, service_names: list[str], attach: Attac
     while not fatal and time.monotonic() - started < options.drain_timeout_s and _busy(async_engine, service):
         await asyncio.sleep(IDLE_POLL_S)
     publisher.stop()
+    ticker.cancel()
     _deregister(registration)
     await server.stop(grace=1.0)
     await metrics_server.stop()

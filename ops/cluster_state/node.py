@@ -143,6 +143,10 @@ class LoadPublisher:
     that this node is gone. Retries back off (20 ms doubling to 1 s) so that a Redis outage costs neither CPU nor a
     flood of reconnects; the first success resets the back-off, and since a restarted Redis is empty the heartbeat
     then finds the node key gone and registers the node again.
+
+    `stalled()` (optional) names why the node is stuck, or returns None: while it names something, the node's
+    registration is withdrawn (routers drop it at once and move its requests elsewhere; ops/progress_watch.py), and
+    it is registered again once the stall is over.
     """
 
     def __init__(
@@ -154,6 +158,7 @@ class LoadPublisher:
         poll_s: float = 0.02,
         min_gap_s: float = 0.01,
         max_backoff_s: float = 1.0,
+        stalled: Callable[[], str | None] | None = None,
     ) -> None:
         if not 0 < min_gap_s <= poll_s <= period_s:
             raise ValueError("need 0 < min_gap_s <= poll_s <= period_s")
@@ -166,6 +171,12 @@ class LoadPublisher:
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
         self._failing = False
+        self._stalled = stalled
+        self._withdrawn: NodeInfo | None = None  # the registration taken back while the node is stalled
+
+    @property
+    def withdrawn(self) -> bool:
+        return self._withdrawn is not None
 
     def start(self) -> None:
         if self._thread is not None:
@@ -199,6 +210,8 @@ class LoadPublisher:
                 break
             now = time.monotonic()
             try:
+                if self._withdraw_while_stalled():
+                    continue
                 if now >= next_heartbeat:
                     self._registration.heartbeat()
                     next_heartbeat = now + self._heartbeat_s
@@ -222,6 +235,24 @@ class LoadPublisher:
                     backoff_s
                 )  # notify() does not cut this short: Redis is the one to wait for
                 backoff_s = min(backoff_s * 2, self._max_backoff_s)
+
+    def _withdraw_while_stalled(self) -> bool:
+        """Withdraw the registration when the node is stalled, restore it when it is not; True while withdrawn."""
+        reason = self._stalled() if self._stalled is not None else None
+        if reason is not None and self._withdrawn is None:
+            info = self._registration.info
+            if info is None:
+                return False
+            logger.warning(
+                "node %s makes no progress (%s): leaving the cluster until it does", info.node_id, reason
+            )
+            self._registration.deregister()
+            self._withdrawn = info
+        elif reason is None and self._withdrawn is not None:
+            logger.warning("node %s makes progress again: registering again", self._withdrawn.node_id)
+            self._registration.register(self._withdrawn)
+            self._withdrawn = None
+        return self._withdrawn is not None
 
     def __enter__(self) -> Self:
         self.start()
