@@ -7,7 +7,7 @@
    `resumed`.
 2. pool=<another role> ends the wait with that role (pool = the node's own role is ignored). run_node then drains,
    deregisters and shuts down exactly as on SIGTERM, prints `moving`, and raises `MoveToPool`.
-3. The command line (ops/cli.py) catches it and calls `exec_in_role`: the process replaces itself with
+3. The command line (ops/cli_commands.py) catches it and calls `exec_in_role`: the process replaces itself with
    `python -m ops.cli <new role> <the same flags>`, keeping its pid (launchers keep tracking it) and its stdout
    (the new process prints its `ready` line there). A node started with --node-id keeps it; otherwise the new
    process picks a fresh id of its new role.

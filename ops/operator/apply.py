@@ -10,9 +10,11 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
+from ops.operator.cluster_secrets import create_if_absent
 from ops.operator.labels import COMPONENT, FIELD_MANAGER, managed_selector
 
-# Every kind render() can make: pruning looks for leftovers of each.
+# Every kind render() can make: pruning looks for leftovers of each. Not Secrets: the generated ones are created once
+# (create_secret_if_absent) and live as long as their cluster, so pruning never deletes a token pods still use.
 MANAGED_KINDS = (
     ("v1", "ServiceAccount"),
     ("v1", "ConfigMap"),
@@ -42,6 +44,10 @@ class ClusterApplier:
                 # The operator is the source of truth for what it renders: take fields back from kubectl edits.
                 force_conflicts=True,
             )
+
+    def create_secret_if_absent(self, body: dict[str, Any]) -> bool:
+        """Create the Secret `body` unless one of its name exists (never overwritten); True if it was created."""
+        return create_if_absent(self._resource("v1", "Secret"), body)
 
     def prune(self, namespace: str, cluster: str, keep: Iterable[dict[str, Any]]) -> list[str]:
         """Delete this cluster's managed objects that `keep` no longer holds (an HPA after autoscaling was turned

@@ -150,6 +150,12 @@ def _spec_schema() -> Schema:
                 ],
             ),
             "apiKeySecret": _secret_ref("name", DEFAULTS["secret.apiKeyKey"], "the router's API key"),
+            "clusterTokenSecret": _secret_ref(
+                "name",
+                DEFAULTS["secret.clusterTokenKey"],
+                "an existing Secret holding the cluster token every node requires and every router sends;"
+                " unset, the operator generates the Secret NAME-cluster-token",
+            ),
             "machineCatalog": _secret_ref(
                 "configMapName", DEFAULTS["machineCatalog.key"], "a ConfigMap with a JSON machine catalog"
             ),

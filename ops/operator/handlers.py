@@ -1,8 +1,9 @@
 """The operator's kopf handlers: SplitserveCluster -> render() -> server-side apply -> status.
 
 Life cycle of one SplitserveCluster:
-1. create / update (spec changed) / resume (operator restarted): parse and render the spec, apply every object,
-   delete managed objects it no longer renders, write the status.
+1. create / update (spec changed) / resume (operator restarted): parse and render the spec, create the cluster's
+   generated Secrets (cluster token, Redis password) that do not exist yet, apply every object, delete managed
+   objects it no longer renders, write the status. Secret values never reach render(), a log line or the status.
 2. every RESYNC_INTERVAL_S: the same again, which repairs drift and refreshes the pools' ready counts.
 3. deletion: nothing to do; every object carries an ownerReference, so Kubernetes' garbage collector removes it.
 
@@ -23,9 +24,10 @@ from typing import Any
 import kopf
 
 from ops.operator.apply import ClusterApplier
+from ops.operator.cluster_secrets import generated_secrets, new_secret_body
 from ops.operator.labels import COMPONENT, GROUP, PLURAL, VERSION, Owner
 from ops.operator.render import render
-from ops.operator.spec import POOLS, SpecError
+from ops.operator.spec import POOLS, SpecError, parse_spec
 from ops.operator.status import PoolState, cluster_status
 
 RESYNC_INTERVAL_S = 20.0
@@ -79,8 +81,10 @@ def resync(
 def _reconcile(
     body: kopf.Body, spec: kopf.Spec, namespace: str, name: str, patch: kopf.Patch, *, announce_errors: bool
 ) -> None:
+    owner = Owner.of(body)
     try:
-        objects = render(name, namespace, dict(spec), owner=Owner.of(body))
+        parsed = parse_spec(dict(spec))
+        objects = render(name, namespace, parsed, owner=owner)
     except SpecError as exc:
         # What runs stays as it is: a bad edit must not take a serving cluster down.
         if announce_errors:
@@ -92,6 +96,10 @@ def _reconcile(
     try:
         with _api_errors_retried("apply"):
             applier = ClusterApplier()  # discovers the server's kinds: an API call
+            # Before the pods: a pod whose secretKeyRef names a missing Secret waits until it exists.
+            for secret in generated_secrets(name, parsed):
+                if applier.create_secret_if_absent(new_secret_body(name, namespace, secret, owner)):
+                    log.info("%s/%s: created Secret %s", namespace, name, secret.name)
             applier.apply(objects)
             for deleted in applier.prune(namespace, name, objects):
                 log.info("%s/%s: deleted %s (no longer rendered)", namespace, name, deleted)

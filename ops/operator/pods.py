@@ -4,12 +4,17 @@ Rollouts are SIGTERM-safe: Kubernetes runs the preStop sleep first (the endpoint
 Redis view stop sending new work meanwhile), then sends SIGTERM, on which a node stops taking work, finishes what
 it has for up to --drain-timeout seconds and exits 0. terminationGracePeriodSeconds covers both plus a margin for
 the servers' own shutdown, so the kubelet never SIGKILLs a node that is still draining.
+
+Credentials come from Secrets (cluster_secrets.py) through the environment, never argv: every node and router reads
+SPLITSERVE_CLUSTER_TOKEN, and SPLITSERVE_REDIS_URL, which for the managed Redis carries its password
+(SPLITSERVE_REDIS_PASSWORD, expanded by the kubelet) and which the CLI reads in place of --redis-url.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from ops.operator.cluster_secrets import cluster_token_ref, redis_password_ref
 from ops.operator.labels import (
     CONFIG_HASH,
     GRPC_PORT,
@@ -66,11 +71,14 @@ def deployment(
 
 def redis_deployment(cluster: str, namespace: str, spec: ClusterSpec, owner: Owner | None) -> dict[str, Any]:
     name = object_name(cluster, "redis")
+    password = redis_password_ref(cluster)
     container = {
         "name": "redis",
         "image": spec.redis.image,
         # Cluster state is leases and load reports that nodes rewrite every few seconds: nothing to persist.
-        "args": ["redis-server", "--save", "", "--appendonly", "no"],
+        # The kubelet expands $(REDIS_PASSWORD); redis-server then overwrites its process title, so ps shows none.
+        "args": ["redis-server", "--save", "", "--appendonly", "no", "--requirepass", "$(REDIS_PASSWORD)"],
+        "env": [{"name": "REDIS_PASSWORD", "valueFrom": _secret_key(password.name, password.key)}],
         "ports": [{"name": "redis", "containerPort": REDIS_PORT}],
         "readinessProbe": {"tcpSocket": {"port": REDIS_PORT}, "periodSeconds": 5},
         "livenessProbe": {"tcpSocket": {"port": REDIS_PORT}, "periodSeconds": 10},
@@ -146,7 +154,7 @@ def _main_container(cluster: str, spec: ClusterSpec, pool: Pool) -> dict[str, An
 
 
 def _router_args(spec: ClusterSpec, pool: Pool) -> list[str]:
-    args = ["router", "--model", spec.model.directory, "--redis-url", "$(SPLITSERVE_REDIS_URL)"]
+    args = ["router", "--model", spec.model.directory]  # the Redis URL comes from $SPLITSERVE_REDIS_URL
     args += ["--host", "0.0.0.0", "--grpc-port", str(GRPC_PORT), "--http-port", str(HTTP_PORT)]
     args += ["--policy", spec.placement.policy]
     for key, value in spec.placement.options.items():
@@ -156,7 +164,7 @@ def _router_args(spec: ClusterSpec, pool: Pool) -> list[str]:
 
 def _node_args(spec: ClusterSpec, pool: Pool) -> list[str]:
     # A node registers --host:--port in Redis for routers and peers to dial: it must be the pod's own IP.
-    args = [pool.role, "--model", spec.model.directory, "--redis-url", "$(SPLITSERVE_REDIS_URL)"]
+    args = [pool.role, "--model", spec.model.directory]  # the Redis URL comes from $SPLITSERVE_REDIS_URL
     args += ["--host", "$(POD_IP)", "--port", str(GRPC_PORT), "--metrics-port", str(HTTP_PORT)]
     # A colocated node makes no KV transport, but takes --kv-backend anyway: a node that the pool control moves to
     # prefill or decode comes back with these same flags and must then speak the cluster's backend.
@@ -179,9 +187,16 @@ def _env(cluster: str, spec: ClusterSpec, pool: Pool) -> list[dict[str, Any]]:
     env: list[dict[str, Any]] = []
     if pool.role != "router":
         env.append({"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}})
+    token = cluster_token_ref(cluster, spec)
+    env.append({"name": "SPLITSERVE_CLUSTER_TOKEN", "valueFrom": _secret_key(token.name, token.key)})
     external = spec.redis.external_url
     if external is None:
-        url = f"redis://{object_name(cluster, 'redis')}:{REDIS_PORT}/0"
+        password = redis_password_ref(cluster)
+        # Defined before the URL: the kubelet expands $(VAR) only from variables listed earlier.
+        env.append(
+            {"name": "SPLITSERVE_REDIS_PASSWORD", "valueFrom": _secret_key(password.name, password.key)}
+        )
+        url = f"redis://:$(SPLITSERVE_REDIS_PASSWORD)@{object_name(cluster, 'redis')}:{REDIS_PORT}/0"
         env.append({"name": "SPLITSERVE_REDIS_URL", "value": url})
     else:
         env.append({"name": "SPLITSERVE_REDIS_URL", "valueFrom": _secret_key(external.name, external.key)})

@@ -46,6 +46,7 @@ DEFAULTS: dict[str, Any] = {
     "redis.image": "redis:7.2-alpine",
     "secret.apiKeyKey": "api-key",
     "secret.redisUrlKey": "url",
+    "secret.clusterTokenKey": "token",
     "machineCatalog.key": "machines.json",
 }
 
@@ -155,6 +156,8 @@ class ClusterSpec:
     kv_transfer: KVTransfer
     redis: Redis
     api_key: SecretRef | None
+    # The user's own Secret holding the cluster token; None: the operator generates NAME-cluster-token.
+    cluster_token: SecretRef | None
     machine_catalog: SecretRef | None  # a ConfigMap (name, key) holding a JSON machine catalog
     otlp_endpoint: str | None
 
@@ -178,6 +181,7 @@ def parse_spec(raw: Mapping[str, Any]) -> ClusterSpec:
         "kvTransfer",
         "redis",
         "apiKeySecret",
+        "clusterTokenSecret",
         "machineCatalog",
         "otlpEndpoint",
     )
@@ -204,6 +208,7 @@ def parse_spec(raw: Mapping[str, Any]) -> ClusterSpec:
         kv_transfer=_kv_transfer(spec.child("kvTransfer")),
         redis=_redis(spec.child("redis")),
         api_key=_secret_ref(spec, "apiKeySecret", "name", DEFAULTS["secret.apiKeyKey"]),
+        cluster_token=_secret_ref(spec, "clusterTokenSecret", "name", DEFAULTS["secret.clusterTokenKey"]),
         machine_catalog=machine_catalog,
         otlp_endpoint=spec.optional_text("otlpEndpoint"),
     )

@@ -70,8 +70,10 @@ def test_cpu_demo_runs_three_fixed_pools_with_a_managed_redis() -> None:
     # Every pod reaches the managed Redis through its Service.
     assert services["demo-redis"]["spec"]["ports"][0]["port"] == 6379
     for name in ("demo-router", "demo-prefill", "demo-decode"):
-        assert env_of(deployments[name])["SPLITSERVE_REDIS_URL"] == "redis://demo-redis:6379/0"
-        assert flag(container(deployments[name])["args"], "--redis-url") == "$(SPLITSERVE_REDIS_URL)"
+        url = "redis://:$(SPLITSERVE_REDIS_PASSWORD)@demo-redis:6379/0"
+        assert env_of(deployments[name])["SPLITSERVE_REDIS_URL"] == url
+        # The CLI reads the URL (with its password) from the environment: none in argv.
+        assert "--redis-url" not in container(deployments[name])["args"]
     assert by_kind(objects, "ConfigMap")["demo-config"]["data"]["UCX_TLS"] == "tcp,self"
 
 
@@ -302,7 +304,10 @@ def test_a_colocated_pool_runs_whole_request_nodes_like_the_other_node_pools() -
     )
     # No transport of its own, but the cluster's backend in case the pool control moves it to prefill/decode.
     assert flag(args, "--kv-backend") == "nixl"
-    assert env_of(deployment)["SPLITSERVE_REDIS_URL"] == "redis://demo-redis:6379/0"
+    assert (
+        env_of(deployment)["SPLITSERVE_REDIS_URL"]
+        == "redis://:$(SPLITSERVE_REDIS_PASSWORD)@demo-redis:6379/0"
+    )
     assert main["resources"]["limits"]["nvidia.com/gpu"] == "1"
     service = by_kind(objects, "Service")["demo-colocated"]["spec"]
     assert service["clusterIP"] == "None" and service["selector"] == selector_labels("demo", "colocated")
