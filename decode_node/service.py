@@ -36,8 +36,9 @@ from kvtransfer.notifications import parse_kv_done, parse_kv_fence
 from ops import tracing
 from ops.grpc_util import abort_with
 from ops.power.accounting import ledger_of
-from ops.proto_convert import charged_usage, output_to_proto, sampling_from_proto
+from ops.proto_convert import charged_usage, output_to_proto
 from ops.recent_ids import RecentIds
+from ops.sampling_proto import sampling_from_proto
 from splitserve.v1 import cluster_pb2 as cpb
 from splitserve.v1 import cluster_pb2_grpc
 from splitserve.v1 import inference_pb2 as pb

@@ -1,15 +1,12 @@
 """Conversions between the wire messages (splitserve.v1) and the engine's types, used by the node servers.
 
-Only the nodes convert into SamplingParams: validation happens once, in the engine's own checks, and the node
-returns INVALID_ARGUMENT with the engine's message.
+Sampling values are converted (and so validated, by the engine's own checks) in ops/sampling_proto.py, shared with
+the router; a node returns INVALID_ARGUMENT with the engine's message.
 """
 
 from __future__ import annotations
 
-from typing import Any
-
 from engine.engine import RequestOutput
-from engine.sampling_params import SamplingParams
 from engine.sequence import FinishReason, TokenLogprob
 from ops.power.accounting import RequestCharge
 from splitserve.v1 import inference_pb2 as pb
@@ -21,28 +18,6 @@ _FINISH = {
     FinishReason.ABORT: pb.FINISH_REASON_ABORT,
     FinishReason.PREFILL_DONE: pb.FINISH_REASON_UNSPECIFIED,
 }
-
-
-def sampling_from_proto(msg: pb.SamplingParameters) -> SamplingParams:
-    """Unset optional fields keep the engine's defaults. Raises InvalidRequestError for bad values."""
-    kwargs: dict[str, Any] = {}
-    for name in (
-        "max_tokens",
-        "temperature",
-        "top_p",
-        "top_k",
-        "min_p",
-        "seed",
-        "repetition_penalty",
-        "presence_penalty",
-        "frequency_penalty",
-        "logprobs",
-    ):
-        if msg.HasField(name):
-            kwargs[name] = getattr(msg, name)
-    return SamplingParams(
-        stop=list(msg.stop), stop_token_ids=list(msg.stop_token_ids), ignore_eos=msg.ignore_eos, **kwargs
-    )
 
 
 def logprob_to_proto(lp: TokenLogprob) -> pb.TokenLogprob:

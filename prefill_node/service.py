@@ -45,8 +45,9 @@ from ops import tracing
 from ops.failed_side import Side, failed_side_metadata
 from ops.grpc_util import abort_with
 from ops.power.accounting import ledger_of
-from ops.proto_convert import charges_to_proto, finish_to_proto, logprob_to_proto, sampling_from_proto
+from ops.proto_convert import charges_to_proto, finish_to_proto, logprob_to_proto
 from ops.recent_ids import RecentIds
+from ops.sampling_proto import sampling_from_proto
 from splitserve.v1 import cluster_pb2 as cpb
 from splitserve.v1 import cluster_pb2_grpc
 from splitserve.v1 import inference_pb2 as pb

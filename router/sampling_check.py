@@ -7,28 +7,12 @@ and HTTP paths (both pass InferenceService.generate) refuse the same values with
 
 from __future__ import annotations
 
-from typing import Any
-
 import grpc
 
 from engine.errors import InvalidRequestError
 from engine.limits import MAX_REQUEST_ID_CHARS
-from engine.sampling_params import SamplingParams
+from ops.sampling_proto import sampling_from_proto
 from splitserve.v1 import inference_pb2 as pb
-
-# The wire's optional scalars carry the SamplingParams field of the same name; unset ones keep the engine's default.
-_OPTIONAL_FIELDS = (
-    "max_tokens",
-    "temperature",
-    "top_p",
-    "top_k",
-    "min_p",
-    "seed",
-    "repetition_penalty",
-    "presence_penalty",
-    "frequency_penalty",
-    "logprobs",
-)
 
 
 def check_sampling(msg: pb.SamplingParameters, request_id: str = "") -> None:
@@ -41,10 +25,7 @@ def check_sampling(msg: pb.SamplingParameters, request_id: str = "") -> None:
             grpc.StatusCode.INVALID_ARGUMENT,
             f"request_id may have at most {MAX_REQUEST_ID_CHARS} characters, got {len(request_id)}",
         )
-    kwargs: dict[str, Any] = {name: getattr(msg, name) for name in _OPTIONAL_FIELDS if msg.HasField(name)}
     try:
-        SamplingParams(
-            stop=list(msg.stop), stop_token_ids=list(msg.stop_token_ids), ignore_eos=msg.ignore_eos, **kwargs
-        )
+        sampling_from_proto(msg)
     except InvalidRequestError as exc:
         raise RouterError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from exc
