@@ -39,8 +39,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from cluster.state import ClusterStateUnavailable, ClusterView  # noqa: E402
 from engine.tiny_model import make_tiny_model  # noqa: E402
-from ops.cluster_state import ClusterStateUnavailable, ClusterView  # noqa: E402
 from ops.launcher import ClusterSpec, LocalCluster, Process  # noqa: E402
 from ops.supervisor import Supervisor  # noqa: E402
 from tests.adversarial.chaos_support import (  # noqa: E402

@@ -19,13 +19,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ops.cluster_state import LoadReport, NodeInfo, NodeState, connect
-from ops.machines import BUILTIN_MACHINES
-from ops.perfmodel import PerfModel
-from ops.redis_server import EmbeddedRedis
+from cluster.machines import BUILTIN_MACHINES
+from cluster.perfmodel import PerfModel
+from cluster.redis_server import EmbeddedRedis
+from cluster.state import LoadReport, NodeInfo, NodeState, connect
 from router.cluster_index import ClusterIndex
 from router.load_tracker import LoadTracker
-from router.policy import PlacementRequest, create_policy
+from router.policies import create_policy
+from router.policy import PlacementRequest
 
 PERF_CSV = Path(__file__).resolve().parents[2] / "shared" / "data" / "splitwise-perf-model" / "perf_model.csv"
 FLEET = {"dgx-a100": "a100-80gb", "dgx-h100": "h100-80gb", "dgx-h100-cap": "h100-80gb-pcap"}

@@ -19,7 +19,8 @@ from collections.abc import Callable
 
 import redis
 
-from ops.cluster_state import (
+from cluster.redis_server import ensure_redis
+from cluster.state import (
     EVENTS_CHANNEL,
     INDEX_KEY,
     ROLES,
@@ -32,7 +33,6 @@ from ops.cluster_state import (
     encode_load,
     load_key,
 )
-from ops.redis_server import ensure_redis
 
 
 def register_nodes(url: str, count: int) -> None:

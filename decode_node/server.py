@@ -1,6 +1,6 @@
 """Entry point of a decode or colocated node process: `splitserve decode` / `splitserve colocated`.
 
-The request life cycles are in decode_node/service.py (decode) and ops/whole_request.py (whole requests: every
+The request life cycles are in decode_node/service.py (decode) and cluster/node/whole_request.py (whole requests: every
 colocated request, and on a decode node the requests the router prefills locally or lends it for).
 """
 
@@ -10,11 +10,11 @@ from typing import Any
 
 import grpc
 
+from cluster.grpc_util import add_checked_servicer
+from cluster.node.runtime import NodeOptions, NodeService, run, run_node
+from cluster.node.whole_request import WholeRequestService
 from decode_node.service import DecodeNodeService
 from engine.async_engine import AsyncEngine
-from ops.grpc_util import add_checked_servicer
-from ops.node_runtime import NodeOptions, NodeService, run, run_node
-from ops.whole_request import WholeRequestService
 from splitserve.v1 import cluster_pb2_grpc, inference_pb2_grpc
 
 DECODE_SERVICE = "splitserve.v1.DecodeNode"

@@ -9,7 +9,7 @@ A request's life cycle on this node:
 3. Decode: the router passes the first token (sampled by the prefill node). Once the kv-done notification is in
    (bounded wait: UNAVAILABLE otherwise, so the router retries elsewhere), the engine admits the request and its
    tokens stream back. The first token is not sent again: the router already delivered it. The last message's
-   usage carries this node's charges (ops/power/accounting.py: its share of the steps that decoded the request).
+   usage carries this node's charges (cluster/power/accounting.py: its share of the steps that decoded the request).
 4. The end: finishing, the router closing the stream (client cancel), Abort, or an expired reservation frees the
    request's blocks, exactly once (the engine ignores a second abort). A reservation dropped before its KV was
    complete (Abort after a failed or cancelled prefill, or KV that never arrived) is quarantined first: writes of
@@ -30,15 +30,15 @@ from collections.abc import AsyncIterator
 
 import grpc
 
+from cluster import tracing
+from cluster.grpc_util import abort_with
+from cluster.node.recent_ids import RecentIds
+from cluster.power.accounting import ledger_of
+from cluster.proto_convert import charged_usage, output_to_proto
+from cluster.sampling_proto import sampling_from_proto
 from engine.async_engine import AsyncEngine
 from engine.errors import EngineError
 from kvtransfer.notifications import parse_kv_done, parse_kv_fence
-from ops import tracing
-from ops.grpc_util import abort_with
-from ops.power.accounting import ledger_of
-from ops.proto_convert import charged_usage, output_to_proto
-from ops.recent_ids import RecentIds
-from ops.sampling_proto import sampling_from_proto
 from splitserve.v1 import cluster_pb2 as cpb
 from splitserve.v1 import cluster_pb2_grpc
 from splitserve.v1 import inference_pb2 as pb

@@ -6,7 +6,7 @@ whoever starts the process (an operator, a test through LocalCluster's environme
   after layer 0 stored its KV, so the failure strikes mid-forward, after partial cache writes, in the batched path.
 - `*`: every forward raises, as on a broken device: the engine must give up (EngineBrokenError) and its node exit.
 - `stall:<token id>:<seconds>`: such a forward sleeps that long after layer 0 instead, as a wedged kernel would: the
-  node must leave the cluster while stuck (ops/progress_watch.py) and its requests go elsewhere.
+  node must leave the cluster while stuck (cluster/node/progress_watch.py) and its requests go elsewhere.
 """
 
 from __future__ import annotations

@@ -135,7 +135,7 @@ def add_up_args(parser: argparse.ArgumentParser) -> None:
 
 
 def add_placement_args(parser: argparse.ArgumentParser) -> None:
-    from router.policy import add_policy_arguments
+    from router.policies import add_policy_arguments
 
     group = parser.add_argument_group("placement")
     add_policy_arguments(group)
@@ -204,7 +204,7 @@ def add_redis_url_arg(parser: argparse.ArgumentParser) -> None:
 
 
 def add_cluster_token_args(parser: argparse.ArgumentParser, *, generated: bool = False) -> None:
-    """The cluster token (ops/cluster_auth.py): nodes require it on every internal call, routers send it."""
+    """The cluster token (cluster/auth.py): nodes require it on every internal call, routers send it."""
     default = "a fresh random one" if generated else "none: nodes take every caller"
     group = parser.add_argument_group("cluster membership")
     token = group.add_mutually_exclusive_group()
@@ -224,13 +224,13 @@ def add_cluster_token_args(parser: argparse.ArgumentParser, *, generated: bool =
 
 def cluster_token(args: argparse.Namespace) -> str | None:
     """The cluster token from the flags or environment; ClusterTokenError (a ValueError) for a bad file."""
-    from ops.cluster_auth import resolve_token
+    from cluster.auth import resolve_token
 
     return resolve_token(args.cluster_token, args.cluster_token_file)
 
 
 def stall_seconds(text: str) -> float:
-    from ops.progress_watch import TICK_S
+    from cluster.node.progress_watch import TICK_S
 
     value = float(text)
     if not value > TICK_S:  # also refuses NaN
@@ -257,7 +257,7 @@ def add_tracing_arg(parser: argparse.ArgumentParser) -> None:
 
 def otlp_endpoint(args: argparse.Namespace) -> str | None:
     """The checked OTLP endpoint (flag or environment); ValueError for one the exporter cannot use."""
-    from ops.tracing import endpoint_from
+    from cluster.tracing import endpoint_from
 
     return endpoint_from(args.otlp_endpoint)
 

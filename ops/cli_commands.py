@@ -20,8 +20,8 @@ DEMO_MODEL_DIR = Path(".cache") / "demo-model"
 
 def node_command(args: argparse.Namespace) -> int:
     """Serve one node in args.role until it stops; a move to another pool re-executes it in the new role."""
-    from ops.node_runtime import NodeOptions
-    from ops.power.node_power import resolve_settings
+    from cluster.node.runtime import NodeOptions
+    from cluster.power.node_power import resolve_settings
 
     try:  # before the model loads: a wrong machine type or perf group fails in one line, at once
         power = resolve_settings(
@@ -61,7 +61,7 @@ def node_command(args: argparse.Namespace) -> int:
         otlp_endpoint=otlp_endpoint,
         cluster_token=cluster_token,
     )
-    from ops.node_control import MoveToPool, exec_in_role
+    from cluster.node.control import MoveToPool, exec_in_role
 
     try:
         if args.role == "prefill":
@@ -78,8 +78,8 @@ def node_command(args: argparse.Namespace) -> int:
 
 def router_command(args: argparse.Namespace) -> int:
     """Serve one router until it stops."""
-    from ops.node_runtime import run
-    from router.policy import parse_policy_options
+    from cluster.node.runtime import run
+    from router.policies import parse_policy_options
     from router.server import RouterOptions, run_router
 
     try:  # a bad policy name or option is a usage error, found before anything starts
@@ -112,14 +112,14 @@ def router_command(args: argparse.Namespace) -> int:
 def up_command(args: argparse.Namespace) -> int:
     """Start Redis, the nodes and a router as processes (the demo model without --model); run until Ctrl-C."""
     from ops.launcher import ClusterSpec
-    from router.policy import create_policy, parse_policy_options
+    from router.policies import create_policy, parse_policy_options
 
     try:  # the routers would refuse a bad policy too, but only after Redis and the nodes started
         create_policy(args.policy, **parse_policy_options(args.policy_option))
     except ValueError as exc:
         print(f"splitserve up: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    from ops.machines import load_catalog
+    from cluster.machines import load_catalog
 
     try:  # the nodes would refuse an unknown type too, but only after Redis started
         catalog = load_catalog(args.machines)
@@ -139,10 +139,12 @@ def up_command(args: argparse.Namespace) -> int:
     model = args.model
     if model is None:
         model = DEMO_MODEL_DIR
-        if not (model / "config.json").exists():
-            from engine.tiny_model import make_tiny_model
+        from engine.tiny_model import make_tiny_model
 
-            make_tiny_model(model, arch="llama", layers=4, hidden=256, heads=8, kv_heads=2, vocab=2048)
+        # Made once; remade when its recipe differs, e.g. when an older splitserve wrote it.
+        make_tiny_model(
+            model, arch="llama", layers=4, hidden=256, heads=8, kv_heads=2, vocab=2048, reuse=True
+        )
     spec = ClusterSpec(
         model_dir=model.resolve(),
         prefill=args.prefill,

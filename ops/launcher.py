@@ -7,7 +7,7 @@ Order: Redis (embedded unless a URL is given) -> nodes -> routers, each waited f
 Secrets reach the children through their environment, never argv (which `ps` shows to every user): the cluster
 token (`SPLITSERVE_CLUSTER_TOKEN`, generated unless the spec has one: nodes then refuse calls without it), the
 Redis URL (`SPLITSERVE_REDIS_URL`) and the routers' API key (`SPLITSERVE_API_KEY`). The embedded Redis has a password, carried by `redis_url`: print
-`redacted(url)` (ops/redis_server.py), never the URL itself.
+`redacted(url)` (cluster/redis_server.py), never the URL itself.
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
-from ops.cluster_auth import TOKEN_ENV, generate_token
-from ops.redis_server import EmbeddedRedis
+from cluster.auth import TOKEN_ENV, generate_token
+from cluster.redis_server import EmbeddedRedis
 
 READY_TIMEOUT_S = 120.0
 STOP_TIMEOUT_S = 20.0

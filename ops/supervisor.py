@@ -18,8 +18,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from cluster.redis_server import RedisServerError
 from ops.launcher import LocalCluster, Process
-from ops.redis_server import RedisServerError
 
 
 @dataclass(slots=True)

@@ -12,8 +12,8 @@ from __future__ import annotations
 import signal
 import threading
 
+from cluster.redis_server import redacted
 from ops.launcher import ClusterSpec, LocalCluster, Process
-from ops.redis_server import redacted
 from ops.supervisor import Supervisor
 
 TICK_S = 0.5

@@ -1,6 +1,6 @@
 """Entry point of a prefill node process: `splitserve prefill`. The request life cycle is in prefill_node/service.py.
 
-A prefill node also serves the public Inference service (ops/whole_request.py) for the requests the router's mixed
+A prefill node also serves the public Inference service (cluster/node/whole_request.py) for the requests the router's mixed
 pool lends it for: those run to their end on this node (keep_local) instead of handing their KV over.
 """
 
@@ -10,10 +10,10 @@ from typing import Any
 
 import grpc
 
+from cluster.grpc_util import add_checked_servicer
+from cluster.node.runtime import NodeOptions, run, run_node
+from cluster.node.whole_request import WholeRequestService
 from engine.async_engine import AsyncEngine
-from ops.grpc_util import add_checked_servicer
-from ops.node_runtime import NodeOptions, run, run_node
-from ops.whole_request import WholeRequestService
 from prefill_node.service import PrefillNodeService
 from splitserve.v1 import cluster_pb2_grpc, inference_pb2_grpc
 

@@ -11,11 +11,11 @@ A request's life cycle on this node:
 3. The first token is sampled. Whatever step 2 did not send (blocks served from the prefix cache, or the whole KV
    of a short prompt) is sent now. When every write has completed (bounded by the request's deadline),
    `kv-done:<request id>` is sent, the blocks are released, and the first token goes back to the router with this
-   node's charges (ops/power/accounting.py: its share of the steps that computed the prompt, and the transfer wait).
+   node's charges (cluster/power/accounting.py: its share of the steps that computed the prompt, and the transfer wait).
 4. On a failed or late transfer, or when the router cancels, the request is aborted here and its blocks freed; the
    router frees the decode side and retries elsewhere. A failure the decode peer caused (unreachable, refused, gone
    mid-transfer, not taking writes before the deadline) says so in the status's trailing metadata
-   (ops/failed_side.py), so the router excludes that decode node and keeps this one. A transfer that did not end
+   (cluster/failed_side.py), so the router excludes that decode node and keeps this one. A transfer that did not end
    with `kv-done` ends with `kv-fence:<request id>` once its issued writes settled: the decode node then knows no
    write of it can still land, and frees its blocks at once (after a failed write: when its quarantine ends).
    Abort answers whether a transfer of the request started here (`found`) and ends its Prefill call; if none
@@ -35,19 +35,19 @@ from dataclasses import dataclass, field
 import grpc
 from opentelemetry.trace import INVALID_SPAN, Span
 
+from cluster import tracing
+from cluster.failed_side import Side, failed_side_metadata
+from cluster.grpc_util import abort_with
+from cluster.node.recent_ids import RecentIds
+from cluster.power.accounting import ledger_of
+from cluster.proto_convert import charges_to_proto, finish_to_proto, logprob_to_proto
+from cluster.sampling_proto import sampling_from_proto
 from engine.async_engine import AsyncEngine
 from engine.engine import KVHandoff, KVLayerWrite, RequestOutput
 from engine.errors import EngineError
 from engine.sequence import FinishReason
 from kvtransfer.base import TransferState
 from kvtransfer.notifications import kv_done, kv_fence
-from ops import tracing
-from ops.failed_side import Side, failed_side_metadata
-from ops.grpc_util import abort_with
-from ops.power.accounting import ledger_of
-from ops.proto_convert import charges_to_proto, finish_to_proto, logprob_to_proto
-from ops.recent_ids import RecentIds
-from ops.sampling_proto import sampling_from_proto
 from splitserve.v1 import cluster_pb2 as cpb
 from splitserve.v1 import cluster_pb2_grpc
 from splitserve.v1 import inference_pb2 as pb
@@ -106,7 +106,7 @@ class PrefillNodeService(cluster_pb2_grpc.PrefillNodeServicer):
             set()
         )  # transfers being ended (fences), referenced until done
         self.charges = ledger_of(engine)
-        # Told (seconds, bytes) of each completed transfer; the node's metrics (ops/node_metrics.py) set it.
+        # Told (seconds, bytes) of each completed transfer; the node's metrics (cluster/node/metrics.py) set it.
         self.on_kv_transfer: Callable[[float, int], None] | None = None
         engine.engine.set_kv_layer_hook(self._on_layer_stored)
 

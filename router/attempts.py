@@ -4,7 +4,7 @@ A pair attempt: decode.Reserve -> prefill.Prefill (the KV streams between the no
 node's Decode stream. Every wait on a node is bounded (router/liveness.py): by a deadline, and by the node staying in
 the cluster view, so a killed or paused node is noticed within ~2.5 s. A failure is blamed on the node that caused
 it and raised as `RetryElsewhere` for the router to place the request again without that node: a Prefill that
-failed because of its decode peer (ops/failed_side.py) blames the decode node. An attempt that ends before its
+failed because of its decode peer (cluster/failed_side.py) blames the decode node. An attempt that ends before its
 decode node took the request over releases the reservation in the background: the prefill node is asked first
 whether its transfer started, and the decode node frees the blocks at once when none did (else at the prefill
 node's kv-fence, or after its quarantine).
@@ -23,9 +23,9 @@ from typing import TYPE_CHECKING
 import grpc
 from opentelemetry.trace import Span
 
-from ops import tracing
-from ops.cluster_state import ClusterView, NodeState
-from ops.failed_side import failed_side_of
+from cluster import tracing
+from cluster.failed_side import failed_side_of
+from cluster.state import ClusterView, NodeState
 from router.liveness import Liveness, NodeLost, NodeWatch
 from router.load_tracker import LoadTracker
 from router.node_clients import NodeClients
@@ -35,7 +35,7 @@ from splitserve.v1 import cluster_pb2 as cpb
 from splitserve.v1 import inference_pb2 as pb
 
 if TYPE_CHECKING:
-    from router.inference import RouterConfig
+    from router.config import RouterConfig
 
 # Statuses that mean "this node could not do it right now": try another one.
 RETRYABLE = {

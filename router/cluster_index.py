@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ops.cluster_state import NodeState
+from cluster.state import NodeState
 from router.load_tracker import LoadTracker
 
 ROLES = ("prefill", "decode", "colocated")

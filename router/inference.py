@@ -25,24 +25,22 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 
 import grpc
 from opentelemetry.context import Context
 from opentelemetry.trace import Span
 
+from cluster import tracing
+from cluster.state import ClusterView
 from engine.tokenizer import Tokenizer
-from ops import tracing
-from ops.cluster_state import ClusterView
 from router.admission import (
-    DEFAULT_MAX_ACTIVE,
-    DEFAULT_MAX_QUEUED,
-    DEFAULT_QUEUE_TIMEOUT_S,
     Admission,
     Overloaded,
 )
 from router.attempts import Attempts, RetryElsewhere
 from router.cluster_index import ClusterIndex, RoleArrays
+from router.config import RouterConfig
+from router.errors import RouterError
 from router.load_tracker import LoadTracker
 from router.metrics import RequestTimer, RouterMetrics
 from router.node_clients import NodeClients
@@ -55,38 +53,6 @@ from splitserve.v1 import inference_pb2 as pb
 from splitserve.v1 import inference_pb2_grpc
 
 DEFAULT_MAX_TOKENS = 16
-
-
-@dataclass(frozen=True, slots=True)
-class RouterConfig:
-    model_name: str
-    max_model_len: int
-    vocab_size: int  # the model's (config.json); may exceed the tokenizer's when the embedding is padded
-    max_attempts: int = 3
-    reserve_hold_s: float = 60.0
-    prefill_deadline_s: float = 60.0
-    kv_wait_s: float = 30.0
-    rpc_timeout_s: float = 10.0
-    # Latency targets handed to placement (cost and power policies keep predictions within them); None: none.
-    ttft_slo_s: float | None = None
-    tbt_slo_s: float | None = None
-    # Load shedding (router/admission.py) and tokenizing off the event loop (router/prompt_encoder.py).
-    max_concurrent_requests: int = DEFAULT_MAX_ACTIVE
-    max_queued_requests: int = DEFAULT_MAX_QUEUED
-    queue_timeout_s: float = DEFAULT_QUEUE_TIMEOUT_S
-    tokenizer_threads: int = 2
-
-
-class RouterError(Exception):
-    """A request the router cannot serve: a status code and a message for the client (gRPC or HTTP)."""
-
-    def __init__(self, code: grpc.StatusCode, message: str, too_long: bool = False) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-        self.too_long = (
-            too_long  # the prompt exceeds the context (HTTP answers with OpenAI's error code for it)
-        )
 
 
 class InferenceService(inference_pb2_grpc.InferenceServicer):
@@ -177,7 +143,7 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
         """Place and relay one validated request (steps 2-5 of the life cycle); RouterError when it cannot be served.
 
         Traced as one span, "generate" (a trace's root, or the child of the client's trace_parent): the node RPCs
-        are its children, and each placement, fallback and retry is one of its events (ops/tracing.py)."""
+        are its children, and each placement, fallback and retry is one of its events (cluster/tracing.py)."""
         try:  # poison values never reach a node (router/sampling_check.py)
             check_sampling(sampling, request_id)
         except RouterError as exc:

@@ -1,6 +1,6 @@
 """Hung or dead nodes, seen from the router: an attempt's waits on its nodes end when one of them leaves the view.
 
-Every node renews a 2 s lease in Redis from its own process (ops/cluster_state); a node that is killed, paused
+Every node renews a 2 s lease in Redis from its own process (cluster/state); a node that is killed, paused
 (SIGSTOP) or cut off stops renewing it and drops out of the router's ClusterView 1.5-2 s later. `NodeWatch` checks,
 ten times a second on the router's event loop, the nodes that in-flight attempts use; a node absent from the view
 for `grace_s` (one heartbeat interval) is lost, and each attempt using it is told: about 2.5 s after it stopped.
@@ -21,7 +21,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Iterator
 
-from ops.cluster_state import ClusterView, NodeState
+from cluster.state import ClusterView, NodeState
 
 logger = logging.getLogger(__name__)
 

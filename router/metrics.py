@@ -3,7 +3,7 @@
 One registry per router (not prometheus_client's global one), so several routers or services in one process
 never share counts. What it exports:
 - splitserve:request_energy_joules{phase} and splitserve:request_cost_usd{phase}: histograms of what each finished
-  request was charged per phase (prefill, transfer, decode; ops/power/accounting.py says how nodes charge). Their
+  request was charged per phase (prefill, transfer, decode; cluster/power/accounting.py says how nodes charge). Their
   _count is the number of finished requests, their _sum the total energy and cost of them.
 - splitserve:node_power_watts{node, role, machine_type, source}: each live node's latest reported power, read from
   the router's cluster view at scrape time; idle power shows here, since requests are charged only for the machine
@@ -12,7 +12,7 @@ never share counts. What it exports:
   client receives them), splitserve:e2e_request_latency_seconds: histograms labelled {model, route}, route "pair"
   (a prefill node and a decode node) or "colocated" (one node ran the whole request), as measured at the router.
 - splitserve:requests_total{model, outcome}: placed requests by outcome, "ok" or the gRPC status of the failure.
-Each node serves its own metrics too (ops/node_metrics.py).
+Each node serves its own metrics too (cluster/node/metrics.py).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import grpc
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
 
-from ops.cluster_state import ClusterView
+from cluster.state import ClusterView
 from splitserve.v1 import inference_pb2 as pb
 
 PHASES = ("prefill", "transfer", "decode")

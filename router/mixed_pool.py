@@ -18,12 +18,12 @@ token threshold 2048).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from router import placement_model as pm
-from router.policy import Placement, PlacementPolicy, PlacementRequest, create_policy
+from router.policy import JoinShortestQueue, Placement, PlacementPolicy, PlacementRequest
 
 if TYPE_CHECKING:
     from router.cluster_index import RoleArrays
@@ -37,17 +37,17 @@ class MixedPool:
 
     def __init__(
         self,
-        inner: str | PlacementPolicy = "jsq",
+        inner: PlacementPolicy | None = None,
         prompt_threshold: int = PROMPT_THRESHOLD_TOKENS,
         token_threshold: int = TOKEN_THRESHOLD_TOKENS,
-        **inner_options: Any,
     ) -> None:
+        """`inner` (join-the-shortest-queue when None) places requests while neither pool is overloaded."""
         for label, value in (("prompt_threshold", prompt_threshold), ("token_threshold", token_threshold)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"{label} must be an integer >= 0, got {value!r}")
-        if inner == "mixed":
+        if isinstance(inner, MixedPool):
             raise ValueError("the mixed pool wraps another policy, not itself")
-        self.inner = create_policy(inner, **inner_options) if isinstance(inner, str) else inner
+        self.inner = inner if inner is not None else JoinShortestQueue()
         self.prompt_threshold = prompt_threshold
         self.token_threshold = token_threshold
         self._borrowed: dict[str, str] = {}  # node id -> the pool that lent it ("prefill" or "decode")

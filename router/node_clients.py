@@ -1,6 +1,6 @@
 """gRPC channels and stubs to the nodes, one channel per node address, reused across requests.
 
-With a cluster token (ops/cluster_auth.py) every call on these channels carries it: nodes refuse calls without it.
+With a cluster token (cluster/auth.py) every call on these channels carries it: nodes refuse calls without it.
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from typing import Any
 
 import grpc
 
-from ops.cluster_auth import with_cluster_token
+from cluster.auth import with_cluster_token
 from splitserve.v1 import cluster_pb2_grpc, inference_pb2_grpc
 
 # Fail fast on a dead peer instead of waiting out TCP: a node killed at 3 a.m. must not stall requests.

@@ -26,11 +26,12 @@ from typing import Any
 from aiohttp import web
 from opentelemetry.context import Context
 
-from ops import tracing
+from cluster import tracing
 from router.admission import RETRY_AFTER_S, Overloaded
 from router.auth import bearer_matches
+from router.errors import RouterError
 from router.http_body import read_json
-from router.inference import InferenceService, RouterError
+from router.inference import InferenceService
 from router.openai_protocol import FINISH_REASONS, HttpError, ParsedRequest, parse_request, usage_charges
 from router.prompt_encoder import EncoderBusy
 from router.readiness import readiness

@@ -15,7 +15,7 @@ from typing import Any
 import grpc
 
 from engine import limits
-from router.inference import RouterError
+from router.errors import RouterError
 from router.prompt_encoder import EncoderBusy, PromptEncoder, PromptTooLong
 from splitserve.v1 import inference_pb2 as pb
 

@@ -6,7 +6,7 @@ default is Splitwise's join-the-shortest-queue: the prefill node with the fewest
 node with the most free KV blocks that can hold the prompt. When no pair exists (a pool is empty or full) a colocated
 node serves the whole request.
 
-Other policies (`create_policy(name, **options)`): `cost` (router/cost_policy.py: the cheapest placement whose
+Other policies (router/policies.py builds any of them by name): `cost` (router/cost_policy.py: the cheapest placement whose
 predicted TTFT and TBT meet the SLO, including prefill on the decode node itself), `power` (router/power_policy.py:
 stay under a cluster power budget, least energy first) and `mixed` (router/mixed_pool.py: Splitwise's mixed pool
 around any of them). The simulator (ops/sim) calls these same objects on its simulated machines.
@@ -14,11 +14,8 @@ around any of them). The simulator (ops/sim) calls these same objects on its sim
 
 from __future__ import annotations
 
-import argparse
-import json
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
@@ -87,57 +84,3 @@ def _best(arrays: RoleArrays, score: np.ndarray, allowed: np.ndarray) -> str | N
         return None
     masked = np.where(allowed, score, np.iinfo(np.int64).min)
     return arrays.node_ids[int(masked.argmax())]
-
-
-def policy_names() -> list[str]:
-    return sorted(_factories())
-
-
-def _factories() -> dict[str, Callable[..., PlacementPolicy]]:
-    # Imported here: those modules build on the types above.
-    from router.cost_policy import CostPolicy
-    from router.mixed_pool import MixedPool
-    from router.power_policy import PowerPolicy
-
-    return {"jsq": JoinShortestQueue, "cost": CostPolicy, "power": PowerPolicy, "mixed": MixedPool}
-
-
-def create_policy(name: str, **options: Any) -> PlacementPolicy:
-    """The policy called `name`, built with its keyword options; ValueError for an unknown name or bad option."""
-    factories = _factories()
-    if name not in factories:
-        raise ValueError(f"unknown placement policy {name!r} (known: {', '.join(sorted(factories))})")
-    try:
-        return factories[name](**options)
-    except TypeError as exc:
-        raise ValueError(f"placement policy {name!r}: {exc}") from None
-
-
-def parse_policy_options(items: list[str]) -> dict[str, Any]:
-    """KEY=VALUE strings to keyword options; a value is read as JSON (numbers, true/false) or else kept as text."""
-    options: dict[str, Any] = {}
-    for item in items:
-        key, sep, text = item.partition("=")
-        if not sep or not key.isidentifier():
-            raise ValueError(f"policy option {item!r} is not KEY=VALUE")
-        try:
-            options[key] = json.loads(text)
-        except ValueError:
-            options[key] = text
-    return options
-
-
-def add_policy_arguments(group: argparse._ActionsContainer) -> None:
-    """--policy and --policy-option, for every command that places requests (router, up, simulate, plan)."""
-    group.add_argument(
-        "--policy",
-        default="jsq",
-        help="jsq (default), cost, power or mixed (Splitwise's mixed pool around --policy-option inner=NAME)",
-    )
-    group.add_argument(
-        "--policy-option",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="a keyword option of the policy, e.g. budget_w=50000 (power) or inner=cost (mixed); repeatable",
-    )

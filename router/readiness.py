@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ops.cluster_state import ROLES, ClusterView, NodeState
+from cluster.state import ROLES, ClusterView, NodeState
 
 STALE_VIEW_S = 3.0  # six missed resyncs (every 0.5 s): Redis is gone or unreachable, not merely slow
 

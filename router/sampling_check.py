@@ -9,17 +9,15 @@ from __future__ import annotations
 
 import grpc
 
+from cluster.sampling_proto import sampling_from_proto
 from engine.errors import InvalidRequestError
 from engine.limits import MAX_REQUEST_ID_CHARS
-from ops.sampling_proto import sampling_from_proto
+from router.errors import RouterError
 from splitserve.v1 import inference_pb2 as pb
 
 
 def check_sampling(msg: pb.SamplingParameters, request_id: str = "") -> None:
     """Raise RouterError(INVALID_ARGUMENT) naming the first bad field of msg, or an over-long client request_id."""
-    # Imported here: router.inference imports this module to call it.
-    from router.inference import RouterError
-
     if len(request_id) > MAX_REQUEST_ID_CHARS:
         raise RouterError(
             grpc.StatusCode.INVALID_ARGUMENT,

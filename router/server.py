@@ -17,19 +17,21 @@ from typing import Any
 
 from aiohttp import web
 
+from cluster import tracing
+from cluster.auth import TOKEN_ENV
+from cluster.grpc_util import add_checked_servicer, make_server
+from cluster.state import ClusterView
 from engine.tokenizer import Tokenizer
-from ops import tracing
-from ops.cluster_auth import TOKEN_ENV
-from ops.cluster_state import ClusterView
-from ops.dashboard.app import add_dashboard
-from ops.dashboard.snapshot import DashboardSource
-from ops.grpc_util import add_checked_servicer, make_server
 from router.admission import DEFAULT_MAX_ACTIVE, DEFAULT_MAX_QUEUED, DEFAULT_QUEUE_TIMEOUT_S
 from router.auth import ApiKeyInterceptor
+from router.config import RouterConfig
+from router.dashboard.app import add_dashboard
+from router.dashboard.snapshot import DashboardSource
 from router.http_runner import JsonErrorAppRunner
-from router.inference import InferenceService, RouterConfig
+from router.inference import InferenceService
 from router.openai_http import BODY_TIMEOUT_S, create_app
-from router.policy import PlacementPolicy, create_policy
+from router.policies import create_policy
+from router.policy import PlacementPolicy
 from splitserve.v1 import inference_pb2_grpc
 
 SERVICE_NAME = "splitserve.v1.Inference"
@@ -57,7 +59,7 @@ class RouterOptions:
     tokenizer_threads: int = 2  # threads tokenizing long prompts off the event loop
     otlp_endpoint: str | None = None  # None: OTEL_EXPORTER_OTLP_ENDPOINT if set, else no tracing
     cluster_token: str | None = (
-        None  # sent on every call to a node (ops/cluster_auth.py); None: $SPLITSERVE_CLUSTER_TOKEN
+        None  # sent on every call to a node (cluster/auth.py); None: $SPLITSERVE_CLUSTER_TOKEN
     )
 
     def __post_init__(self) -> None:

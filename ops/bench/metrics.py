@@ -33,6 +33,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from ops.bench.samples import RequestSample
 from ops.bench.slo import Goodput, GoodputSlos, SloCheck, compute_goodput, splitwise_slo_check
 from ops.bench.stats import Stats
 
@@ -72,28 +73,6 @@ class RequestTiming:
     server_ttft: float | None = (
         None  # TTFT the server measured, where it reports one (splitserve's gRPC does)
     )
-
-
-@dataclass(frozen=True, slots=True)
-class RequestSample:
-    """One request's derived metrics; what the per-request CSV holds, and what a baseline run is read back as."""
-
-    index: int  # position in the workload
-    start_s: float  # offset from the run's first start
-    end_s: float
-    prompt_tokens: int
-    output_tokens: int
-    ttft_s: float | None  # None for a failed request (as are all the metrics below)
-    tpot_s: float | None  # also None for output_tokens <= 1
-    e2e_s: float | None
-    tbt_max_s: float | None  # the longest gap between token arrivals; None with fewer than two arrivals
-    arrivals: int  # distinct token arrival times (streamed chunks)
-    server_ttft_s: float | None
-    error: str | None
-
-    @property
-    def ok(self) -> bool:
-        return self.error is None
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ops.bench.metrics import RequestSample
+from ops.bench.samples import RequestSample
 from ops.bench.stats import percentile
 
 __all__ = ["PlotUnavailable", "Timeline", "cdf_points", "plot_run", "timeline"]

@@ -18,8 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ops.bench.metrics import RequestSample, Summary, json_safe
-from ops.bench.slo import SPLITWISE_SLO_LIMITS
+from cluster.slo import SPLITWISE_SLO_LIMITS
+from ops.bench.metrics import Summary, json_safe
+from ops.bench.samples import RequestSample
 from ops.bench.stats import Stats
 
 __all__ = [

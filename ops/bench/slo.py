@@ -25,15 +25,13 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
+from cluster.slo import SPLITWISE_SLO_LIMITS, SloMetric
+from ops.bench.samples import RequestSample
 from ops.bench.stats import percentile
 
-if TYPE_CHECKING:
-    from ops.bench.metrics import RequestSample
-
 __all__ = [
-    "SPLITWISE_SLO_LIMITS",
     "Goodput",
     "GoodputSlos",
     "SloCheck",
@@ -42,19 +40,6 @@ __all__ = [
     "splitwise_slo_check",
 ]
 
-SloMetric = Literal["ttft", "tbt", "e2e"]
-# (metric, percentile) -> the largest slowdown allowed; Splitwise Table VI.
-SPLITWISE_SLO_LIMITS: dict[tuple[SloMetric, int], float] = {
-    ("ttft", 50): 2.0,
-    ("ttft", 90): 3.0,
-    ("ttft", 99): 6.0,
-    ("tbt", 50): 1.25,
-    ("tbt", 90): 1.5,
-    ("tbt", 99): 5.0,
-    ("e2e", 50): 1.25,
-    ("e2e", 90): 1.5,
-    ("e2e", 99): 5.0,
-}
 _METRIC_OF: dict[SloMetric, Callable[[RequestSample], float | None]] = {
     "ttft": lambda s: s.ttft_s,
     "tbt": lambda s: s.tpot_s,

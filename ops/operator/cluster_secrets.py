@@ -79,7 +79,7 @@ def new_secret_body(
     cluster: str, namespace: str, secret: GeneratedSecret, owner: Owner | None
 ) -> dict[str, Any]:
     """secret_body() with a fresh random value (256 bits, URL-safe)."""
-    # Not ops.cluster_auth.generate_token: that module loads grpc, which the operator does not need.
+    # Not cluster.auth.generate_token: that module loads grpc, which the operator does not need.
     return secret_body(cluster, namespace, secret, secrets.token_urlsafe(32), owner)
 
 

@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from ops.machines import BUILTIN_MACHINES
+from cluster.machines import BUILTIN_MACHINES
 from ops.operator.fields import Fields, SpecError
 
 KV_BACKENDS = ("nixl", "torch")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from ops.sim.arguments import add_input_arguments, add_link_and_kv_arguments
 from ops.sim.design import DESIGNS
-from router.policy import add_policy_arguments
+from router.policies import add_policy_arguments
 
 GOAL_NAMES = ("iso-power", "iso-cost", "min-power", "min-cost")
 DEFAULT_BUDGET = "40xdgx-h100"  # the paper's iso budget, splitwise-facts.md line 66

@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from ops.machines import MachineType
+from cluster.machines import MachineType
 from ops.operator.labels import GROUP, KIND, VERSION
 from ops.operator.render import render
 from ops.operator.spec import NODE_POOLS, check_cluster_name, parse_spec

@@ -18,8 +18,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ops.machines import MachineType, load_catalog
-from ops.perfmodel import PerfModel
+from cluster.machines import MachineType, load_catalog
+from cluster.perfmodel import PerfModel
 from ops.plan import report
 from ops.plan.budget import parse_budget
 from ops.plan.cluster_spec import ClusterOutput

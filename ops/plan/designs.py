@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from ops.machines import MachineType
+from cluster.machines import MachineType
 from ops.plan.pricing import catalog_entry
 
 BASELINE_A100 = "baseline-a100"  # the design every ratio is taken against, as in the paper

@@ -11,8 +11,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-from ops.machines import MachineType
-from ops.perfmodel import PerfModel
+from cluster.machines import MachineType
+from cluster.perfmodel import PerfModel
 from ops.plan.designs import Config, DesignSpec
 from ops.plan.pricing import catalog_entry
 

@@ -1,7 +1,7 @@
 """What one machine of each type counts against a budget: its power (W) and its price ($/h).
 
 Two power bases:
-  rated  the catalog's maximum draw (ops/machines.py: the cap when capped, else the rating). What a user with a
+  rated  the catalog's maximum draw (cluster/machines.py: the cap when capped, else the rating). What a user with a
          real rack budgets with, and the default.
   paper  the Splitwise simulator's normalised machine power (splitwise-facts.md line 23: "power A100 24.8, H100 44,
          capped H100 30.8"), converted to watts by pinning one DGX-A100 at its catalog rating. The catalog's DGX
@@ -17,7 +17,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Literal
 
-from ops.machines import MachineType
+from cluster.machines import MachineType
 
 PowerBasis = Literal["rated", "paper"]
 POWER_BASES: tuple[PowerBasis, ...] = ("rated", "paper")

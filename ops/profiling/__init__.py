@@ -1,6 +1,6 @@
 """`splitserve profile`: measure a node's prompt and token latency on the local hardware into a perf-model CSV.
 
-The CSV has the layout of the Splitwise simulator's perf_model.csv (see ops.perfmodel), so the simulator, the
+The CSV has the layout of the Splitwise simulator's perf_model.csv (see cluster.perfmodel), so the simulator, the
 planner and node registration read a measured profile of this machine exactly as they read the published one.
 
 Modules: arguments (the CLI flags; torch-free, imported when the parser is built), sweep (which points to measure),

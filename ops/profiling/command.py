@@ -36,7 +36,7 @@ def main(args: argparse.Namespace) -> int:
         os.environ["OMP_NUM_THREADS"] = str(args.threads)
     import torch
 
-    from ops.allocator import keep_freed_memory
+    from cluster.allocator import keep_freed_memory
     from ops.profiling.measure import EngineProbe, ProbeSettings
 
     keep_freed_memory()  # as nodes do, so that the profile times the steps a node runs

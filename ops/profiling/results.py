@@ -1,6 +1,6 @@
 """A profile's measured trials and the perf-model CSV they are written to.
 
-The columns and units are those of the Splitwise simulator's perf_model.csv, which ops.perfmodel reads: times in
+The columns and units are those of the Splitwise simulator's perf_model.csv, which cluster.perfmodel reads: times in
 milliseconds, e2e_time = prompt_time + (token_size - 1) * token_time, one row per trial. Power is not measured on
 this path, so both power columns are 0, as on the published H100 rows.
 """
@@ -12,8 +12,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from cluster.perfmodel import PERF_CSV_COLUMNS
 from engine.errors import InvalidRequestError
-from ops.perfmodel import PERF_CSV_COLUMNS
 from ops.profiling.sweep import ProfilePoint
 
 # One engine process serves the model on this machine: no tensor parallelism.

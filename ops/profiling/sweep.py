@@ -105,7 +105,7 @@ def _infeasible(point: ProfilePoint, limits: EngineLimits) -> str | None:
 
 
 def _require_two_keys(what: str, keys: set[int], flag: str) -> None:
-    # ops.perfmodel interpolates between measured keys, so each of its two curves needs two distinct points.
+    # cluster.perfmodel interpolates between measured keys, so each of its two curves needs two distinct points.
     if len(keys) < 2:
         raise InvalidRequestError(
             f"the feasible points cover {len(keys)} distinct {what}; a perf model needs at least 2 (see {flag})"

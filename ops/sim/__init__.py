@@ -1,6 +1,6 @@
 """`splitserve simulate`: a discrete-event simulator of a phase-split (or colocated) cluster.
 
-It runs the router's own placement policies (router.policy) over Splitwise's performance model (ops.perfmodel)
+It runs the router's own placement policies (router.policy) over Splitwise's performance model (cluster.perfmodel)
 with machine-level batching, KV transfers and modeled power, on Azure-format traces; see simulator.py for a
 request's life, node.py for a machine's, hardware.py for the assumptions and result.py for the accounting.
 Torch-free, like the router.

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from ops.sim.design import DESIGNS
-from router.policy import add_policy_arguments, parse_policy_options
+from router.policies import add_policy_arguments, parse_policy_options
 
 
 def add_input_arguments(parser: argparse.ArgumentParser) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from ops.machines import MachineType
+from cluster.machines import MachineType
 from ops.sim import hardware
 from ops.sim.config import SimConfig
 from ops.sim.design import ClusterDesign, machine_type

@@ -17,10 +17,10 @@ import math
 import sys
 from pathlib import Path
 
-from ops.bench.metrics import RequestSample
+from cluster.machines import load_catalog
 from ops.bench.report import write_request_csv
+from ops.bench.samples import RequestSample
 from ops.bench.workload import load_azure_trace
-from ops.machines import load_catalog
 from ops.sim.arguments import shared_config
 from ops.sim.config import SimConfig
 from ops.sim.design import ClusterDesign, Pool, make_design

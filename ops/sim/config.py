@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ops.machines import MachineType
+from cluster.machines import MachineType
 
 __all__ = ["SimConfig"]
 
@@ -18,7 +18,7 @@ class SimConfig:
     model: str = "bloom-176b"  # the CSV's model column
     tensor_parallel: int = 8  # GPUs per model instance; the CSV's tensor_parallel column
     policy: str = "jsq"  # a router.policy name
-    catalog: Mapping[str, MachineType] | None = None  # None: ops.machines.BUILTIN_MACHINES
+    catalog: Mapping[str, MachineType] | None = None  # None: cluster.machines.BUILTIN_MACHINES
     # Machine type -> the CSV's hardware column; a type not listed uses its catalog accelerator (dgx-a100 ->
     # a100-80gb, dgx-h100 -> h100-80gb, dgx-h100-cap -> h100-80gb-pcap, cpu -> cpu).
     hardware: Mapping[str, str] | None = None
@@ -36,7 +36,7 @@ class SimConfig:
     serialize_below_tokens: int = 512
     policy_options: Mapping[str, object] = field(
         default_factory=dict
-    )  # router.policy.create_policy(**options)
+    )  # router.policies.create_policy(**options)
     # The serving system's own latency per request before its prompt starts (placement, the reservation and the
     # RPC hops), which performance models of the engine do not contain; 0 for Splitwise's simulator. Measure it
     # on a real cluster as the TTFT of a request alone minus its prompt time.

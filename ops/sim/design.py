@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from ops.machines import BUILTIN_MACHINES, MachineType
+from cluster.machines import BUILTIN_MACHINES, MachineType
 
 __all__ = ["DESIGNS", "ClusterDesign", "Pool", "machine_type", "make_design"]
 

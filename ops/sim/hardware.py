@@ -36,7 +36,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from ops.machines import MachineType
+from cluster.machines import MachineType
 
 BYTES_PER_VALUE = 2  # bf16
 GPU_MEMORY_UTILISATION = 0.9

@@ -8,7 +8,7 @@ Accounting:
 - throughput: completed requests and output tokens per second of duration.
 - SLO: per request, the slowdown against the same request alone on the reference hardware: alone TTFT =
   prompt_time_s(P), alone TBT = token_time_s(1), alone E2E = TTFT + (O - 1) x TBT. P50/P90/P99 of each slowdown
-  against ops.bench.slo.SPLITWISE_SLO_LIMITS; TBT leaves out single-token outputs (they have none).
+  against cluster.slo.SPLITWISE_SLO_LIMITS; TBT leaves out single-token outputs (they have none).
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ from typing import Any
 
 import numpy as np
 
-from ops.bench.slo import SPLITWISE_SLO_LIMITS, SloCheck, SloRow
+from cluster.slo import SPLITWISE_SLO_LIMITS
+from ops.bench.slo import SloCheck, SloRow
 from ops.bench.stats import Stats, percentile
 from ops.sim.timing import BatchTimer
 

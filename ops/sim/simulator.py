@@ -1,7 +1,7 @@
 """The discrete-event loop: arrivals, placement by the router's own policy, prompt batches, KV transfers, decodes.
 
 A request's life in the simulation:
-1. arrival: the router's policy (router.policy.create_policy, the very object the router runs) picks a
+1. arrival: the router's policy (router.policies.create_policy, the very object the router runs) picks a
    (prefill, decode) pair or one node for both phases from the nodes' placement arrays. If it picks nothing (no
    capacity), the request waits in the router's FCFS queue, retried whenever a node finishes work.
 2. prompt on the prefill node (ops/sim/node.py): batched, first token at the batch's end (TTFT).
@@ -28,9 +28,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from ops.bench.slo import SPLITWISE_SLO_LIMITS
+from cluster.machines import BUILTIN_MACHINES
+from cluster.slo import SPLITWISE_SLO_LIMITS
 from ops.bench.workload import TraceRequest
-from ops.machines import BUILTIN_MACHINES
 from ops.sim import hardware
 from ops.sim.cluster import build_specs, role_arrays
 from ops.sim.config import SimConfig
@@ -39,7 +39,8 @@ from ops.sim.node import Node, RequestBook
 from ops.sim.result import SimResult, slo_check
 from ops.sim.timing import load_timers
 from router.cluster_index import ROLES, RoleArrays
-from router.policy import Placement, PlacementPolicy, PlacementRequest, create_policy
+from router.policies import create_policy
+from router.policy import Placement, PlacementPolicy, PlacementRequest
 
 __all__ = ["simulate"]
 

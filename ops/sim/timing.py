@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from pathlib import Path
 
-from ops.perfmodel import PerfGroup, PerfModel, read_measurements
+from cluster.perfmodel import PerfGroup, PerfModel, read_measurements
 
 __all__ = ["BatchTimer", "load_timers"]
 

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import grpc
 
+from cluster.state import ClusterView
 from engine.config import EngineConfig
 from engine.engine import LLMEngine
 from engine.sampling_params import SamplingParams
-from ops.cluster_state import ClusterView
 from ops.launcher import ClusterSpec, LocalCluster, Process
 from splitserve.v1 import inference_pb2 as pb
 from splitserve.v1 import inference_pb2_grpc

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from ops.cluster_state import ClusterView
+from cluster.state import ClusterView
 from ops.launcher import LocalCluster, Process
 from tests.adversarial.chaos_support import (
     Stream,

@@ -23,13 +23,13 @@ from pathlib import Path
 import grpc
 import pytest
 
+from cluster.auth import TOKEN_METADATA_KEY
+from cluster.state import ClusterView
 from engine.config import EngineConfig
 from engine.engine import LLMEngine
 from engine.fault_injection import ENV_VAR
 from engine.fault_isolation import MAX_FAILED_FORWARDS_IN_A_ROW
 from engine.sampling_params import SamplingParams
-from ops.cluster_auth import TOKEN_METADATA_KEY
-from ops.cluster_state import ClusterView
 from ops.launcher import ClusterSpec, LocalCluster
 from splitserve.v1 import inference_pb2 as pb
 from splitserve.v1 import inference_pb2_grpc

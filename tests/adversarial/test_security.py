@@ -20,13 +20,13 @@ import psutil
 import pytest
 import redis
 
+from cluster.auth import TOKEN_METADATA_KEY
+from cluster.state import ClusterView
 from engine.config import EngineConfig, EngineRole
 from engine.engine import LLMEngine
 from engine.sampling_params import SamplingParams
 from kvtransfer import TransferError, create_transport
 from kvtransfer.descriptor import NodeDescriptor
-from ops.cluster_auth import TOKEN_METADATA_KEY
-from ops.cluster_state import ClusterView
 from ops.launcher import ClusterSpec, LocalCluster
 from splitserve.v1 import cluster_pb2 as cpb
 from splitserve.v1 import cluster_pb2_grpc, inference_pb2_grpc

@@ -3,7 +3,7 @@
 SIGSTOP and kill -9 stop a node's lease (tests/adversarial/test_chaos.py). A wedged kernel does not: the process's
 publisher thread would go on renewing the lease while the engine thread sits in one step. The engine's test hook
 (`SPLITSERVE_TEST_FAIL_MARKER=stall:<token>:<seconds>`) makes one prefill node's forward sleep inside the step for
-every prompt holding the marker token; the node's progress watch (ops/progress_watch.py) must withdraw it, the router
+every prompt holding the marker token; the node's progress watch (cluster/node/progress_watch.py) must withdraw it, the router
 must re-place its requests on the healthy prefill node with exact output, and the node must register again once its
 step ends.
 """
@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from cluster.state import ClusterView
 from engine.fault_injection import ENV_VAR
-from ops.cluster_state import ClusterView
 from ops.launcher import LocalCluster
 from tests.adversarial.chaos_support import Stream, await_node, cluster_spec, long_prompts, reference, stream
 

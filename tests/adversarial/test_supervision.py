@@ -31,7 +31,8 @@ import psutil
 import pytest
 import redis
 
-from ops.cluster_state import (
+from cluster.redis_server import EmbeddedRedis
+from cluster.state import (
     INDEX_KEY,
     LoadPublisher,
     LoadReport,
@@ -43,7 +44,6 @@ from ops.cluster_state import (
     write_control,
 )
 from ops.launcher import ClusterSpec, LocalCluster
-from ops.redis_server import EmbeddedRedis
 from ops.supervisor import Backoff
 
 pytestmark = pytest.mark.timeout(300)

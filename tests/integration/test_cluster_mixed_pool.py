@@ -17,10 +17,10 @@ from pathlib import Path
 import grpc
 import pytest
 
+from cluster.state import ClusterView
 from engine.config import EngineConfig
 from engine.engine import LLMEngine
 from engine.sampling_params import SamplingParams
-from ops.cluster_state import ClusterView
 from ops.launcher import ClusterSpec, LocalCluster
 from tests.integration.cluster_client import generate, generate_many, status_of
 

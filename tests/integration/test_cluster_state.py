@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 import redis
 
-from ops.cluster_state import (
+from cluster.redis_server import EmbeddedRedis, ensure_redis
+from cluster.state import (
     INDEX_KEY,
     ClusterStateUnavailable,
     ClusterView,
@@ -25,7 +26,6 @@ from ops.cluster_state import (
     NotRegistered,
     node_key,
 )
-from ops.redis_server import EmbeddedRedis, ensure_redis
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -155,7 +155,7 @@ def test_an_expired_node_leaves_the_index(url: str, view: ClusterView) -> None:
 NODE_PROCESS = textwrap.dedent(
     """
     import sys, time
-    from ops.cluster_state import LoadPublisher, LoadReport, NodeInfo, NodeRegistration
+    from cluster.state import LoadPublisher, LoadReport, NodeInfo, NodeRegistration
     node = NodeRegistration(sys.argv[1])
     node.register(NodeInfo("decode-9", "decode", "127.0.0.1:50099", "tiny", "cpu-2c", 64, 16))
     LoadPublisher(node, lambda: LoadReport("decode-9", 0, 0, 64, 64)).start()

@@ -21,7 +21,7 @@ from typing import Any
 import openai
 import pytest
 
-from ops.cluster_state import connect, read_control
+from cluster.state import connect, read_control
 from ops.launcher import ClusterSpec, LocalCluster
 
 pytestmark = pytest.mark.timeout(180)

@@ -15,13 +15,13 @@ import grpc
 import pytest
 import torch
 
+from cluster.auth import TOKEN_METADATA_KEY
 from engine import kernels
 from engine.config import EngineConfig, EngineRole
 from engine.engine import LLMEngine
 from engine.sampling_params import SamplingParams
 from kvtransfer import create_transport
 from kvtransfer.notifications import parse_kv_done
-from ops.cluster_auth import TOKEN_METADATA_KEY
 from ops.launcher import ClusterSpec, LocalCluster
 from splitserve.v1 import cluster_pb2 as cpb
 from splitserve.v1 import cluster_pb2_grpc

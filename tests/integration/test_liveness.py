@@ -9,8 +9,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from ops.cluster_state import ClusterView, NodeInfo, NodeRegistration
-from ops.redis_server import EmbeddedRedis
+from cluster.redis_server import EmbeddedRedis
+from cluster.state import ClusterView, NodeInfo, NodeRegistration
 from router.liveness import NodeLost, NodeWatch
 
 TTL_S = 0.5

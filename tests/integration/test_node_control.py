@@ -21,10 +21,8 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from engine.config import EngineConfig
-from engine.engine import LLMEngine
-from engine.sampling_params import SamplingParams
-from ops.cluster_state import (
+from cluster.redis_server import EmbeddedRedis
+from cluster.state import (
     CONTROL_TTL_S,
     EVENTS_CHANNEL,
     ClusterView,
@@ -39,8 +37,10 @@ from ops.cluster_state import (
     read_control,
     write_control,
 )
+from engine.config import EngineConfig
+from engine.engine import LLMEngine
+from engine.sampling_params import SamplingParams
 from ops.launcher import ClusterSpec, LocalCluster, Process
-from ops.redis_server import EmbeddedRedis
 from tests.integration.cluster_client import generate_many
 
 pytestmark = pytest.mark.timeout(240)

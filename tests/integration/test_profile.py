@@ -1,4 +1,4 @@
-"""`splitserve profile`: a real engine measured over small sweeps, written as a perf-model CSV that ops.perfmodel
+"""`splitserve profile`: a real engine measured over small sweeps, written as a perf-model CSV that cluster.perfmodel
 reads back; which points a sweep keeps; one-line errors with exit code 2 for bad input."""
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from cluster.perfmodel import PerfModel, read_measurements
 from engine.errors import InvalidRequestError
-from ops.perfmodel import PerfModel, read_measurements
 from ops.profiling.results import PERF_CSV_COLUMNS
 from ops.profiling.sweep import EngineLimits, ProfilePoint, SweepSpec, plan_sweep
 

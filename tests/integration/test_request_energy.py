@@ -16,12 +16,12 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from cluster.machines import BUILTIN_MACHINES, MachineType
 from engine.async_engine import AsyncEngine, StepTiming
 from engine.config import EngineConfig
 from engine.engine import LLMEngine
 from engine.sampling_params import SamplingParams
 from ops.launcher import ClusterSpec, LocalCluster
-from ops.machines import BUILTIN_MACHINES, MachineType
 from splitserve.v1 import inference_pb2 as pb
 from tests.integration.cluster_client import generate
 

@@ -32,7 +32,7 @@ Why 25%: at this size a prompt of the slice (median ~190 tokens) costs ~85 ms an
 effects above stay within 5-15%, and at this load (16 requests, one every ~2.5 s) requests seldom overlap; machine
 noise takes the rest. Each cause found while writing this test moved a median by 20-100%: chunked 512-token
 prefill, gloo's round trips, prompts that hit the warm-up's prefix cache, and two the product now fixes (nodes
-page-faulting their attention temporaries back on every step, see ops/allocator.py; a decode node polling its
+page-faulting their attention temporaries back on every step, see cluster/allocator.py; a decode node polling its
 transport 500 times a second while no KV was due). A looser bound would let such a cause through; a
 tighter one would fail on noise alone.
 """
@@ -48,12 +48,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from cluster.perfmodel import PerfModel
 from engine.config import ModelConfig
 from engine.tiny_model import make_tiny_model
 from ops.bench.report import read_request_csv
 from ops.bench.workload import load_azure_trace
 from ops.launcher import ClusterSpec, LocalCluster
-from ops.perfmodel import PerfModel
 from ops.sim import ClusterDesign, Pool, SimConfig, simulate
 
 # A timed comparison: outside `make test` (see "Status" above); run it with `pytest -m timing` on a quiet machine.

@@ -22,7 +22,7 @@ import grpc
 import pytest
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 
-from ops.cluster_state import ClusterView
+from cluster.state import ClusterView
 from ops.launcher import ClusterSpec, LocalCluster
 from tests.integration.cluster_client import generate_many
 from tests.integration.test_cluster_failures import MAX_TOKENS, prompts, stream_all_and_kill

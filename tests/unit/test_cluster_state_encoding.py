@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from ops.cluster_state import (
+from cluster.state import (
     EVENTS_CHANNEL,
     INDEX_KEY,
     Event,

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from ops.cluster_state import LoadReport, NodeInfo, NodeState
-from ops.dashboard.snapshot import STALE_AFTER_S, DashboardSource, snapshot
-from router.mixed_pool import MixedPool
-from router.policy import create_policy
+from cluster.state import LoadReport, NodeInfo, NodeState
+from router.dashboard.snapshot import STALE_AFTER_S, DashboardSource, snapshot
+from router.policies import create_policy
 from router.request_log import RequestLog
 
 NOW = 1_000_000.0
@@ -89,6 +88,6 @@ def test_nodes_are_listed_by_pool_then_machine_type_with_kv_use_power_and_cost()
 
 def test_the_power_budget_comes_from_the_policy_even_inside_a_mixed_pool() -> None:
     assert build([], create_policy("power", budget_w=5000))["cluster"]["power_budget_w"] == 5000.0
-    mixed = MixedPool(inner="power", budget_w=7000)
+    mixed = create_policy("mixed", inner="power", budget_w=7000)
     assert build([], mixed)["cluster"]["power_budget_w"] == 7000.0
     assert build([], mixed)["policy"] == "mixed"

@@ -14,13 +14,13 @@ from typing import Any
 import pytest
 from prometheus_client import CollectorRegistry
 
+from cluster.machines import load_catalog
+from cluster.node.metrics import NodeIdentity, NodeMetrics
+from cluster.power.telemetry import ModeledPowerMeter, UtilisationWindow
 from engine.async_engine import AsyncEngine
 from engine.config import EngineConfig
 from engine.engine import LLMEngine
 from engine.tiny_model import make_tiny_model
-from ops.machines import load_catalog
-from ops.node_metrics import NodeIdentity, NodeMetrics
-from ops.power.telemetry import ModeledPowerMeter, UtilisationWindow
 from router.metrics import RouterMetrics
 
 DASHBOARD = Path(__file__).resolve().parents[2] / "k8s" / "grafana" / "splitserve-dashboard.json"

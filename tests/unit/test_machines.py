@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from ops.machines import (
+from cluster.machines import (
     BUILTIN_MACHINES,
     MachineType,
     PowerReading,

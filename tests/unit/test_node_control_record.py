@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from ops.cluster_state import (
+from cluster.state import (
     ROLES,
     InvalidRecord,
     NodeControl,

@@ -9,8 +9,8 @@ import time
 import pytest
 import redis
 
-from ops.cluster_state import InvalidRecord, NodeControl, Role
-from ops.node_control import ControlWatcher, serve_until_stop_or_move
+from cluster.node.control import ControlWatcher, serve_until_stop_or_move
+from cluster.state import InvalidRecord, NodeControl, Role
 
 WAIT_S = 10.0  # every wait below ends well before this unless the watcher is broken
 
@@ -101,7 +101,7 @@ def test_an_unreadable_control_keeps_the_node_as_it_is_and_is_logged_once(
         assert (await node.next_event())["event"] == "resumed"
         task.cancel()
 
-    with caplog.at_level(logging.INFO, logger="ops.node_control"):
+    with caplog.at_level(logging.INFO, logger="cluster.node.control"):
         asyncio.run(scenario())
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and repr(error) in warnings[0].getMessage()

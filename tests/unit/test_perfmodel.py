@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from ops.perfmodel import MIXED_BATCH_FACTOR, PerfGroup, PerfModel, available
+from cluster.perfmodel import MIXED_BATCH_FACTOR, PerfGroup, PerfModel, available
 
 # The shared data lives beside the repository (../shared/data, per the data README).
 CSV = Path(__file__).resolve().parents[3] / "shared" / "data" / "splitwise-perf-model" / "perf_model.csv"

@@ -15,12 +15,13 @@ from pathlib import Path
 
 import pytest
 
-from ops.machines import BUILTIN_MACHINES
-from ops.perfmodel import PerfModel, PerfSummary
+from cluster.machines import BUILTIN_MACHINES
+from cluster.perfmodel import PerfModel, PerfSummary
 from router.cluster_index import RoleArrays
 from router.cost_policy import CostPolicy
 from router.mixed_pool import MixedPool
-from router.policy import Placement, PlacementRequest, create_policy
+from router.policies import create_policy
+from router.policy import Placement, PlacementRequest
 from router.power_policy import PowerPolicy
 
 PERF_CSV = Path(__file__).resolve().parents[3] / "shared" / "data" / "splitwise-perf-model" / "perf_model.csv"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from ops.machines import BUILTIN_MACHINES
+from cluster.machines import BUILTIN_MACHINES
 from ops.plan.budget import Budget, frontier, parse_budget, spend
 from ops.plan.designs import Config, DesignSpec
 from ops.plan.pricing import price_table

@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 import yaml
 
+from cluster.machines import BUILTIN_MACHINES
 from ops.cli import main
-from ops.machines import BUILTIN_MACHINES
 from ops.operator.render import render
 from ops.operator.spec import parse_spec
 from ops.sim import DESIGNS

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ops.machines import BUILTIN_MACHINES
+from cluster.machines import BUILTIN_MACHINES
 from ops.plan.budget import Budget, frontier, parse_budget, spend
 from ops.plan.designs import Config, DesignSpec
 from ops.plan.estimate import CapacityGuess, load_perf_models

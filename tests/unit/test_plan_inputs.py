@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from ops.machines import BUILTIN_MACHINES
+from cluster.machines import BUILTIN_MACHINES
 from ops.plan.designs import DesignSpec, parse_custom_design, resolve_designs
 from ops.plan.planner import PlanRequest
 from ops.plan.pricing import price_table

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from ops.machines import BUILTIN_MACHINES
+from cluster.machines import BUILTIN_MACHINES
 from ops.plan import report
 from ops.plan.budget import parse_budget
 from ops.plan.checks import beats_baseline, capped_matches_uncapped, capped_twin

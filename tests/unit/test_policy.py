@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from ops.cluster_state import LoadReport, NodeInfo, NodeState
+from cluster.state import LoadReport, NodeInfo, NodeState
 from router.cluster_index import ClusterIndex
 from router.load_tracker import LoadTracker
-from router.policy import JoinShortestQueue, Placement, PlacementRequest, create_policy
+from router.policies import create_policy
+from router.policy import JoinShortestQueue, Placement, PlacementRequest
 
 REQ = PlacementRequest(prompt_tokens=100, max_total_tokens=200)
 

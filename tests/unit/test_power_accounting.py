@@ -1,11 +1,11 @@
-"""Per-request energy and cost attribution on one node (ops/power/accounting.py), on constructed steps and waits."""
+"""Per-request energy and cost attribution on one node (cluster/power/accounting.py), on constructed steps and waits."""
 
 from __future__ import annotations
 
 import pytest
 
-from ops.machines import BUILTIN_MACHINES, PowerReading, PowerSource
-from ops.power.accounting import ChargeLedger, RequestCharge, ledger_of
+from cluster.machines import BUILTIN_MACHINES, PowerReading, PowerSource
+from cluster.power.accounting import ChargeLedger, RequestCharge, ledger_of
 
 
 class FixedMeter:

@@ -1,4 +1,4 @@
-"""GPU power caps (ops/power/powercap.py): their modeled effect, the recommended cap, and the NVML call path.
+"""GPU power caps (cluster/power/powercap.py): their modeled effect, the recommended cap, and the NVML call path.
 
 This machine has no GPU and no NVML; our own GPU machines must never have their settings changed. The NVML path
 is therefore exercised through `StandInNvml`, an object with pynvml's function names that stands in for hardware
@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import pytest
 
-from ops.machines import BUILTIN_MACHINES
-from ops.power.powercap import (
+from cluster.machines import BUILTIN_MACHINES
+from cluster.power.powercap import (
     CapRange,
     PowerCapError,
     apply_cap,
@@ -19,7 +19,7 @@ from ops.power.powercap import (
     latency_factor,
     recommend_cap,
 )
-from ops.power.telemetry import load_nvml
+from cluster.power.telemetry import load_nvml
 
 H100, A100, CPU = (BUILTIN_MACHINES[n] for n in ("dgx-h100", "dgx-a100", "cpu"))
 H100_CAPS = cap_range_of(H100)

@@ -1,4 +1,4 @@
-"""A node's power set-up from its flags (ops/power/node_power.py and the node CLI): validation, caps, what it registers.
+"""A node's power set-up from its flags (cluster/power/node_power.py and the node CLI): validation, caps, what it registers.
 
 Nodes here run on `cpu`, where the power is modeled. One test gives the node an NVML meter over `StandInNvml` (from
 test_power_cap), an object with pynvml's function names standing in for a GPU this machine does not have, to follow
@@ -11,13 +11,13 @@ from pathlib import Path
 
 import pytest
 
+from cluster.machines import BUILTIN_MACHINES
+from cluster.perfmodel import PerfModel
+from cluster.power import node_power
+from cluster.power.node_power import choose_perf_group, recommend_for_role, resolve_settings, start_node_power
+from cluster.power.powercap import PowerCapError, cap_range_of
+from cluster.power.telemetry import NvmlPowerMeter
 from ops.cli import main
-from ops.machines import BUILTIN_MACHINES
-from ops.perfmodel import PerfModel
-from ops.power import node_power
-from ops.power.node_power import choose_perf_group, recommend_for_role, resolve_settings, start_node_power
-from ops.power.powercap import PowerCapError, cap_range_of
-from ops.power.telemetry import NvmlPowerMeter
 from tests.unit.test_power_cap import StandInNvml
 
 PERF_CSV = Path(__file__).resolve().parents[2].parent / "shared/data/splitwise-perf-model/perf_model.csv"

@@ -1,4 +1,4 @@
-"""Power meters (ops/power/telemetry.py): the utilisation window, modeled readings, and which meter a node gets.
+"""Power meters (cluster/power/telemetry.py): the utilisation window, modeled readings, and which meter a node gets.
 
 This machine has no GPU and no NVML library. Where a test needs NVML it passes `FakeNvml`, an object with pynvml's
 function names standing in for hardware that cannot exist here; it has no setter, so nothing could be changed."""
@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import pytest
 
-from ops.machines import BUILTIN_MACHINES, power_model
-from ops.power.telemetry import (
+from cluster.machines import BUILTIN_MACHINES, power_model
+from cluster.power.telemetry import (
     ModeledPowerMeter,
     NvmlPowerMeter,
     UtilisationWindow,

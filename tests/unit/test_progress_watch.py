@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from ops.progress_watch import ProgressWatch
+from cluster.node.progress_watch import ProgressWatch
 
 
 class Clock:

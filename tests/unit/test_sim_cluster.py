@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from cluster.machines import BUILTIN_MACHINES
+from cluster.perfmodel import PerfModel
 from ops.bench.workload import TraceRequest, load_azure_trace
-from ops.machines import BUILTIN_MACHINES
-from ops.perfmodel import PerfModel
 from ops.sim import ClusterDesign, Pool, SimConfig, make_design, simulate
 from ops.sim.hardware import kv_capacity_tokens
 

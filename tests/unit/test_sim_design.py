@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from ops.machines import BUILTIN_MACHINES, MachineType
+from cluster.machines import BUILTIN_MACHINES, MachineType
 from ops.sim import DESIGNS, ClusterDesign, Pool, make_design
 
 

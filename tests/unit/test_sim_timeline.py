@@ -1,6 +1,6 @@
 """The simulator's timeline on cases small enough to work out by hand from the performance model.
 
-Expected values are computed here from ops.perfmodel.PerfModel over the shared perf_model.csv (BLOOM-176B, TP 8),
+Expected values are computed here from cluster.perfmodel.PerfModel over the shared perf_model.csv (BLOOM-176B, TP 8),
 independently of the simulator's own memoised timers, and from the transfer rule in ops/sim/hardware.py.
 """
 
@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from cluster.machines import BUILTIN_MACHINES
+from cluster.perfmodel import PerfModel
 from ops.bench.workload import TraceRequest
-from ops.machines import BUILTIN_MACHINES
-from ops.perfmodel import PerfModel
 from ops.sim import SimConfig, make_design, simulate
 from ops.sim.hardware import MODELS
 

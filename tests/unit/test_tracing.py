@@ -1,4 +1,4 @@
-"""ops/tracing.py in one process: off by default (the no-op tracer, nothing sent or exported), and when on, a span
+"""cluster/tracing.py in one process: off by default (the no-op tracer, nothing sent or exported), and when on, a span
 carried through gRPC metadata becomes the parent of the receiving side's span."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import pytest
 from opentelemetry import trace
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from ops import tracing
+from cluster import tracing
 from ops.cli import main
 
 

@@ -12,8 +12,8 @@ from typing import Self
 
 import redis
 
-from ops.cluster_state.control import NodeControl, control_key, read_control
-from ops.cluster_state.records import (
+from cluster.state.control import NodeControl, control_key, read_control
+from cluster.state.records import (
     DEFAULT_TIMEOUT_S,
     DEFAULT_TTL_S,
     EVENTS_CHANNEL,
@@ -95,7 +95,7 @@ class NodeRegistration:
             pipe.execute()
 
     def read_control(self) -> NodeControl | None:
-        """The operator's control of this node (ops/cluster_state/control.py), renewing its TTL; None if none."""
+        """The operator's control of this node (cluster/state/control.py), renewing its TTL; None if none."""
         return read_control(self._client, self._registered().node_id, renew=True)
 
     def deregister(self) -> None:
@@ -145,7 +145,7 @@ class LoadPublisher:
     then finds the node key gone and registers the node again.
 
     `stalled()` (optional) names why the node is stuck, or returns None: while it names something, the node's
-    registration is withdrawn (routers drop it at once and move its requests elsewhere; ops/progress_watch.py), and
+    registration is withdrawn (routers drop it at once and move its requests elsewhere; cluster/node/progress_watch.py), and
     it is registered again once the stall is over.
     """
 

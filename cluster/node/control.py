@@ -1,4 +1,4 @@
-"""A node's side of operator control (ops/cluster_state/control.py): drain, resume, and moving to another pool.
+"""A node's side of operator control (cluster/state/control.py): drain, resume, and moving to another pool.
 
 1. While the node serves, `ControlWatcher.wait_for_move` polls the node's control key every 0.25 s (the Redis call
    on a worker thread, never on the event loop). drain=true drains the node in place: it stays up and registered
@@ -25,7 +25,7 @@ import sys
 from collections.abc import Awaitable, Callable, Sequence
 from typing import NoReturn
 
-from ops.cluster_state import NodeControl, Role
+from cluster.state import NodeControl, Role
 
 logger = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from ops.cluster_state import ClusterView, NodeState
+from cluster.state import ClusterView, NodeState
 from router.request_log import RequestLog
 
 # A node whose last load report is older than this shows as "stale" (nodes report at least every 100 ms).

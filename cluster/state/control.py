@@ -1,7 +1,7 @@
 """Operator control of one node through Redis: drain it, resume it, or move it to another pool.
 
 An operator (the router's ops dashboard) writes a `NodeControl` under the node's control key; the node polls that key
-(ops/node_control.py) and applies it:
+(cluster/node/control.py) and applies it:
 
     splitserve:v1:control:<id>   string: JSON NodeControl. Written by `write_control` with a TTL of one day, which the
                                  node renews each time it reads the key, so a control outlives only a node that never
@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import redis
 
-from ops.cluster_state.records import (
+from cluster.state.records import (
     KEY_PREFIX,
     ROLES,
     Role,

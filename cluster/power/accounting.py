@@ -27,7 +27,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Literal, Protocol, get_args
 
-from ops.power.telemetry import PowerMeter, UtilisationWindow
+from cluster.power.telemetry import PowerMeter, UtilisationWindow
 
 Phase = Literal["prefill", "transfer", "decode"]
 PHASES: tuple[Phase, ...] = get_args(Phase)

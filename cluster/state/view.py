@@ -13,7 +13,7 @@ from typing import Self
 
 import redis
 
-from ops.cluster_state.records import (
+from cluster.state.records import (
     DEFAULT_RESYNC_S,
     DEFAULT_TIMEOUT_S,
     DEFAULT_TTL_S,

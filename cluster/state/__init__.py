@@ -6,7 +6,7 @@ router runs. control: NodeControl, an operator's drain/resume/move of one node (
 node).
 """
 
-from ops.cluster_state.control import (
+from cluster.state.control import (
     CONTROL_TTL_S,
     NodeControl,
     clear_control,
@@ -16,8 +16,8 @@ from ops.cluster_state.control import (
     read_control,
     write_control,
 )
-from ops.cluster_state.node import LoadPublisher, NodeRegistration
-from ops.cluster_state.records import (
+from cluster.state.node import LoadPublisher, NodeRegistration
+from cluster.state.records import (
     DEFAULT_RESYNC_S,
     DEFAULT_TIMEOUT_S,
     DEFAULT_TTL_S,
@@ -44,7 +44,7 @@ from ops.cluster_state.records import (
     load_key,
     node_key,
 )
-from ops.cluster_state.view import ClusterView
+from cluster.state.view import ClusterView
 
 __all__ = [
     "CONTROL_TTL_S",

@@ -1,19 +1,19 @@
 """Start-up, registration and shutdown shared by prefill, decode and colocated nodes.
 
 A node's process life:
-1. Pick its power meter and set its power cap (ops/power/node_power.py; a cap the GPU refuses exits 2 here), then
+1. Pick its power meter and set its power cap (cluster/power/node_power.py; a cap the GPU refuses exits 2 here), then
    load the model into an engine of the node's role, on its own thread (AsyncEngine), which reports every step to
    the node's ChargeLedger (per-request energy and cost).
 2. Register the engine's KV pool with the transport (prefill, decode), serve Prometheus metrics over HTTP
-   (ops/node_metrics.py; a port it cannot bind exits 2 here) and gRPC with health and reflection. With a cluster
-   token every other gRPC call needs it (ops/cluster_auth.py), and so do KV peers.
+   (cluster/node/metrics.py; a port it cannot bind exits 2 here) and gRPC with health and reflection. With a cluster
+   token every other gRPC call needs it (cluster/auth.py), and so do KV peers.
 3. Register in Redis (address, KV capacity, transport descriptor, machine type with its cost, power and latency
    model) and publish load (with the meter's power reading) at least every 100 ms. While one engine step or the
-   event loop is stuck longer than `--stall-timeout-s` (ops/progress_watch.py), the registration is withdrawn, so
+   event loop is stuck longer than `--stall-timeout-s` (cluster/node/progress_watch.py), the registration is withdrawn, so
    routers move the node's requests elsewhere; it is registered again when the node makes progress.
 4. Print one JSON line `{"event": "ready", ...}` on stdout (gRPC and metrics addresses): launchers (`splitserve
    up`, tests) wait for it.
-5. While serving, apply the operator's control from Redis (ops/node_control.py): drain in place and resume, each
+5. While serving, apply the operator's control from Redis (cluster/node/control.py): drain in place and resume, each
    printed as a JSON line `draining` / `resumed`.
 6. On SIGTERM or SIGINT, drain: stop taking new work (UNAVAILABLE, health NOT_SERVING, `draining` in the load
    report), let in-flight requests finish within the grace period, deregister, then stop and exit 0. A control that
@@ -41,19 +41,19 @@ from typing import Any, Protocol, cast
 import grpc
 import redis
 
+from cluster import tracing
+from cluster.allocator import keep_freed_memory
+from cluster.auth import ClusterTokenInterceptor
+from cluster.grpc_util import make_server
+from cluster.node.control import ControlWatcher, MoveToPool, serve_until_stop_or_move
+from cluster.node.metrics import MetricsServer, NodeIdentity, NodeMetrics
+from cluster.node.progress_watch import ProgressWatch
+from cluster.power.node_power import PowerSettings, resolve_settings, start_node_power
+from cluster.power.powercap import PowerCapError
+from cluster.state import LoadPublisher, LoadReport, NodeInfo, NodeRegistration, Role
 from engine.async_engine import AsyncEngine
 from engine.config import EngineConfig, EngineRole
 from engine.engine import LLMEngine
-from ops import tracing
-from ops.allocator import keep_freed_memory
-from ops.cluster_auth import ClusterTokenInterceptor
-from ops.cluster_state import LoadPublisher, LoadReport, NodeInfo, NodeRegistration, Role
-from ops.grpc_util import make_server
-from ops.node_control import ControlWatcher, MoveToPool, serve_until_stop_or_move
-from ops.node_metrics import MetricsServer, NodeIdentity, NodeMetrics
-from ops.power.node_power import PowerSettings, resolve_settings, start_node_power
-from ops.power.powercap import PowerCapError
-from ops.progress_watch import ProgressWatch
 
 IDLE_POLL_S = 0.05
 
@@ -79,10 +79,10 @@ class NodeOptions:
     power: PowerSettings | None = None  # machine type, perf model and power cap; None: machine_type, no cap
     drain_timeout_s: float = 30.0
     stall_timeout_s: float = (
-        2.0  # a step or the event loop stuck this long withdraws the node (ops/progress_watch.py)
+        2.0  # a step or the event loop stuck this long withdraws the node (cluster/node/progress_watch.py)
     )
     otlp_endpoint: str | None = None  # None: OTEL_EXPORTER_OTLP_ENDPOINT if set, else no tracing
-    # Every gRPC call but health/reflection, and every KV peer, must carry it (ops/cluster_auth.py); None: open.
+    # Every gRPC call but health/reflection, and every KV peer, must carry it (cluster/auth.py); None: open.
     cluster_token: str | None = None
     one_piece_below: int = (
         512  # prefill: prompts shorter than this send their KV in one piece, not layer by layer
@@ -102,7 +102,7 @@ async def run_node(options: NodeOptions, service_names: list[str], attach: Attac
         import torch
 
         torch.set_num_threads(options.threads)
-    keep_freed_memory()  # before the model loads: every engine step reuses its temporaries (ops/allocator.py)
+    keep_freed_memory()  # before the model loads: every engine step reuses its temporaries (cluster/allocator.py)
     node_id = options.node_id or f"{options.role}-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
     settings = options.power or resolve_settings(options.machine_type)
     try:

@@ -3,14 +3,14 @@
 Routes (added to the router's aiohttp app):
 - GET  /dashboard                          the page (static/index.html; its script and style sheet beside it)
 - GET  /dashboard/static/{file}            the page's assets, shipped in the package: no build step
-- GET  /dashboard/api/state                one snapshot (ops/dashboard/snapshot.py)
+- GET  /dashboard/api/state                one snapshot (router/dashboard/snapshot.py)
 - GET  /dashboard/api/events               server-sent events: a snapshot every second, until the client leaves
 - GET  /dashboard/api/requests/{id}        one recent request with its time split by phase
 - POST /dashboard/api/nodes/{id}/drain     {"drain": true|false}: stop (or resume) new work on a node
 - POST /dashboard/api/nodes/{id}/move      {"pool": "prefill"|"decode"|"colocated"}: the node restarts in that pool
 Reads are open like /metrics (they show what /metrics shows). Actions change the cluster, so with an API key set
 they need `Authorization: Bearer <key>` (401 otherwise). An action is written to the node's control record in Redis
-(ops/cluster_state/control.py); the node applies it within a fraction of a second and its next load report shows it.
+(cluster/state/control.py); the node applies it within a fraction of a second and its next load report shows it.
 """
 
 from __future__ import annotations
@@ -25,9 +25,9 @@ from typing import Any
 import redis
 from aiohttp import web
 
-from ops.cluster_state import ROLES, InvalidRecord, NodeControl, connect, read_control, write_control
-from ops.dashboard.snapshot import DashboardSource, snapshot
+from cluster.state import ROLES, InvalidRecord, NodeControl, connect, read_control, write_control
 from router.auth import bearer_matches
+from router.dashboard.snapshot import DashboardSource, snapshot
 from router.openai_protocol import HttpError
 
 STATIC_DIR = Path(__file__).parent / "static"

@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from ops.machines import MachineType
+from cluster.machines import MachineType
 
 # Table I of the facts: rated board power per accelerator, W.
 GPU_RATED_W = {"a100-80gb": 400.0, "h100-80gb": 700.0, "h100-80gb-pcap": 700.0}

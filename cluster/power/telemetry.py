@@ -2,7 +2,7 @@
 
 - `NvmlPowerMeter` ("measured"): the board power of the node's GPUs from NVML (`nvidia-ml-py`). It covers the GPUs
   only, not the host; a reading is reused for `NVML_READ_INTERVAL_S` because accounting asks once per engine step.
-- `ModeledPowerMeter` ("modeled"): the machine type's linear power model (ops.machines.power_model) at the node's
+- `ModeledPowerMeter` ("modeled"): the machine type's linear power model (cluster.machines.power_model) at the node's
   utilisation, the fraction of the last `window_s` seconds that the engine spent inside step().
 
 `create_meter` picks NVML only when the node runs on CUDA, `pynvml` imports, NVML initialises and sees a GPU;
@@ -19,7 +19,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
-from ops.machines import MachineType, PowerReading, PowerSource, modeled_reading
+from cluster.machines import MachineType, PowerReading, PowerSource, modeled_reading
 
 DEFAULT_WINDOW_S = 1.0
 NVML_READ_INTERVAL_S = 0.05

@@ -22,8 +22,8 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
+from cluster.power.telemetry import PowerMeter
 from engine.async_engine import AsyncEngine
-from ops.power.telemetry import PowerMeter
 
 LABELS = ["role", "node", "machine_type"]
 # A transfer of a short prompt between two processes on one host takes about a millisecond; a 70B model's

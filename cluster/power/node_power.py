@@ -19,11 +19,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, Literal
 
-from ops.bench.slo import SPLITWISE_SLO_LIMITS
-from ops.machines import MachineType, load_catalog
-from ops.perfmodel import PerfGroup, PerfModel, PerfSummary, available
-from ops.power.accounting import ChargeLedger
-from ops.power.powercap import (
+from cluster.machines import MachineType, load_catalog
+from cluster.perfmodel import PerfGroup, PerfModel, PerfSummary, available
+from cluster.power.accounting import ChargeLedger
+from cluster.power.powercap import (
     CapDecision,
     CapRange,
     LatencyPhase,
@@ -36,7 +35,14 @@ from ops.power.powercap import (
     latency_factor,
     recommend_cap,
 )
-from ops.power.telemetry import ModeledPowerMeter, NvmlPowerMeter, PowerMeter, UtilisationWindow, create_meter
+from cluster.power.telemetry import (
+    ModeledPowerMeter,
+    NvmlPowerMeter,
+    PowerMeter,
+    UtilisationWindow,
+    create_meter,
+)
+from cluster.slo import SPLITWISE_SLO_LIMITS
 
 RECOMMEND: Final = "recommend"
 # Load reports round modeled power to this fraction of the machine's maximum: publishing on every watt of drift

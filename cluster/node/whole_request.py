@@ -19,13 +19,13 @@ from collections.abc import AsyncIterator, Callable
 
 import grpc
 
+from cluster import tracing
+from cluster.grpc_util import abort_with
+from cluster.power.accounting import ledger_of
+from cluster.proto_convert import charged_usage, output_to_proto
+from cluster.sampling_proto import sampling_from_proto
 from engine.async_engine import AsyncEngine
 from engine.errors import EngineError
-from ops import tracing
-from ops.grpc_util import abort_with
-from ops.power.accounting import ledger_of
-from ops.proto_convert import charged_usage, output_to_proto
-from ops.sampling_proto import sampling_from_proto
 from splitserve.v1 import inference_pb2 as pb
 from splitserve.v1 import inference_pb2_grpc
 

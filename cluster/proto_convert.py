@@ -1,14 +1,14 @@
 """Conversions between the wire messages (splitserve.v1) and the engine's types, used by the node servers.
 
-Sampling values are converted (and so validated, by the engine's own checks) in ops/sampling_proto.py, shared with
+Sampling values are converted (and so validated, by the engine's own checks) in cluster/sampling_proto.py, shared with
 the router; a node returns INVALID_ARGUMENT with the engine's message.
 """
 
 from __future__ import annotations
 
+from cluster.power.accounting import RequestCharge
 from engine.engine import RequestOutput
 from engine.sequence import FinishReason, TokenLogprob
-from ops.power.accounting import RequestCharge
 from splitserve.v1 import inference_pb2 as pb
 
 _FINISH = {
