@@ -1,22 +1,29 @@
 # The two set-up commands of the README. Each creates .venv when missing and installs everything it needs.
-# torch goes in first and pinned: `pip install torch==2.13.0` takes the machine's CPU wheel, where an unpinned
-# dependency would pull a multi-GB CUDA build.
+# torch goes in first and pinned, so that the project's `torch>=2.5` finds it installed. Which build pip takes
+# depends on where it looks: on plain PyPI, torch 2.13.0 for Linux x86-64 is the multi-GB CUDA build;
+# TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu takes the CPU wheel instead. Empty (the default), pip's own
+# configuration decides: this project's machines offer the CPU wheel locally.
 
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-dev
 TORCH_VERSION ?= 2.13.0
+TORCH_INDEX_URL ?=
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 export HF_HUB_OFFLINE := 1
 
-.PHONY: run test lint typecheck browser unit bench clean proto
+.PHONY: install run test lint typecheck browser unit bench clean proto
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install torch==$(TORCH_VERSION)
+	$(PY) -c "import torch" 2>/dev/null || \
+		$(PY) -m pip install torch==$(TORCH_VERSION) $(if $(TORCH_INDEX_URL),--index-url $(TORCH_INDEX_URL))
 	$(PY) -m pip install -e '.[dev]'
 	touch $(STAMP)
+
+# Only the virtual environment, without starting anything; `. .venv/bin/activate` then puts splitserve on PATH.
+install: $(STAMP)
 
 # A local split cluster on the demo model (made once): embedded Redis, 1 prefill + 1 decode node, a router on :50051.
 # UP_ARGS passes flags through, e.g. make run UP_ARGS="--prefill 2 --decode 2 --kv-backend nixl".

@@ -127,9 +127,16 @@ def main() -> int:
     sys.path.insert(0, str(REPO))
     from engine.tiny_model import make_tiny_model
 
-    if not (args.model / "config.json").exists():
+    # Our own cache is remade when its recipe changed; a user's directory is only ever filled when empty.
+    reuse = args.model.resolve().is_relative_to(REPO / ".cache")
+    if reuse or not (args.model / "config.json").exists():
         make_tiny_model(
-            args.model, seed=args.seed, dtype=args.dtype, max_position_embeddings=2048, **MODEL_SHAPE
+            args.model,
+            seed=args.seed,
+            dtype=args.dtype,
+            max_position_embeddings=2048,
+            reuse=reuse,
+            **MODEL_SHAPE,
         )
     lengths = trace_lengths(args.trace, args.requests, args.scale, 2048, args.seed)
     prompts = make_prompts(lengths, 1000, args.seed)

@@ -31,7 +31,11 @@ import grpc
 TOKEN_METADATA_KEY = "x-splitserve-cluster-token"
 TOKEN_ENV = "SPLITSERVE_CLUSTER_TOKEN"
 # Probes and generic clients may discover a node; everything else needs the token.
-OPEN_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.v1alpha.ServerReflection/")
+OPEN_PREFIXES = (
+    "/grpc.health.v1.Health/",
+    "/grpc.reflection.v1.ServerReflection/",
+    "/grpc.reflection.v1alpha.ServerReflection/",
+)
 
 
 class ClusterTokenError(ValueError):

@@ -9,8 +9,8 @@ from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
+from cluster.reflection import enable_reflection
 from engine.errors import (
     EngineError,
     InvalidRequestError,
@@ -67,9 +67,12 @@ def make_server(
     server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=list(interceptors))
     serving = ServingHealth(names)
     health_pb2_grpc.add_HealthServicer_to_server(serving.servicer, server)
-    reflection.enable_server_reflection([*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
-    port = server.add_insecure_port(bind)
-    if port == 0:
+    enable_reflection([*names, health.SERVICE_NAME], server)
+    try:
+        port = server.add_insecure_port(bind)
+    except RuntimeError:  # newer grpcio raises where older ones returned 0
+        port = 0
+    if port == 0:  # a port in use, or an address this machine does not have
         raise OSError(f"cannot listen on {bind}")
     return server, serving, port
 

@@ -33,13 +33,19 @@ def finish_to_proto(reason: FinishReason | None) -> int:
 
 
 def output_to_proto(out: RequestOutput) -> pb.GenerateResponse:
+    """A streaming delta; the request's first one carries its prompt logprobs, if they were asked for."""
     return pb.GenerateResponse(
         request_id=out.request_id,
         text=out.new_text,
         token_ids=out.new_token_ids,
         logprobs=[logprob_to_proto(lp) for lp in out.new_logprobs],
         finish_reason=finish_to_proto(out.finish_reason if out.finished else None),
+        prompt_logprobs=prompt_logprobs_to_proto(out),
     )
+
+
+def prompt_logprobs_to_proto(out: RequestOutput) -> list[pb.TokenLogprob]:
+    return [logprob_to_proto(lp) for lp in out.prompt_logprobs or []]
 
 
 def charges_to_proto(charge: RequestCharge) -> pb.ChargeBreakdown:

@@ -10,8 +10,9 @@ from typing import Any
 
 import grpc
 
+from cluster.event_loop import run
 from cluster.grpc_util import add_checked_servicer
-from cluster.node.runtime import NodeOptions, NodeService, run, run_node
+from cluster.node.runtime import NodeOptions, NodeService, run_node
 from cluster.node.whole_request import WholeRequestService
 from decode_node.service import DecodeNodeService
 from engine.async_engine import AsyncEngine

@@ -109,6 +109,7 @@ class DecodeNodeService(cluster_pb2_grpc.DecodeNodeServicer):
         self._awaiting_kv.set()
         try:
             params = sampling_from_proto(request.sampling)
+            await self.engine.prepare(params)  # compiles an output constraint off the engine thread
             blocks = await self.engine.call(lambda e: e.reserve(rid, prompt, params, prior))
         except EngineError as exc:
             self._expiry.pop(rid, None)

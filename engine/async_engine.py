@@ -95,6 +95,12 @@ class AsyncEngine:
         self._streams[request_id] = stream
         return stream
 
+    async def prepare(self, params: SamplingParams) -> None:
+        """Compile the request's output constraint (or find it cached) on a worker thread, so that adding the
+        request later never makes an engine step wait for a compile (a JSON schema can take a second)."""
+        if params.structured is not None:
+            await asyncio.to_thread(self.engine.intake.grammars.compile, params.structured)
+
     async def generate(
         self,
         request_id: str,

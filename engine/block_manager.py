@@ -47,9 +47,11 @@ class BlockManager:
     def admit_with_prefix_cache(self, seq: Sequence) -> None:
         """Give a new sequence the cached blocks of its longest cached prompt prefix; it computes the rest.
 
-        At least the prompt's last token is always left to compute: its logits are needed to sample.
+        At least the prompt's last token is always left to compute: its logits are needed to sample. A sequence that
+        still needs its prompt's logits (prompt_logprobs) computes every token, as in vLLM: cached positions would
+        have none. Its blocks are still published for others.
         """
-        if not self.enable_prefix_caching:
+        if not self._looks_up(seq):
             return
         max_blocks = (seq.num_tokens - 1) // self.block_size
         key = _ROOT_HASH
@@ -70,7 +72,7 @@ class BlockManager:
 
     def record_admission(self, seq: Sequence) -> None:
         """Count a sequence's prefix-cache lookup once it is actually admitted (retries are not counted twice)."""
-        if self.enable_prefix_caching:
+        if self._looks_up(seq):
             self.stats.queried_blocks += (seq.num_tokens - 1) // self.block_size
             self.stats.hit_blocks += seq.num_cached_prompt_tokens // self.block_size
 
@@ -115,6 +117,9 @@ class BlockManager:
                 self._free[block] = None
         seq.block_ids = []
         seq.num_hashed_blocks = 0
+
+    def _looks_up(self, seq: Sequence) -> bool:
+        return self.enable_prefix_caching and not seq.needs_prompt_logits
 
     def _acquire(self, block: int) -> None:
         if self._ref_counts[block] == 0:

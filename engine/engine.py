@@ -8,6 +8,9 @@ Request life cycle by role:
 - decode:    reserve(prompt) -> RESERVED (blocks held, KV written into them from outside) -> admit(first token)
              -> running (one token per step) -> finished.
 Finished, aborted and released requests give every block back exactly once.
+Prompt logprobs (engine/prompt_logprobs.py) are computed with the prompt's chunks and ride on its first output.
+Structured outputs (engine/structured_output.py): the sampler masks what a request's grammar forbids, and every
+output token, wherever it was sampled, advances the request's matcher.
 
 Fault isolation (engine/fault_isolation.py): an exception raised while computing one request fails that request
 alone: its blocks are freed, take_failures() reports it (RequestFailedError) and the other requests go on. Only an
@@ -33,7 +36,7 @@ from engine.errors import (
 )
 from engine.fault_injection import FaultInjector
 from engine.fault_isolation import ForwardGuard, sample_isolated
-from engine.model_runner import ModelRunner
+from engine.model_runner import ModelRunner, StepLogits
 from engine.models.decoder import DecoderModel
 from engine.outputs import (
     NO_WORK,
@@ -45,6 +48,8 @@ from engine.outputs import (
     KVLayerWrite,
     RequestOutput,
 )
+from engine.prompt_logprobs import record as record_prompt_logprobs
+from engine.prompt_logprobs import take_for_output
 from engine.request_intake import RequestIntake
 from engine.sampler import SampledToken
 from engine.sampling_params import SamplingParams
@@ -88,7 +93,9 @@ class LLMEngine:
         self.max_seq_tokens = min(self.max_model_len, num_blocks * self.config.block_size)
         self.eos_token_ids = set(self.model_config.eos_token_ids) | self.tokenizer.eos_token_ids
         limit = "context" if self.max_seq_tokens == self.max_model_len else "KV cache capacity"
-        self.intake = RequestIntake(self.tokenizer, self.model_config.vocab_size, self.max_seq_tokens, limit)
+        self.intake = RequestIntake(
+            self.tokenizer, self.model_config.vocab_size, self.max_seq_tokens, limit, self.eos_token_ids
+        )
         self._seqs: dict[str, Sequence] = {}
         self._held: dict[str, Sequence] = {}  # RESERVED or PREFILLED: blocks held outside the scheduler
         self._pending: list[RequestOutput] = []
@@ -172,8 +179,10 @@ class LLMEngine:
 
         Raises ResourceExhaustedError if the pool is short.
         """
-        self._require_role_other_than(EngineRole.PREFILL, "reserve")
+        if self.config.role == EngineRole.PREFILL:
+            raise InvalidRequestError("reserve is not available on an engine in the prefill role")
         seq = self._new_sequence(request_id, list(prompt_token_ids), params or SamplingParams(), prior_output)
+        seq.prompt_logprobs = None  # the prompt is computed elsewhere: its prefill engine reports them
         if not self.blocks.ensure_capacity(seq, seq.num_tokens):
             raise ResourceExhaustedError(
                 f"need {self.blocks.blocks_for(seq.num_tokens)} KV blocks for {request_id!r}, "
@@ -222,6 +231,7 @@ class LLMEngine:
         for chunk in computed.chunks:
             chunk.seq.num_computed_tokens += chunk.num_tokens
             self.blocks.register_computed_blocks(chunk.seq)
+        record_prompt_logprobs(computed.prompt_logprobs)  # before sampling: the first output carries them
         if computed.logits is None:
             return outputs
         for seq, sampled in zip(
@@ -298,13 +308,11 @@ class LLMEngine:
         self._admitted += 1
         return seq
 
-    def _require_role_other_than(self, role: EngineRole, action: str) -> None:
-        if self.config.role == role:
-            raise InvalidRequestError(f"{action} is not available on an engine in the {role.value} role")
-
     def _append_token(self, seq: Sequence, sampled: SampledToken) -> RequestOutput:
         """Record a sampled token, update text and stop state, and describe the change as a delta."""
         token, params = sampled.token_id, seq.params
+        if seq.grammar is not None:  # a token its grammar forbids raises: the request fails
+            seq.grammar.accept(token)
         seq.output_token_ids.append(token)
         seq.output_counts[token] = seq.output_counts.get(token, 0) + 1
         if sampled.logprob is not None:
@@ -320,7 +328,8 @@ class LLMEngine:
             reason = FinishReason.LENGTH
         if reason is not None:
             if seq.text.stopped_at is None and seq.detokenizer is not None:
-                seq.text.feed(seq.detokenizer.flush())
+                # What the detokenizer held back (a trailing partial character) is part of this last delta.
+                delta += seq.text.feed(seq.detokenizer.flush())
             delta += seq.text.flush()
             seq.status = SequenceStatus.FINISHED
             seq.finish_reason = reason
@@ -333,6 +342,7 @@ class LLMEngine:
             finish_reason=reason,
             num_prompt_tokens=seq.num_prompt_tokens,
             num_cached_prompt_tokens=seq.num_cached_prompt_tokens,
+            prompt_logprobs=take_for_output(seq),
         )
 
     def _record_token(self, seq: Sequence, sampled: SampledToken) -> RequestOutput | None:
@@ -359,7 +369,7 @@ class LLMEngine:
             RequestFailedError(seq.request_id, f"{where} raised {type(exc).__name__}: {exc}")
         )
 
-    def _forward(self, sched: SchedulerOutput) -> torch.Tensor:
+    def _forward(self, sched: SchedulerOutput) -> StepLogits:
         hook = self._layer_hook_for(sched)
         if self._fault is not None:
             hook = self._fault.around(hook, (c.seq for c in sched.chunks))
@@ -395,13 +405,5 @@ class LLMEngine:
         hook = self._kv_layer_hook
         if hook is None or self.config.role != EngineRole.PREFILL:
             return None
-        bs = self.config.block_size
-        writes = []
-        for chunk in sched.chunks:
-            if not chunk.seq.hands_over:
-                continue
-            start = chunk.seq.num_computed_tokens
-            end = start + chunk.num_tokens
-            blocks = chunk.seq.block_ids[start // bs : -(-end // bs)]
-            writes.append(KVLayerWrite(chunk.seq.request_id, blocks, start, end))
+        writes = sched.kv_writes(self.config.block_size)
         return lambda layer: hook(layer, writes)

@@ -19,14 +19,16 @@ from dataclasses import dataclass, field
 import torch
 
 from engine.errors import EngineBrokenError
+from engine.model_runner import StepLogits
 from engine.sampler import SampledToken, sample
 from engine.scheduler import ScheduledChunk, SchedulerOutput
-from engine.sequence import Sequence
+from engine.sequence import Sequence, TokenLogprob
 
 MAX_FAILED_FORWARDS_IN_A_ROW = 3
 
-# Runs one scheduled batch through the model; returns logits for the chunks that complete their sequence.
-Forward = Callable[[SchedulerOutput], torch.Tensor]
+# Runs one scheduled batch through the model; returns logits for the chunks that complete their sequence (and the
+# prompt logprobs it computed).
+Forward = Callable[[SchedulerOutput], StepLogits]
 
 
 @dataclass(slots=True)
@@ -36,6 +38,8 @@ class ComputedStep:
     chunks: list[ScheduledChunk]  # in the scheduled order
     logits: torch.Tensor | None  # one row per chunk of `chunks` that completes its sequence, in order
     failed: list[tuple[Sequence, Exception]] = field(default_factory=list)
+    # Prompt logprobs computed by the chunks that succeeded (a failed forward's are dropped with it).
+    prompt_logprobs: list[tuple[Sequence, list[TokenLogprob]]] = field(default_factory=list)
 
 
 class ForwardGuard:
@@ -45,28 +49,29 @@ class ForwardGuard:
 
     def run(self, sched: SchedulerOutput) -> ComputedStep:
         try:
-            logits = self._forward(sched)
+            step = self._forward(sched)
         except Exception as exc:  # whose fault is it? rerun alone to find out
             if len(sched.chunks) == 1:
                 self._count_failure(exc)
                 return ComputedStep([], None, [(sched.chunks[0].seq, exc)])
             return self._one_by_one(sched)
         self._failed_in_a_row = 0
-        return ComputedStep(list(sched.chunks), logits)
+        return ComputedStep(list(sched.chunks), step.sample, prompt_logprobs=step.prompt_logprobs)
 
     def _one_by_one(self, sched: SchedulerOutput) -> ComputedStep:
         done = ComputedStep([], None)
         rows: list[torch.Tensor] = []
         for chunk in sched.chunks:
             try:
-                logits = self._forward(SchedulerOutput([chunk], []))
+                step = self._forward(SchedulerOutput([chunk], []))
             except Exception as exc:
                 self._count_failure(exc)
                 done.failed.append((chunk.seq, exc))
                 continue
             self._failed_in_a_row = 0
             done.chunks.append(chunk)
-            rows.append(logits)
+            rows.append(step.sample)
+            done.prompt_logprobs += step.prompt_logprobs
         if rows:
             done.logits = torch.cat(rows)
         return done

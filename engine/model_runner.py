@@ -1,4 +1,5 @@
-"""Turns a scheduled step into tensors, runs the model over the paged KV cache, and returns logits to sample from."""
+"""Turns a scheduled step into tensors, runs the model over the paged KV cache, and returns logits to sample from
+(and the prompt logprobs of sequences that asked for them: engine/prompt_logprobs.py)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,9 @@ import torch
 
 from engine.models.attention import AttentionBatch, PrefillChunk
 from engine.models.decoder import DecoderModel, LayerHook
+from engine.prompt_logprobs import PromptRows, compute, rows_of_chunk
 from engine.scheduler import SchedulerOutput
+from engine.sequence import Sequence, TokenLogprob
 
 
 @dataclass(slots=True)
@@ -17,6 +20,16 @@ class StepInputs:
     positions: torch.Tensor  # [T]
     attention: AttentionBatch
     sample_rows: torch.Tensor  # [N] index in T of the last token of each chunk that completes its sequence
+    prompt_rows: list[PromptRows]  # rows whose prompt logprobs were asked for
+
+
+@dataclass(slots=True)
+class StepLogits:
+    """What one forward yields: logits to sample from, and prompt logprobs computed on the way."""
+
+    sample: torch.Tensor  # fp32 [N, vocab], one row per chunk that completes its sequence, in chunk order
+    # Per sequence that asked: the logprobs of the prompt positions this step computed.
+    prompt_logprobs: list[tuple[Sequence, list[TokenLogprob]]]
 
 
 class ModelRunner:
@@ -45,13 +58,16 @@ class ModelRunner:
         element = torch.empty((), dtype=model.dtype).element_size()
         return cfg.num_layers * 2 * block_size * cfg.num_kv_heads * cfg.head_dim * element
 
-    def run(self, sched: SchedulerOutput, on_layer_stored: LayerHook | None = None) -> torch.Tensor:
-        """Compute the step; returns fp32 logits [N, vocab], one row per chunk that completes its sequence."""
+    def run(self, sched: SchedulerOutput, on_layer_stored: LayerHook | None = None) -> StepLogits:
+        """Compute the step: fp32 logits for each chunk that completes its sequence, and any prompt logprobs."""
         inputs = self.prepare(sched)
         hidden = self.model.forward(
             inputs.input_ids, inputs.positions, inputs.attention, self.kv_caches, on_layer_stored
         )
-        return self.model.logits(hidden.index_select(0, inputs.sample_rows))
+        return StepLogits(
+            sample=self.model.logits(hidden.index_select(0, inputs.sample_rows)),
+            prompt_logprobs=compute(hidden, inputs.prompt_rows, self.model.logits),
+        )
 
     def prepare(self, sched: SchedulerOutput) -> StepInputs:
         bs = self.block_size
@@ -60,6 +76,7 @@ class ModelRunner:
         positions: list[int] = []
         slots: list[int] = []
         sample_rows: list[int] = []
+        prompt_rows: list[PromptRows] = []
         decode_tables: list[list[int]] = []
         decode_lens: list[int] = []
         prefills: list[PrefillChunk] = []
@@ -79,6 +96,9 @@ class ModelRunner:
                 prefills.append(PrefillChunk(first_row, chunk.num_tokens, end, table))
             if chunk.completes_sequence:
                 sample_rows.append(len(ids) - 1)
+            wanted = rows_of_chunk(seq, start, end, first_row)
+            if wanted is not None:
+                prompt_rows.append(wanted)
         width = max((len(t) for t in decode_tables), default=0)
         padded = [t + [0] * (width - len(t)) for t in decode_tables]
         attention = AttentionBatch(
@@ -97,4 +117,5 @@ class ModelRunner:
             positions=torch.tensor(positions, dtype=torch.long, device=device),
             attention=attention,
             sample_rows=torch.tensor(sample_rows, dtype=torch.long, device=device),
+            prompt_rows=prompt_rows,
         )

@@ -50,6 +50,9 @@ class RequestOutput:
     num_prompt_tokens: int
     num_cached_prompt_tokens: int
     kv: KVHandoff | None = None
+    # The prompt's teacher-forced logprobs (params.prompt_logprobs), on the request's first output only: entry i is
+    # prompt token i + 1 given tokens 0..i. None on later outputs, when not asked for, and on a decode engine.
+    prompt_logprobs: list[TokenLogprob] | None = None
 
 
 @dataclass(slots=True)
@@ -63,6 +66,7 @@ class Completion:
     finish_reason: FinishReason
     logprobs: list[TokenLogprob] = field(default_factory=list)
     num_cached_prompt_tokens: int = 0
+    prompt_logprobs: list[TokenLogprob] | None = None  # as RequestOutput.prompt_logprobs
 
     @classmethod
     def of(cls, seq: Sequence) -> Completion:
@@ -77,6 +81,7 @@ class Completion:
             finish_reason=seq.finish_reason,
             logprobs=list(seq.logprobs),
             num_cached_prompt_tokens=seq.num_cached_prompt_tokens,
+            prompt_logprobs=list(seq.prompt_logprobs) if seq.prompt_logprobs is not None else None,
         )
 
 

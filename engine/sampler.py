@@ -1,7 +1,9 @@
 """Turns a step's logits into next tokens, one row per sequence that reached its end this step.
 
-Order per row: penalties -> (greedy argmax) or temperature -> top-k -> top-p -> min-p -> draw. Reported logprobs are
-the model's own log-softmax, before any penalty or filter, which is what clients compare against the reference.
+Order per row: grammar mask (structured output: forbidden tokens to -inf, engine/structured_output.py) -> logit
+bias -> penalties -> (greedy argmax) or temperature -> top-k -> top-p -> min-p -> draw. Reported logprobs are the
+model's own log-softmax, before any mask, bias, penalty or filter, which is what clients compare against the
+reference (and what OpenAI reports with logit_bias).
 
 Seeded requests draw with a generator re-seeded from (seed, output index), so a token's draw depends only on the
 request, never on which engine or batch computed it: a prefill engine and a decode engine continue one random stream.
@@ -17,6 +19,7 @@ import torch
 
 from engine.sampling_params import SamplingParams
 from engine.sequence import Sequence, TokenLogprob
+from engine.structured_output import mask_logits
 
 # Spreads consecutive output indices far apart in seed space.
 _SEED_STRIDE = 1_000_003
@@ -33,9 +36,14 @@ def sample(logits: torch.Tensor, seqs: list[Sequence], fallback: torch.Generator
     """logits: fp32 [N, vocab], row i belongs to seqs[i]. Returns one token per row."""
     want_logprobs = [s.params.logprobs is not None for s in seqs]
     raw_logprobs = torch.log_softmax(logits, dim=-1) if any(want_logprobs) else None
-    if any(s.params.has_penalties for s in seqs):
-        logits = logits.clone()
+    constrained = any(s.grammar is not None for s in seqs)
+    if constrained or any(s.params.has_penalties or s.params.logit_bias for s in seqs):
+        logits = logits.clone()  # the raw logits stay untouched for the logprobs above
+        if constrained:
+            mask_logits(logits, [s.grammar for s in seqs])
         for row, seq in enumerate(seqs):
+            if seq.params.logit_bias:
+                _apply_logit_bias(logits[row], seq.params.logit_bias)
             if seq.params.has_penalties:
                 _apply_penalties(logits[row], seq)
     greedy_ids = logits.argmax(dim=-1).tolist()
@@ -50,6 +58,11 @@ def sample(logits: torch.Tensor, seqs: list[Sequence], fallback: torch.Generator
             logprob = _token_logprob(raw_logprobs[row], token, params.logprobs)
         results.append(SampledToken(token, logprob))
     return results
+
+
+def _apply_logit_bias(row: torch.Tensor, bias: dict[int, float]) -> None:
+    ids = torch.tensor(list(bias.keys()), dtype=torch.long, device=row.device)
+    row.index_add_(0, ids, torch.tensor(list(bias.values()), dtype=row.dtype, device=row.device))
 
 
 def _apply_penalties(row: torch.Tensor, seq: Sequence) -> None:

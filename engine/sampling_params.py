@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from engine import limits
 from engine.errors import InvalidRequestError
+from engine.structured_spec import StructuredOutput
 
 MAX_LOGPROBS = limits.MAX_LOGPROBS  # kept here too: callers import it from this module
 
@@ -18,6 +19,7 @@ class SamplingParams:
     temperature == 0 means greedy. top_k == 0 and top_p == 1 and min_p == 0 switch those filters off.
     repetition_penalty follows Hugging Face (divides positive logits of seen tokens, prompt included);
     presence and frequency penalties follow OpenAI (subtracted, counting generated tokens only).
+    logit_bias (OpenAI's) is added to the logits before everything else; reported logprobs ignore it.
     """
 
     max_tokens: int = 16
@@ -34,6 +36,13 @@ class SamplingParams:
     ignore_eos: bool = False
     # Number of top alternatives returned with each token's logprob; None returns no logprobs at all.
     logprobs: int | None = None
+    # Teacher-forced logprobs of the prompt's tokens (each given those before it), with this many alternatives per
+    # token; None computes none. Such a request does not reuse prefix-cached blocks: they would have no logits.
+    prompt_logprobs: int | None = None
+    # token id -> bias added to its logit before penalties and sampling (OpenAI's logit_bias).
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    # Constrains the output to a JSON schema, regex, choice or grammar (engine/structured_output.py); None: free text.
+    structured: StructuredOutput | None = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -84,6 +93,33 @@ class SamplingParams:
             _check_int("stop_token_ids[]", token_id, minimum=0, maximum=limits.MAX_UINT32)
         if self.logprobs is not None:
             _check_int("logprobs", self.logprobs, minimum=0, maximum=MAX_LOGPROBS)
+        if self.prompt_logprobs is not None:
+            _check_int("prompt_logprobs", self.prompt_logprobs, minimum=0, maximum=MAX_LOGPROBS)
+        self.logit_bias = _checked_logit_bias(self.logit_bias)
+        if self.structured is not None:
+            if not isinstance(self.structured, StructuredOutput):
+                raise InvalidRequestError(
+                    f"structured must be a StructuredOutput, got {type(self.structured).__name__}"
+                )
+            self.structured.validate()
+
+
+def _checked_logit_bias(value: object) -> dict[int, float]:
+    """A copy of logit_bias with float values; the ids' range against the vocabulary is the intake's to check."""
+    if not isinstance(value, Mapping):
+        raise InvalidRequestError(
+            f"logit_bias must be a mapping of token id to bias, got {type(value).__name__}"
+        )
+    if len(value) > limits.MAX_LOGIT_BIAS_ENTRIES:
+        raise InvalidRequestError(
+            f"logit_bias: at most {limits.MAX_LOGIT_BIAS_ENTRIES} entries, got {len(value)}"
+        )
+    checked: dict[int, float] = {}
+    for token_id, bias in value.items():
+        _check_int("logit_bias token id", token_id, minimum=0, maximum=limits.MAX_UINT32)
+        _check_range(f"logit_bias[{token_id}]", bias, -limits.MAX_ABS_LOGIT_BIAS, limits.MAX_ABS_LOGIT_BIAS)
+        checked[token_id] = float(bias)
+    return checked
 
 
 def _check_temperature(value: object) -> None:

@@ -15,7 +15,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from engine.block_manager import BlockManager
-from engine.outputs import StepWork
+from engine.outputs import KVLayerWrite, StepWork
 from engine.sequence import Sequence, SequenceStatus
 
 
@@ -58,6 +58,19 @@ class SchedulerOutput:
             else:
                 prompt[seq.request_id] = chunk.num_tokens
         return StepWork(prompt, decode)
+
+    def kv_writes(self, block_size: int) -> list[KVLayerWrite]:
+        """The KV this batch writes (into every layer) for requests that hand theirs over: what a transport ships."""
+        writes = []
+        for chunk in self.chunks:
+            seq = chunk.seq
+            if not seq.hands_over:
+                continue
+            start = seq.num_computed_tokens
+            end = start + chunk.num_tokens
+            blocks = seq.block_ids[start // block_size : -(-end // block_size)]
+            writes.append(KVLayerWrite(seq.request_id, blocks, start, end))
+        return writes
 
 
 class Scheduler:

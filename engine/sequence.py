@@ -19,6 +19,7 @@ from engine.stop_strings import StopStringMatcher
 
 if TYPE_CHECKING:
     from engine.detokenizer import IncrementalDetokenizer
+    from engine.structured_output import GrammarState
 
 
 class SequenceStatus(StrEnum):
@@ -65,6 +66,18 @@ class Sequence:
     hands_over: bool = False
     # Penalty bookkeeping: counts of generated tokens (OpenAI penalties) and the set of all seen tokens (HF's).
     output_counts: dict[int, int] = field(default_factory=dict)
+    # With params.prompt_logprobs: entry i is prompt token i + 1 given tokens 0..i, appended as the prompt's chunks
+    # are computed. None when not asked for, or not this engine's to compute (a decode engine never sees the prompt).
+    prompt_logprobs: list[TokenLogprob] | None = None
+    prompt_logprobs_sent: bool = False  # they went out with the request's first output
+    # With params.structured: where the output stands in its grammar (engine/structured_output.py); it has accepted
+    # every output token so far, wherever that token was sampled.
+    grammar: GrammarState | None = None
+
+    @property
+    def needs_prompt_logits(self) -> bool:
+        """True while some prompt position still lacks its logprob: such a sequence cannot reuse cached blocks."""
+        return self.prompt_logprobs is not None and len(self.prompt_logprobs) < len(self.prompt_token_ids) - 1
 
     @property
     def num_tokens(self) -> int:

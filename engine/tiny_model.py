@@ -2,8 +2,9 @@
 
 `make_tiny_model` produces a directory that transformers' `AutoModelForCausalLM` / `AutoTokenizer` load as they would
 a real Llama, Qwen2, Qwen3 or Mistral checkpoint: config.json, generation_config.json, safetensors weights (optionally
-sharded with an index), and a byte-level BPE tokenizer trained on the bundled synthetic corpus. Everything is seeded,
-so the same arguments always give byte-identical files.
+sharded with an index), and a byte-level BPE tokenizer trained on the bundled synthetic corpus and grown to the
+model's vocab (engine/tiny_vocab.py). Everything is seeded, so the same arguments always give byte-identical files.
+A recipe file records those arguments, so that a cached directory is reused only while it is what they would make.
 
 This module must not import transformers: the engine ships without it. The config field names below are the ones
 transformers 5 writes with `save_pretrained`.
@@ -20,10 +21,16 @@ import torch
 from safetensors.torch import save_file
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
+from engine.tiny_vocab import fill_vocab
+
 ARCHS = ("llama", "qwen2", "qwen3", "mistral")
 ENDOFTEXT, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
 SPECIAL_TOKENS = (ENDOFTEXT, IM_START, IM_END)  # trained first, so they get ids 0, 1, 2
 CORPUS_PATH = Path(__file__).with_name("data") / "corpus.txt"
+# Raise whenever the same arguments start to give different files (2: the tokenizer fills the vocab), so that a
+# directory cached by an older version is remade rather than reused.
+FORMAT_VERSION = 2
+RECIPE_FILE = "tiny_model_recipe.json"
 
 _ARCHITECTURES = {
     "llama": "LlamaForCausalLM",
@@ -84,18 +91,29 @@ def make_tiny_model(
     shard_max_bytes: int | None = None,
     rope_scaling_llama3: bool = False,
     sliding_window: int | None = DEFAULT_MISTRAL_SLIDING_WINDOW,
+    reuse: bool = False,
 ) -> Path:
     """Write a random-weight `arch` checkpoint with its tokenizer into `out_dir` (created if needed); return it.
 
-    `vocab` is the model's vocab_size; the tokenizer has min(vocab, what the corpus supports) entries, the rest are
-    padding rows as in real checkpoints. `intermediate` defaults to 8/3 * hidden rounded up to a multiple of 16.
+    `vocab` is the model's vocab_size and the tokenizer's size: every id is a token with text (ValueError when the
+    corpus cannot fill it). `intermediate` defaults to 8/3 * hidden rounded up to a multiple of 16.
     `tie_word_embeddings` defaults to False for llama/mistral and True for qwen2/qwen3. `sliding_window` applies to
     mistral only (the other families keep HF's sliding-window-off config); None writes a null window.
+    With `reuse`, a directory whose recipe file matches these arguments and FORMAT_VERSION is returned as it is;
+    any other is rewritten, so pass it only for a cache directory.
     """
+    # First, while the arguments are the only locals: they are what the files depend on.
+    recipe = {"format_version": FORMAT_VERSION} | {
+        k: v for k, v in locals().items() if k not in ("out_dir", "reuse")
+    }
     _validate(arch, hidden, heads, kv_heads, vocab, dtype, rope_scaling_llama3)
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if reuse and _read_recipe(out_dir) == recipe:
+        return out_dir
     tokenizer = train_tokenizer(vocab, arch)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    # Gone while the files change, so that a run stopped halfway leaves a directory that is never reused.
+    (out_dir / RECIPE_FILE).unlink(missing_ok=True)
     _write_tokenizer_files(out_dir, tokenizer, arch, max_position_embeddings)
     ids = {token: _token_id(tokenizer, token) for token in SPECIAL_TOKENS}
     tie = tie_word_embeddings if tie_word_embeddings is not None else arch in ("qwen2", "qwen3")
@@ -122,7 +140,16 @@ def make_tiny_model(
     )
     tensors = init_weights(config, seed)
     save_weights({name: t.to(_DTYPES[dtype]) for name, t in tensors.items()}, out_dir, shard_max_bytes)
+    _write_json(out_dir / RECIPE_FILE, recipe)
     return out_dir
+
+
+def _read_recipe(out_dir: Path) -> dict[str, Any] | None:
+    try:
+        recipe = json.loads((out_dir / RECIPE_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # missing, unreadable or not JSON: not a directory to reuse
+        return None
+    return recipe if isinstance(recipe, dict) else None
 
 
 def default_intermediate_size(hidden: int) -> int:
@@ -153,19 +180,25 @@ def _validate(
 
 
 def train_tokenizer(vocab: int, arch: str) -> Tokenizer:
-    """Train a byte-level BPE with `arch`'s pre-tokenization on the bundled corpus; deterministic and fast."""
+    """A byte-level BPE with `arch`'s pre-tokenization and exactly `vocab` entries; deterministic and fast.
+
+    Trained on the bundled corpus (the most frequent pairs first, down to pairs seen once), then grown to `vocab`
+    by `fill_vocab` when the corpus runs out of pairs. Raises ValueError when `vocab` is beyond what it can fill.
+    """
     tokenizer = Tokenizer(models.BPE())
     _set_pre_tokenization(tokenizer, arch)
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab,
-        min_frequency=2,
+        min_frequency=1,
         special_tokens=list(SPECIAL_TOKENS),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     # One sequence per paragraph: train_from_iterator counts words, so the split only matters for speed.
-    tokenizer.train_from_iterator(CORPUS_PATH.read_text(encoding="utf-8").split("\n\n"), trainer=trainer)
+    paragraphs = CORPUS_PATH.read_text(encoding="utf-8").split("\n\n")
+    tokenizer.train_from_iterator(paragraphs, trainer=trainer)
+    tokenizer = fill_vocab(tokenizer, vocab, paragraphs)
     if _ADDS_BOS[arch]:
         # Like Llama 3's tokenizer.json: BOS is added by the post-processor, so HF and `tokenizers` agree.
         tokenizer.post_processor = processors.TemplateProcessing(

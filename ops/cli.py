@@ -4,7 +4,8 @@ The server commands' flags live in ops/cli_args.py and their bodies in ops/cli_c
 profile, simulate, plan, operator) in their own packages. Each subcommand imports what it needs only when it runs,
 so `--help` is instant.
 
-Errors a user can fix (bad flags, a bad model directory, bad sampling values) print one line and exit with code 2.
+Errors a user can fix (bad flags, a missing or bad file, a port in use, an unreachable endpoint, bad sampling values)
+print one line, `splitserve COMMAND: error: ...`, and exit with code 2 (ops/cli_errors.py), never a traceback.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pathlib import Path
 
 from ops.cli_args import EXIT_USAGE, add_node_args, add_router_args, add_up_args, positive_int
 from ops.cli_commands import node_command, router_command, up_command
+from ops.cli_errors import OneLineErrorParser, UserError, one_line, require_dir
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -31,17 +33,26 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         return int(args.func(args))
+    except UserError as exc:
+        return _fail(args.command, str(exc), exc.exit_code)
     except EngineError as exc:
-        print(f"splitserve {args.command}: error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+        return _fail(args.command, one_line(exc), EXIT_USAGE)
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError) as exc:
+        # A file a flag named and no check caught first: still the user's to fix, and still one line.
+        if exc.filename is None:
+            raise
+        return _fail(args.command, f"{exc.filename}: {exc.strerror}", EXIT_USAGE)
     except KeyboardInterrupt:
         return 130
 
 
+def _fail(command: str, message: str, exit_code: int) -> int:
+    print(f"splitserve {command}: error: {message}", file=sys.stderr, flush=True)
+    return exit_code
+
+
 def _build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="splitserve", description="Phase-split LLM serving (prefill/decode)."
-    )
+    parser = OneLineErrorParser(prog="splitserve", description="Phase-split LLM serving (prefill/decode).")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     tiny = sub.add_parser(
@@ -143,24 +154,28 @@ def _cmd_make_tiny_model(args: argparse.Namespace) -> int:
         raise InvalidRequestError(f"--hidden {args.hidden} is not a multiple of --heads {args.heads}")
     if args.heads % args.kv_heads:
         raise InvalidRequestError(f"--heads {args.heads} is not a multiple of --kv-heads {args.kv_heads}")
-    out = make_tiny_model(
-        args.dir,
-        arch=args.arch,
-        layers=args.layers,
-        hidden=args.hidden,
-        heads=args.heads,
-        kv_heads=args.kv_heads,
-        vocab=args.vocab,
-        seed=args.seed,
-        intermediate=args.intermediate,
-        max_position_embeddings=args.max_position_embeddings,
-        dtype=args.dtype,
-    )
+    try:
+        out = make_tiny_model(
+            args.dir,
+            arch=args.arch,
+            layers=args.layers,
+            hidden=args.hidden,
+            heads=args.heads,
+            kv_heads=args.kv_heads,
+            vocab=args.vocab,
+            seed=args.seed,
+            intermediate=args.intermediate,
+            max_position_embeddings=args.max_position_embeddings,
+            dtype=args.dtype,
+        )
+    except ValueError as exc:  # e.g. a --vocab too small for byte-level BPE, or more than the corpus can fill
+        raise InvalidRequestError(str(exc)) from exc
     print(out)
     return 0
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
+    require_dir(args.model, "--model", "model directory")
     if args.threads:
         os.environ["OMP_NUM_THREADS"] = str(args.threads)
     import torch

@@ -21,7 +21,7 @@ def add_node_args(parser: argparse.ArgumentParser) -> None:
     add_redis_url_arg(parser)
     parser.add_argument("--node-id", default=None)
     parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=0, help="gRPC port (0: any free port)")
+    parser.add_argument("--port", type=port_number, default=0, help="gRPC port (0: any free port)")
     parser.add_argument(
         "--metrics-port",
         type=port_number,
@@ -95,8 +95,8 @@ def add_router_args(parser: argparse.ArgumentParser) -> None:
     )
     add_redis_url_arg(parser)
     parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--grpc-port", type=int, default=50051)
-    parser.add_argument("--http-port", type=int, default=8000, help="OpenAI-compatible HTTP endpoint")
+    parser.add_argument("--grpc-port", type=port_number, default=50051)
+    parser.add_argument("--http-port", type=port_number, default=8000, help="OpenAI-compatible HTTP endpoint")
     parser.add_argument(
         "--api-key", default=None, help="require this bearer token (default: $SPLITSERVE_API_KEY)"
     )
@@ -118,8 +118,8 @@ def add_up_args(parser: argparse.ArgumentParser) -> None:
         "--redis-url", default=None, help="an external Redis (default: an embedded one on loopback)"
     )
     parser.add_argument("--kv-backend", choices=["nixl", "torch"], default="torch")
-    parser.add_argument("--grpc-port", type=int, default=50051)
-    parser.add_argument("--http-port", type=int, default=8000)
+    parser.add_argument("--grpc-port", type=port_number, default=50051)
+    parser.add_argument("--http-port", type=port_number, default=8000)
     parser.add_argument("--api-key", default=None, help="require this bearer token on the router's endpoints")
     parser.add_argument("--threads-per-node", type=positive_int, default=1)
     for role in ("prefill", "decode", "colocated"):
@@ -170,14 +170,20 @@ def add_admission_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--tokenizer-threads", type=positive_int, default=2, help="threads tokenizing long prompts"
     )
+    parser.add_argument(
+        "--cors-allow-origin", action="append", default=[], metavar="ORIGIN",
+        help="an origin browsers may call the HTTP endpoint from (e.g. https://ui.example.com, or *); repeatable",
+    )  # fmt: skip
 
 
 def admission_flags(args: argparse.Namespace) -> list[str]:
-    """The load-shedding flags, for `up` to pass on to its routers."""
+    """The load-shedding and HTTP flags, for `up` to pass on to its routers."""
     flags = []
     for name in ("max_concurrent_requests", "max_queued_requests", "queue_timeout_s", "body_timeout_s",
                  "tokenizer_threads"):  # fmt: skip
         flags += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
+    for origin in args.cors_allow_origin:
+        flags += ["--cors-allow-origin", origin]
     return flags
 
 

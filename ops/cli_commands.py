@@ -1,25 +1,28 @@
 """The bodies of the server commands: `prefill`/`decode`/`colocated` (one node), `router`, and `up` (a whole local
 cluster, whose foreground loop is ops/up_foreground.py). Their flags are defined in ops/cli_args.py.
 
-Each checks what it can before anything starts (a bad machine type, policy, cluster token file or OTLP endpoint is
-one line on stderr and exit code 2), then runs the server. They import servers inside the function, so that
+Each checks what it can before anything starts (a missing model directory or catalog, a port in use, a bad machine
+type, policy, cluster token file or OTLP endpoint: a UserError, printed by ops/cli.py as one line on stderr with exit
+code 2), then runs the server. They import servers inside the function, so that
 `splitserve --help` stays instant.
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 from ops import cli_args
-from ops.cli_args import EXIT_USAGE
+from ops.cli_errors import UserError, require_dir, require_file, require_free_port, require_redis
 
 DEMO_MODEL_DIR = Path(".cache") / "demo-model"
+UP_HOST = "127.0.0.1"  # where `up` serves: ClusterSpec's default host
 
 
 def node_command(args: argparse.Namespace) -> int:
     """Serve one node in args.role until it stops; a move to another pool re-executes it in the new role."""
+    require_file(args.machines, "--machines")
+    require_file(args.perf_model, "--perf-model")
     from cluster.node.runtime import NodeOptions
     from cluster.power.node_power import resolve_settings
 
@@ -36,8 +39,11 @@ def node_command(args: argparse.Namespace) -> int:
         otlp_endpoint = cli_args.otlp_endpoint(args)
         cluster_token = cli_args.cluster_token(args)
     except ValueError as exc:
-        print(f"splitserve {args.command}: error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+        raise UserError(str(exc)) from None
+    require_dir(args.model, "--model", "model directory")
+    require_free_port(args.host, args.port, "--port")
+    require_free_port(args.host, args.metrics_port, "--metrics-port")
+    require_redis(args.redis_url, "--redis-url")  # or the model loads, only for the node to fail to register
     options = NodeOptions(
         role=args.role,
         model_dir=args.model,
@@ -78,7 +84,7 @@ def node_command(args: argparse.Namespace) -> int:
 
 def router_command(args: argparse.Namespace) -> int:
     """Serve one router until it stops."""
-    from cluster.node.runtime import run
+    from cluster.event_loop import run
     from router.policies import parse_policy_options
     from router.server import RouterOptions, run_router
 
@@ -101,11 +107,14 @@ def router_command(args: argparse.Namespace) -> int:
             queue_timeout_s=args.queue_timeout_s,
             body_timeout_s=args.body_timeout_s,
             tokenizer_threads=args.tokenizer_threads,
+            cors_origins=tuple(args.cors_allow_origin),
         )
         options.placement_policy()
     except ValueError as exc:
-        print(f"splitserve router: error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+        raise UserError(str(exc)) from None
+    require_dir(args.model, "--model", "model directory")
+    require_free_port(args.host, args.grpc_port, "--grpc-port")
+    require_free_port(args.host, args.http_port, "--http-port")
     return run(lambda: run_router(options))
 
 
@@ -114,11 +123,12 @@ def up_command(args: argparse.Namespace) -> int:
     from ops.launcher import ClusterSpec
     from router.policies import create_policy, parse_policy_options
 
-    try:  # the routers would refuse a bad policy too, but only after Redis and the nodes started
+    # Found here, or by a router or node only after Redis and the nodes before it started.
+    require_file(args.machines, "--machines")
+    try:
         create_policy(args.policy, **parse_policy_options(args.policy_option))
     except ValueError as exc:
-        print(f"splitserve up: error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+        raise UserError(str(exc)) from None
     from cluster.machines import load_catalog
 
     try:  # the nodes would refuse an unknown type too, but only after Redis started
@@ -134,8 +144,12 @@ def up_command(args: argparse.Namespace) -> int:
             ]
         cluster_token = cli_args.cluster_token(args)  # None: LocalCluster generates one
     except ValueError as exc:
-        print(f"splitserve up: error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+        raise UserError(str(exc)) from None
+    require_dir(args.model, "--model", "model directory")
+    require_free_port(UP_HOST, args.grpc_port, "--grpc-port")
+    require_free_port(UP_HOST, args.http_port, "--http-port")
+    if args.redis_url:
+        require_redis(args.redis_url, "--redis-url")
     model = args.model
     if model is None:
         model = DEMO_MODEL_DIR

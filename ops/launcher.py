@@ -1,13 +1,15 @@
 """`splitserve up`: a whole local cluster as separate OS processes (and the same launcher for integration tests).
 
 Order: Redis (embedded unless a URL is given) -> nodes -> routers, each waited for through its ready line on stdout
-(bounded). Stop: SIGTERM to routers, then nodes (they drain), a bounded wait, SIGKILL to anything left, then Redis.
+(bounded). A child's stderr is held until it is ready, then passed through to ours: one that exits first raises
+ChildStartError with the child's own last line (its one-line reason, e.g. a port in use), not its whole log.
+Stop: SIGTERM to routers, then nodes (they drain), a bounded wait, SIGKILL to anything left, then Redis.
 `respawn` starts a process that died again with the same flags (ops/supervisor.py decides when).
 
 Secrets reach the children through their environment, never argv (which `ps` shows to every user): the cluster
 token (`SPLITSERVE_CLUSTER_TOKEN`, generated unless the spec has one: nodes then refuse calls without it), the
-Redis URL (`SPLITSERVE_REDIS_URL`) and the routers' API key (`SPLITSERVE_API_KEY`). The embedded Redis has a password, carried by `redis_url`: print
-`redacted(url)` (cluster/redis_server.py), never the URL itself.
+Redis URL (`SPLITSERVE_REDIS_URL`) and the routers' API key (`SPLITSERVE_API_KEY`). The embedded Redis has a
+password, carried by `redis_url`: print `redacted(url)` (cluster/redis_server.py), never the URL itself.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import queue
+import re
 import signal
 import subprocess
 import sys
@@ -29,6 +32,13 @@ from cluster.redis_server import EmbeddedRedis
 
 READY_TIMEOUT_S = 120.0
 STOP_TIMEOUT_S = 20.0
+HELD_STDERR_LINES = 200  # what a starting child may print before its ready line; older lines are dropped
+# How a child's error line begins (ops/cli.py): stripped from the reason `up` repeats.
+_CHILD_ERROR_PREFIX = re.compile(r"^splitserve [\w-]+: error: ")
+
+
+class ChildStartError(RuntimeError):
+    """A process of the cluster exited, or did not get ready, before its ready line; the text is one line."""
 
 
 @dataclass(slots=True)
@@ -58,6 +68,7 @@ class Process:
     popen: subprocess.Popen[str]
     ready: dict[str, object]
     lines: queue.SimpleQueue[str | None]
+    stderr: StderrRelay
     args: list[str] = field(default_factory=list)  # the flags after the role word, to start it again with
     started_at: float = field(default_factory=time.monotonic)
 
@@ -154,8 +165,8 @@ class LocalCluster:
         return str(self.by_role("router")[0].ready["http_address"])
 
     def _spawn(self, role: str, args: list[str]) -> Process:
-        popen, lines = self._popen(role, args)
-        proc = Process(role, popen, {}, lines, args)
+        popen, lines, stderr = self._popen(role, args)
+        proc = Process(role, popen, {}, lines, stderr, args)
         self.processes.append(proc)
         return proc
 
@@ -170,13 +181,13 @@ class LocalCluster:
         args = proc.args
         if proc.role == "router" and proc.ready:
             args = _with_ports(args, proc.address, str(proc.ready.get("http_address", "")))
-        proc.popen, proc.lines = self._popen(proc.role, args)
+        proc.popen, proc.lines, proc.stderr = self._popen(proc.role, args)
         proc.args = args
         proc.started_at = time.monotonic()
 
     def _popen(
         self, role: str, args: list[str]
-    ) -> tuple[subprocess.Popen[str], queue.SimpleQueue[str | None]]:
+    ) -> tuple[subprocess.Popen[str], queue.SimpleQueue[str | None], StderrRelay]:
         env = {
             **os.environ,
             "OMP_NUM_THREADS": str(self.spec.threads_per_node),
@@ -189,14 +200,15 @@ class LocalCluster:
         popen = subprocess.Popen(
             [sys.executable, "-m", "ops.cli", role, *args],
             stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
             stdin=subprocess.DEVNULL,
             text=True,
             env=env,
         )
         lines: queue.SimpleQueue[str | None] = queue.SimpleQueue()
-        assert popen.stdout is not None  # stdout=PIPE above
+        assert popen.stdout is not None and popen.stderr is not None  # PIPE above
         threading.Thread(target=_pump, args=(popen.stdout, lines), daemon=True).start()
-        return popen, lines
+        return popen, lines, StderrRelay(popen.stderr)
 
     def poll_events(self) -> list[tuple[Process, dict[str, object]]]:
         """The JSON events the processes printed since the last call, without waiting. A node's new `ready` line
@@ -215,6 +227,7 @@ class LocalCluster:
                 if event.get("event") == "ready":
                     proc.ready = event
                     proc.role = str(event.get("role", proc.role))
+                    proc.stderr.release()
                 if event:
                     events.append((proc, event))
         return events
@@ -226,18 +239,81 @@ class LocalCluster:
                 line = proc.lines.get(timeout=0.2)
             except queue.Empty:
                 if proc.popen.poll() is not None:
-                    code = proc.popen.returncode
-                    raise RuntimeError(f"{proc.role} exited with code {code} before it was ready") from None
+                    raise ChildStartError(_start_failure(proc)) from None
                 continue
             if line is None:
-                raise RuntimeError(
-                    f"{proc.role} closed its output before it was ready (exit {proc.popen.wait(5)})"
-                )
+                raise ChildStartError(_start_failure(proc))
             event = _event(line)
             if event.get("event") == "ready":
                 proc.ready = event
+                proc.stderr.release()
                 return
-        raise TimeoutError(f"{proc.role} was not ready within {READY_TIMEOUT_S:.0f} s")
+        proc.stderr.release()  # still starting: what it said so far helps to see why
+        raise ChildStartError(f"{proc.role} was not ready within {READY_TIMEOUT_S:.0f} s")
+
+
+class StderrRelay:
+    """A child's stderr, read on a thread: held while the child starts, passed through to ours once `release`d.
+    `last_line` is its last non-blank line so far: the reason a child that failed gave for it."""
+
+    def __init__(self, stream: IO[str]) -> None:
+        self._lock = threading.Lock()
+        self._held: list[str] | None = []  # None: released
+        self.last_line = ""
+        self._thread = threading.Thread(target=self._pump, args=(stream,), daemon=True)
+        self._thread.start()
+
+    def release(self) -> None:
+        with self._lock:
+            held, self._held = self._held or [], None
+            for line in held:
+                _write_stderr(line)
+
+    def wait_closed(self, timeout_s: float) -> None:
+        """Until the child's stderr reached its end (it exited), at most `timeout_s`."""
+        self._thread.join(timeout_s)
+
+    def _pump(self, stream: IO[str]) -> None:
+        with stream:
+            for line in stream:
+                with self._lock:
+                    if line.strip():
+                        self.last_line = line.strip()
+                    if self._held is None:
+                        _write_stderr(line)
+                    else:
+                        self._held.append(line)
+                        del self._held[:-HELD_STDERR_LINES]
+
+
+def _write_stderr(line: str) -> None:
+    # sys.__stderr__: a test's captured sys.stderr may be closed by the time a child writes; a failed write must not
+    # stop the pump, or a child blocks on a full pipe.
+    try:
+        if sys.__stderr__ is not None:
+            sys.__stderr__.write(line)
+            sys.__stderr__.flush()
+    except (OSError, ValueError):
+        pass
+
+
+def _start_failure(proc: Process) -> str:
+    """One line: which process did not start, and the reason it gave (its last line on stderr)."""
+    try:
+        code: int | None = proc.popen.wait(5)
+    except subprocess.TimeoutExpired:  # it closed its output but runs on
+        code = None
+    proc.stderr.wait_closed(5.0)
+    reason = error_reason(proc.stderr.last_line) or proc.stderr.last_line  # a crash: its exception's line
+    if reason:
+        return f"{proc.role} did not start: {reason}"
+    return f"{proc.role} did not start (exit code {code}) and gave no reason on stderr"
+
+
+def error_reason(line: str) -> str:
+    """The message of a child's one-line error (`splitserve ROLE: error: MESSAGE`), or "" for any other line."""
+    match = _CHILD_ERROR_PREFIX.match(line)
+    return line[match.end() :] if match else ""
 
 
 def _pump(stream: IO[str], lines: queue.SimpleQueue[str | None]) -> None:

@@ -5,7 +5,8 @@ The life of one supervised part:
 2. Its restart is due after a back-off (0.5 s, doubling to 10 s; back to 0.5 s once it had stayed up 30 s), so
    a part that cannot start does not spin. Meanwhile the rest of the cluster keeps serving: routers place requests
    on the nodes still alive, and keep their last view of the cluster while Redis is down.
-3. When due, it is started again with the same flags and environment, and one line says so. A node comes back under
+3. When due, it is started again with the same flags and environment, and one line says so (with the error line
+   the part printed last, if any: why it died, e.g. its port taken). A node comes back under
    a new id and registers itself (routers see it at once); a router comes back on the same gRPC and HTTP ports, and
    the embedded Redis on the same port with the same password, so that the addresses others hold stay valid. An
    empty, restarted Redis fills again as each node's next heartbeat finds its key gone and registers it again.
@@ -19,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from cluster.redis_server import RedisServerError
-from ops.launcher import LocalCluster, Process
+from ops.launcher import LocalCluster, Process, error_reason
 
 
 @dataclass(slots=True)
@@ -91,11 +92,13 @@ class Supervisor:
         if now < pending.due:
             return
         del self._pending[key]
+        why = error_reason(proc.stderr.last_line)  # read before respawn replaces its stderr
         self._cluster.respawn(proc)
         self.restarts += 1
         name = f"{proc.role} {proc.node_id}".strip()
         self._say(
             f"splitserve: {name} exited with code {pending.exit_code}; restarted it after {pending.delay_s:.1f} s"
+            + (f" (it said: {why})" if why else "")
         )
 
     def _tick_redis(self) -> None:

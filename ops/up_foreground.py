@@ -1,7 +1,9 @@
 """The foreground of `splitserve up`: start a LocalCluster, print where it serves, supervise it until Ctrl-C.
 
-1. Start Redis, the nodes and the routers (ops/launcher.py) and print one line per part: Redis (its URL redacted:
-   the embedded one has a password), each node (id, gRPC and metrics addresses), the routers' endpoints.
+1. Start Redis, the nodes and the routers (ops/launcher.py) and print one line per part (a part that does not start
+   is a UserError: `splitserve up: error: prefill did not start: <its own reason>`, and nothing is left
+   running): Redis (its URL redacted: the embedded one has a password), each node (id, gRPC and metrics
+   addresses), the routers' endpoints.
 2. Twice a second: print what the parts report (a node drained, resumed, moving to another pool, ready again after
    a restart), and let the Supervisor (ops/supervisor.py) restart whatever died, one line per restart.
 3. On SIGINT or SIGTERM, and only then, stop everything (routers first) and print `stopped`.
@@ -12,8 +14,9 @@ from __future__ import annotations
 import signal
 import threading
 
-from cluster.redis_server import redacted
-from ops.launcher import ClusterSpec, LocalCluster, Process
+from cluster.redis_server import RedisServerError, RedisServerNotFound, redacted
+from ops.cli_errors import UserError
+from ops.launcher import ChildStartError, ClusterSpec, LocalCluster, Process
 from ops.supervisor import Supervisor
 
 TICK_S = 0.5
@@ -23,7 +26,15 @@ def run_foreground(spec: ClusterSpec, model_name: str) -> int:
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    with LocalCluster(spec) as cluster:
+    cluster = LocalCluster(spec)
+    try:
+        cluster.start()  # stops what it started when a part fails
+    except (ChildStartError, RedisServerNotFound, RedisServerError) as exc:
+        if stop.is_set():  # Ctrl-C while starting: the parts it reached died of it, which is no error
+            return 130
+        where = "" if isinstance(exc, ChildStartError) else "the embedded Redis did not start: "
+        raise UserError(f"{where}{exc}") from None
+    try:
         _say(f"splitserve: Redis at {redacted(cluster.redis_url)}")
         for proc in cluster.processes:
             _say(_process_line(proc))
@@ -36,6 +47,8 @@ def run_foreground(spec: ClusterSpec, model_name: str) -> int:
                 _report_event(proc, event)
             if not stop.is_set():  # a Ctrl-C also reaches the children: what it stops is not restarted
                 supervisor.tick()
+    finally:
+        cluster.stop()
     _say("splitserve: stopped")
     return 0
 

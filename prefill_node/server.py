@@ -1,7 +1,7 @@
 """Entry point of a prefill node process: `splitserve prefill`. The request life cycle is in prefill_node/service.py.
 
-A prefill node also serves the public Inference service (cluster/node/whole_request.py) for the requests the router's mixed
-pool lends it for: those run to their end on this node (keep_local) instead of handing their KV over.
+A prefill node also serves the public Inference service (cluster/node/whole_request.py) for the requests the
+router's mixed pool lends it for: those run to their end on this node (keep_local) instead of handing their KV over.
 """
 
 from __future__ import annotations
@@ -10,8 +10,9 @@ from typing import Any
 
 import grpc
 
+from cluster.event_loop import run
 from cluster.grpc_util import add_checked_servicer
-from cluster.node.runtime import NodeOptions, run, run_node
+from cluster.node.runtime import NodeOptions, run_node
 from cluster.node.whole_request import WholeRequestService
 from engine.async_engine import AsyncEngine
 from prefill_node.service import PrefillNodeService

@@ -40,7 +40,12 @@ from cluster.failed_side import Side, failed_side_metadata
 from cluster.grpc_util import abort_with
 from cluster.node.recent_ids import RecentIds
 from cluster.power.accounting import ledger_of
-from cluster.proto_convert import charges_to_proto, finish_to_proto, logprob_to_proto
+from cluster.proto_convert import (
+    charges_to_proto,
+    finish_to_proto,
+    logprob_to_proto,
+    prompt_logprobs_to_proto,
+)
 from cluster.sampling_proto import sampling_from_proto
 from engine.async_engine import AsyncEngine
 from engine.engine import KVHandoff, KVLayerWrite, RequestOutput
@@ -139,6 +144,7 @@ class PrefillNodeService(cluster_pb2_grpc.PrefillNodeServicer):
         )
         try:
             params = sampling_from_proto(request.sampling)
+            await self.engine.prepare(params)  # compiles an output constraint off the engine thread
             peer = await self._connect(request.decode_transport_descriptor)
             layer_wise = len(prompt) + len(prior) >= self.one_piece_below
             target = _Target(
@@ -176,6 +182,7 @@ class PrefillNodeService(cluster_pb2_grpc.PrefillNodeServicer):
                 kv_transfer_seconds=target.transfer_seconds,
                 kv_transfer_bytes=target.bytes_written,
                 queue_seconds=_queued_s(target, started_ns),
+                prompt_logprobs=prompt_logprobs_to_proto(out),
             )
         except EngineError as exc:
             tracing.mark_failed(span, str(exc))

@@ -10,6 +10,9 @@ whether its transfer started, and the decode node frees the blocks at once when 
 node's kv-fence, or after its quarantine).
 
 Nodes know an attempt by its cluster-internal id (`rid` here), never by the client's request id.
+
+Prompt logprobs (sampling.prompt_logprobs) reach the client once, on the stream's first message: from the prefill
+node's answer on a pair, or the colocated node's own first message. A resumed attempt does not ask for them again.
 """
 
 from __future__ import annotations
@@ -57,6 +60,17 @@ class RetryElsewhere(Exception):
         self.node_id = node_id
 
 
+def once_delivered(sampling: pb.SamplingParameters, relay: Relay) -> pb.SamplingParameters:
+    """The sampling for an attempt: a resumed one (the client already has tokens, so the first message with the prompt
+    logprobs went out) does not compute the prompt logprobs again. Only a pair can resume a stream."""
+    if not relay.delivered or not sampling.HasField("prompt_logprobs"):
+        return sampling
+    resumed = pb.SamplingParameters()
+    resumed.CopyFrom(sampling)
+    resumed.ClearField("prompt_logprobs")
+    return resumed
+
+
 class Attempts:
     """Runs attempts on nodes for the router's InferenceService; shares its clients and load tracker."""
 
@@ -87,6 +101,7 @@ class Attempts:
     ) -> AsyncIterator[pb.GenerateResponse]:
         prefill, decode = self._node(placement.prefill), self._node(placement.decode)
         prefill_id, decode_id = prefill.info.node_id, decode.info.node_id
+        sampling = once_delivered(sampling, relay)
         decode_stub = self.clients.decode(decode.info.address)
         blocks = -(-(len(prompt) + len(relay.delivered)) // decode.info.block_size)
         self.tracker.picked(prefill_id, rid, len(prompt), 0)
@@ -141,10 +156,11 @@ class Attempts:
                 relay.cached = max(relay.cached, first.cached_prompt_tokens)
                 relay.charge(first.charges)
                 relay.prefilled(prefill_started, first)
+                yield relay.message(
+                    rid, first.first_text, [first.first_token], first.finish_reason, first.prompt_logprobs
+                )
                 if first.finish_reason != pb.FINISH_REASON_UNSPECIFIED:
-                    yield relay.message(rid, first.first_text, [first.first_token], first.finish_reason)
                     return
-                yield relay.message(rid, first.first_text, [first.first_token])
                 # From here the decode node owns the request's life: closing the stream aborts it there.
                 reserved = False
                 tokens = self._decode_stream(live, decode, decode_stub, rid, first.first_token, trace)

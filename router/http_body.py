@@ -20,7 +20,7 @@ from typing import Any
 
 from aiohttp import web
 
-from router.openai_protocol import HttpError
+from router.http_error import HttpError
 
 MAX_DEPTH = 32  # far beyond any real OpenAI request (content parts are 4 deep)
 

@@ -16,7 +16,7 @@ from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_request import BaseRequest
 
-from router.openai_protocol import HttpError
+from router.http_error import HttpError
 
 LINGER_S = 5.0
 

@@ -2,10 +2,13 @@
 
 Routes: POST /v1/completions, POST /v1/chat/completions (both streaming as server-sent events ending in
 `data: [DONE]`, or not), GET /v1/models, GET /healthz (the process is up), GET /readyz (router/readiness.py),
-GET /metrics (Prometheus text: router/metrics.py). `usage` adds splitserve's energy and cost of the request.
-A request becomes `n` Generate streams through the same placement and relay as gRPC; a client that disconnects
-mid-stream closes them, which aborts the request on its nodes. With an API key set, /v1/* needs
-`Authorization: Bearer <key>` (401 otherwise).
+GET /metrics (Prometheus text: router/metrics.py), and the probes and tokenizer endpoints of
+router/openai_extras.py (/health, /version, /v1/models/{id}, /tokenize, /detokenize); CORS in router/cors.py.
+`usage` adds splitserve's energy and cost of the request.
+A request becomes one Generate stream per prompt and candidate (router/openai_protocol.py), through the same
+placement and relay as gRPC, its bodies built by router/openai_responses.py; a client that disconnects
+mid-stream closes them, which aborts the request on its nodes. With an API key set, /v1/*, /tokenize and
+/detokenize need `Authorization: Bearer <key>` (401 otherwise).
 
 A request's life here: read the body (router/http_body.py: size checked before reading, 413; a read deadline,
 408; UTF-8 JSON without lone surrogates or absurd nesting, 400) -> parse and tokenize (long prompts on the encoder's
@@ -19,8 +22,7 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
 from aiohttp import web
@@ -29,10 +31,14 @@ from opentelemetry.context import Context
 from cluster import tracing
 from router.admission import RETRY_AFTER_S, Overloaded
 from router.auth import bearer_matches
+from router.cors import enable_cors
 from router.errors import RouterError
 from router.http_body import read_json
+from router.http_error import HttpError
 from router.inference import InferenceService
-from router.openai_protocol import FINISH_REASONS, HttpError, ParsedRequest, parse_request, usage_charges
+from router.openai_extras import ExtraEndpoints
+from router.openai_protocol import ParsedRequest, parse_request
+from router.openai_responses import ResponseBuilder, StreamResult
 from router.prompt_encoder import EncoderBusy
 from router.readiness import readiness
 from splitserve.v1 import inference_pb2 as pb
@@ -40,23 +46,28 @@ from splitserve.v1 import inference_pb2 as pb
 MAX_BODY_BYTES = 8 * 1024 * 1024
 BODY_TIMEOUT_S = 10.0  # a request body must arrive within this (408 otherwise)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+_KEYED_PREFIXES = (
+    "/v1/",
+    "/tokenize",
+    "/detokenize",
+)  # what an API key guards; probes and /metrics stay open
 _log = logging.getLogger(__name__)
 
 
-@dataclass
-class _Choice:
-    index: int
-    text: list[str] = field(default_factory=list)
-    logprobs: list[pb.TokenLogprob] = field(default_factory=list)
-    completion_tokens: int = 0
-    finish_reason: str | None = None
-    usage: pb.Usage | None = None
-
-
 def create_app(
-    service: InferenceService, api_key: str | None = None, body_timeout_s: float = BODY_TIMEOUT_S
+    service: InferenceService,
+    api_key: str | None = None,
+    body_timeout_s: float = BODY_TIMEOUT_S,
+    cors_origins: Sequence[str] = (),
 ) -> web.Application:
-    api = _OpenAIApi(service, body_timeout_s)
+    extras = ExtraEndpoints(
+        service.config.model_name,
+        service.encoder,
+        service.config.max_model_len,
+        service.config.vocab_size,
+        body_timeout_s,
+    )
+    api = _OpenAIApi(service, body_timeout_s, extras.model_card)
     app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[_errors, _auth(api_key)])
     app.router.add_get("/healthz", api.healthz)
     app.router.add_get("/readyz", api.readyz)
@@ -64,6 +75,8 @@ def create_app(
     app.router.add_get("/metrics", api.metrics)
     app.router.add_post("/v1/completions", api.completions)
     app.router.add_post("/v1/chat/completions", api.chat_completions)
+    extras.add_routes(app)
+    enable_cors(app, cors_origins)
     return app
 
 
@@ -110,7 +123,7 @@ def _auth(api_key: str | None) -> Any:  # an aiohttp middleware
     async def check(request: web.Request, handler: Handler) -> web.StreamResponse:
         if (
             api_key
-            and request.path.startswith("/v1/")
+            and request.path.startswith(_KEYED_PREFIXES)
             and not bearer_matches(request.headers.get("Authorization", ""), api_key)
         ):
             raise HttpError(401, "invalid or missing API key", code="invalid_api_key")
@@ -120,10 +133,13 @@ def _auth(api_key: str | None) -> Any:  # an aiohttp middleware
 
 
 class _OpenAIApi:
-    def __init__(self, service: InferenceService, body_timeout_s: float) -> None:
+    def __init__(
+        self, service: InferenceService, body_timeout_s: float, model_card: Callable[[], dict[str, Any]]
+    ) -> None:
         self.service = service
         self.model = service.config.model_name
         self.body_timeout_s = body_timeout_s
+        self.model_card = model_card
 
     async def healthz(self, request: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
@@ -137,8 +153,7 @@ class _OpenAIApi:
         return web.Response(body=body, headers={"Content-Type": content_type})
 
     async def models(self, request: web.Request) -> web.Response:
-        entry = {"id": self.model, "object": "model", "created": 0, "owned_by": "splitserve"}
-        return web.json_response({"object": "list", "data": [entry]})
+        return web.json_response({"object": "list", "data": [self.model_card()]})
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
         return await self._serve(request, chat=False)
@@ -148,27 +163,31 @@ class _OpenAIApi:
 
     async def _serve(self, request: web.Request, chat: bool) -> web.StreamResponse:
         body = await read_json(request, MAX_BODY_BYTES, self.body_timeout_s)
+        config = self.service.config
         parsed = await parse_request(
             body,
             chat=chat,
             encoder=self.service.encoder,
             model_name=self.model,
-            max_model_len=self.service.config.max_model_len,
+            max_model_len=config.max_model_len,
+            vocab_size=config.vocab_size,
         )
-        self.service.check_prompt(parsed.prompt)
+        for prompt in parsed.prompts:
+            self.service.check_prompt(prompt)
+        builder = ResponseBuilder(parsed, self.service.tokenizer, self.model)
         # A W3C traceparent header makes the request's trace a child of the caller's (when tracing is on here).
         parent = tracing.context_from_metadata([(k.lower(), v) for k, v in request.headers.items()])
-        # Each choice is one Generate stream on the nodes, so a request holds n admission slots.
-        async with self.service.admission.slot(parsed.n):
+        # Each candidate of each prompt is one Generate stream on the nodes, so a request holds that many slots.
+        async with self.service.admission.slot(parsed.streams):
             if parsed.stream:
-                return await self._stream(request, parsed, parent)
-            choices = [_Choice(i) for i in range(parsed.n)]
+                return await self._stream(request, parsed, builder, parent)
+            results = [StreamResult(i) for i in range(parsed.streams)]
             async for index, msg in self._merged(parsed, parent):
-                _absorb(choices[index], msg)
-            return web.json_response(self._final_body(parsed, choices))
+                results[index].absorb(msg)
+            return web.json_response(builder.final_body(results))
 
     async def _stream(
-        self, request: web.Request, parsed: ParsedRequest, parent: Context | None
+        self, request: web.Request, parsed: ParsedRequest, builder: ResponseBuilder, parent: Context | None
     ) -> web.StreamResponse:
         stream = self._merged(parsed, parent)
         # Fail before the 200 when the request cannot even start (no node, bad sampling value).
@@ -177,20 +196,19 @@ class _OpenAIApi:
             headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
         )
         await response.prepare(request)
-        choices = [_Choice(i) for i in range(parsed.n)]
+        results = [StreamResult(i) for i in range(parsed.streams)]
         try:
             if parsed.chat:
-                for choice in choices:
-                    await _send(
-                        response, self._chunk(parsed, choice.index, {"role": "assistant", "content": ""})
-                    )
+                for index in range(parsed.streams):
+                    await _send(response, builder.role_chunk(index))
             pending = [first] if first is not None else []
-            async for item in _chain(pending, stream):
-                index, msg = item
-                _absorb(choices[index], msg)
-                await _send(response, self._delta_chunk(parsed, index, msg))
+            async for index, msg in _chain(pending, stream):
+                if parsed.echo and not results[index].text:  # the prompt goes first, once per choice
+                    await _send(response, builder.echo_chunk(index, msg.prompt_logprobs))
+                results[index].absorb(msg)
+                await _send(response, builder.delta_chunk(index, msg))
             if parsed.include_usage:
-                await _send(response, self._usage_chunk(parsed, choices))
+                await _send(response, builder.usage_chunk(results))
         except RouterError as exc:  # failed after the 200: report it in the stream, as OpenAI does
             await _send(response, HttpError.from_router(exc).body())
         except (ConnectionResetError, asyncio.CancelledError):
@@ -203,7 +221,7 @@ class _OpenAIApi:
     async def _merged(
         self, parsed: ParsedRequest, parent: Context | None = None
     ) -> AsyncGenerator[tuple[int, pb.GenerateResponse], None]:
-        """The n choices' Generate streams, interleaved as messages arrive; seeds differ per choice."""
+        """Every stream of the request (prompt x candidate), interleaved as messages arrive; seeds differ per stream."""
         queue: asyncio.Queue[tuple[int, pb.GenerateResponse] | BaseException | None] = asyncio.Queue()
 
         async def pump(index: int) -> None:
@@ -211,19 +229,18 @@ class _OpenAIApi:
             sampling.CopyFrom(parsed.sampling)
             if index and sampling.HasField("seed"):
                 sampling.seed = (sampling.seed + index) % 2**64  # seeds are uint64 on the wire
+            prompt = parsed.prompts[parsed.prompt_of(index)]
             try:
-                async for msg in self.service.generate(
-                    parsed.prompt, sampling, f"{parsed.id}-{index}", parent
-                ):
+                async for msg in self.service.generate(prompt, sampling, f"{parsed.id}-{index}", parent):
                     await queue.put((index, msg))
                 await queue.put(None)
             except BaseException as exc:  # handed to the consumer, which re-raises it
                 await queue.put(exc)
 
-        tasks = [asyncio.create_task(pump(i)) for i in range(parsed.n)]
+        tasks = [asyncio.create_task(pump(i)) for i in range(parsed.streams)]
         try:
             done = 0
-            while done < parsed.n:
+            while done < parsed.streams:
                 item = await queue.get()
                 if item is None:
                     done += 1
@@ -237,111 +254,6 @@ class _OpenAIApi:
             for task in tasks:
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
-
-    # ---- response bodies ---------------------------------------------------------------------------------------
-
-    def _envelope(self, parsed: ParsedRequest, final: bool) -> dict[str, Any]:
-        kind = ("chat.completion" if final else "chat.completion.chunk") if parsed.chat else "text_completion"
-        return {"id": parsed.id, "object": kind, "created": parsed.created, "model": self.model}
-
-    def _chunk(
-        self, parsed: ParsedRequest, index: int, delta: dict[str, Any], **extra: Any
-    ) -> dict[str, Any]:
-        choice: dict[str, Any] = {"index": index, "logprobs": None, "finish_reason": None, **extra}
-        if parsed.chat:
-            choice["delta"] = delta
-        else:
-            choice["text"] = delta.get("content", "")
-        return {**self._envelope(parsed, final=False), "choices": [choice]}
-
-    def _delta_chunk(self, parsed: ParsedRequest, index: int, msg: pb.GenerateResponse) -> dict[str, Any]:
-        chunk = self._chunk(parsed, index, {"content": msg.text})
-        choice = chunk["choices"][0]
-        choice["finish_reason"] = FINISH_REASONS.get(msg.finish_reason)
-        if parsed.logprobs is not None and msg.logprobs:
-            choice["logprobs"] = self._logprobs(parsed, list(msg.logprobs))
-        return chunk
-
-    def _usage_chunk(self, parsed: ParsedRequest, choices: list[_Choice]) -> dict[str, Any]:
-        return {**self._envelope(parsed, final=False), "choices": [], "usage": _usage(parsed, choices)}
-
-    def _final_body(self, parsed: ParsedRequest, choices: list[_Choice]) -> dict[str, Any]:
-        out = []
-        for choice in choices:
-            text = "".join(choice.text)
-            logprobs = self._logprobs(parsed, choice.logprobs) if parsed.logprobs is not None else None
-            entry: dict[str, Any] = {
-                "index": choice.index,
-                "logprobs": logprobs,
-                "finish_reason": choice.finish_reason,
-            }
-            if parsed.chat:
-                entry["message"] = {"role": "assistant", "content": text}
-            else:
-                entry["text"] = text
-            out.append(entry)
-        return {**self._envelope(parsed, final=True), "choices": out, "usage": _usage(parsed, choices)}
-
-    def _logprobs(self, parsed: ParsedRequest, items: list[pb.TokenLogprob]) -> dict[str, Any]:
-        def piece(token_id: int) -> str:
-            return self.service.tokenizer.decode([token_id], skip_special_tokens=False)
-
-        if parsed.chat:
-            content = []
-            for lp in items:
-                token = piece(lp.token_id)
-                top = [
-                    {
-                        "token": piece(t.token_id),
-                        "logprob": t.logprob,
-                        "bytes": list(piece(t.token_id).encode()),
-                    }
-                    for t in lp.top
-                ]
-                content.append(
-                    {
-                        "token": token,
-                        "logprob": lp.logprob,
-                        "bytes": list(token.encode()),
-                        "top_logprobs": top,
-                    }
-                )
-            return {"content": content}
-        tokens = [piece(lp.token_id) for lp in items]
-        offsets, total = [], 0
-        for token in tokens:
-            offsets.append(total)
-            total += len(token)
-        return {
-            "tokens": tokens,
-            "token_logprobs": [lp.logprob for lp in items],
-            "top_logprobs": [{piece(t.token_id): t.logprob for t in lp.top} for lp in items],
-            "text_offset": offsets,
-        }
-
-
-def _absorb(choice: _Choice, msg: pb.GenerateResponse) -> None:
-    choice.text.append(msg.text)
-    choice.logprobs.extend(msg.logprobs)
-    choice.completion_tokens += len(msg.token_ids)
-    if msg.finish_reason:
-        choice.finish_reason = FINISH_REASONS.get(msg.finish_reason)
-        choice.usage = msg.usage
-
-
-def _usage(parsed: ParsedRequest, choices: list[_Choice]) -> dict[str, Any]:
-    completion = sum(c.completion_tokens for c in choices)
-    cached = max((c.usage.cached_prompt_tokens for c in choices if c.usage), default=0)
-    ttfts = [c.usage.ttft_seconds for c in choices if c.usage]
-    return {
-        "prompt_tokens": len(parsed.prompt),
-        "completion_tokens": completion,
-        "total_tokens": len(parsed.prompt) + completion,
-        "prompt_tokens_details": {"cached_tokens": cached},
-        # splitserve's own: the router-side time to first token, so a client can compare its view with ours.
-        "server_ttft_s": min(ttfts) if ttfts else None,
-        **usage_charges([c.usage for c in choices if c.usage]),
-    }
 
 
 async def _send(response: web.StreamResponse, payload: dict[str, Any]) -> None:

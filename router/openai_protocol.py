@@ -1,98 +1,85 @@
-"""OpenAI's completions and chat-completions requests and responses, mapped onto splitserve's Generate.
+"""OpenAI's completions and chat-completions requests, parsed into what the router's Generate streams need.
 
 Parsing validates every field by type and range and raises HttpError with OpenAI's error shape, naming the field.
-Extensions that load testers rely on (vLLM's `ignore_eos`, `top_k`, `min_p`, `repetition_penalty`) are accepted too.
+vLLM's extensions that load testers and evaluation harnesses rely on (`ignore_eos`, `top_k`, `min_p`,
+`repetition_penalty`, `stop_token_ids`, `prompt_logprobs`, `guided_json`, `guided_regex`, `guided_choice`,
+`guided_grammar`) are honoured too, as is `response_format` (at most one output constraint per request); any field
+not honoured is a 400 naming it (router/openai_fields.py). A completions request may carry a batch of prompts
+(strings or token-id lists): each prompt becomes `best_of` Generate streams (`n` unless best_of is set), answered as
+choices prompt-major, as OpenAI indexes them. `echo` returns the prompt before the completion, with the prompt's own logprobs when `logprobs` is
+set; `max_tokens: 0` with echo scores a prompt without generating (lm-evaluation-harness's loglikelihood requests).
 """
 
 from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import grpc
-
+from cluster.sampling_proto import structured_to_proto
 from engine import limits
-from router.errors import RouterError
+from router.http_error import HttpError
+from router.openai_fields import UnsupportedField, check_fields
+from router.openai_values import (
+    assign,
+    read_bool,
+    read_int,
+    read_logit_bias,
+    read_logprobs,
+    read_number,
+    read_prompt_logprobs,
+    read_stop,
+    read_stop_token_ids,
+    read_structured_output,
+)
 from router.prompt_encoder import EncoderBusy, PromptEncoder, PromptTooLong
 from splitserve.v1 import inference_pb2 as pb
 
 MAX_N = 16
-MAX_STOP_STRINGS = limits.MAX_STOP_STRINGS
-FINISH_REASONS = {
-    pb.FINISH_REASON_STOP: "stop",
-    pb.FINISH_REASON_LENGTH: "length",
-    pb.FINISH_REASON_ABORT: "abort",
-}
-_HTTP_STATUS = {
-    grpc.StatusCode.INVALID_ARGUMENT: 400,
-    grpc.StatusCode.UNAUTHENTICATED: 401,
-    grpc.StatusCode.NOT_FOUND: 404,
-    grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
-    grpc.StatusCode.UNAVAILABLE: 503,
-    grpc.StatusCode.DEADLINE_EXCEEDED: 504,
-}
-
-
-class HttpError(Exception):
-    """An error answered in OpenAI's shape: {"error": {"message", "type", "param", "code"}}."""
-
-    def __init__(
-        self, status: int, message: str, *, type_: str = "invalid_request_error", param: str | None = None,
-        code: str | None = None, close: bool = False,
-    ) -> None:  # fmt: skip
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
-        self.close = close  # end the connection after answering (the rest of the body was never read)
-
-    def body(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
-
-    @classmethod
-    def from_router(cls, exc: RouterError) -> HttpError:
-        status = _HTTP_STATUS.get(exc.code, 500)
-        code = "context_length_exceeded" if exc.too_long else "model_not_found" if status == 404 else None
-        kind = "invalid_request_error" if status < 500 else "server_error"
-        return cls(status, exc.message, type_=kind, code=code)
+MAX_STREAMS = 64  # Generate streams one HTTP request may start: prompts x best_of
+DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default max_tokens for completions
 
 
 @dataclass
 class ParsedRequest:
     chat: bool
-    prompt: list[int]
+    prompts: list[list[int]]
+    prompt_texts: list[
+        str | None
+    ]  # each prompt as given, for echo; None: given as token ids (echo decodes them)
     sampling: pb.SamplingParameters
-    n: int
+    n: int  # choices returned per prompt
+    best_of: (
+        int  # candidates generated per prompt (>= n); the n with the highest cumulative logprob are returned
+    )
     stream: bool
     include_usage: bool
     logprobs: int | None  # alternatives per token; None: no logprobs
+    echo: bool = False
+    echo_only: bool = False  # max_tokens 0 with echo: the prompt is scored, nothing generated is returned
+    prompt_logprobs: int | None = None  # vLLM's choices[].prompt_logprobs
     id: str = field(default_factory=lambda: f"cmpl-{uuid.uuid4().hex[:24]}")
     created: int = field(default_factory=lambda: int(time.time()))
 
+    @property
+    def streams(self) -> int:
+        return len(self.prompts) * self.best_of
 
-def usage_charges(usages: Sequence[pb.Usage]) -> dict[str, Any]:
-    """splitserve's fields of an OpenAI usage object: energy and cost, summed over the choices' requests.
-
-    `charges` splits them by phase (and gives the machine seconds behind the costs); `power_source` is "measured",
-    "modeled", "mixed" (nodes of both kinds) or None when no node charged anything."""
-    fields = [f.name for f in pb.ChargeBreakdown.DESCRIPTOR.fields if f.type == f.TYPE_DOUBLE]
-    charges: dict[str, Any] = {name: sum(getattr(u.charges, name) for u in usages) for name in fields}
-    sources = {u.charges.power_source for u in usages if u.charges.power_source}
-    charges["power_source"] = sources.pop() if len(sources) == 1 else "mixed" if sources else None
-    return {
-        "energy_joules": sum(u.energy_joules for u in usages),
-        "cost_usd": sum(u.cost_usd for u in usages),
-        "charges": charges,
-    }
+    def prompt_of(self, stream: int) -> int:
+        return stream // self.best_of
 
 
 async def parse_request(
-    body: object, *, chat: bool, encoder: PromptEncoder, model_name: str, max_model_len: int
+    body: object, *, chat: bool, encoder: PromptEncoder, model_name: str, max_model_len: int, vocab_size: int
 ) -> ParsedRequest:
-    """The request's fields, validated, with its prompt tokenized off the event loop (router/prompt_encoder.py)."""
+    """The request's fields, validated, with its prompts tokenized off the event loop (router/prompt_encoder.py)."""
     if not isinstance(body, dict):
         raise HttpError(400, "the request body must be a JSON object")
+    try:
+        check_fields(body, "chat" if chat else "completions")
+    except UnsupportedField as exc:
+        raise HttpError(400, str(exc), param=exc.name) from None
     model = body.get("model")
     if not isinstance(model, str):
         raise HttpError(400, "model must be a string", param="model")
@@ -100,29 +87,85 @@ async def parse_request(
         raise HttpError(
             404, f"the model {model!r} does not exist (served: {model_name!r})", code="model_not_found"
         )
-    param = "messages" if chat else "prompt"
-    try:
-        prompt = await (
-            _chat_prompt(body, encoder, max_model_len)
-            if chat
-            else _completion_prompt(body, encoder, max_model_len)
-        )
-    except PromptTooLong as exc:
-        prompt_tokens = exc.tokens
+    n = read_int(body, "n", 1) or 1
+    if n > MAX_N:
+        raise HttpError(400, f"n must be <= {MAX_N}", param="n")
+    best_of = _best_of(body, n)
+    texts: list[str | None]
+    if chat:
+        prompts, texts = [await _chat_prompt(body, encoder, max_model_len)], [None]
     else:
-        prompt_tokens = len(prompt)
-    if prompt_tokens >= max_model_len:
+        prompts, texts = await _completion_prompts(body, encoder, max_model_len)
+    if len(prompts) * best_of > MAX_STREAMS:
         raise HttpError(
             400,
-            f"the prompt has {prompt_tokens} tokens; this model's context is {max_model_len} tokens",
-            param=param,
-            code="context_length_exceeded",
+            f"{len(prompts)} prompts x {best_of} choices is more than {MAX_STREAMS} completions in one request",
+            param="prompt" if len(prompts) > 1 else "n",
         )
+    echo = read_bool(body, "echo")
+    logprobs = read_logprobs(body, chat)
+    prompt_logprobs = read_prompt_logprobs(body)
+    sampling = _sampling(body, chat, max(len(p) for p in prompts), max_model_len, vocab_size, echo)
+    if logprobs is not None or best_of > n:
+        # best_of ranks candidates by their cumulative logprob, so it needs the sampled tokens' logprobs.
+        assign(sampling, "logprobs", logprobs or 0, "top_logprobs" if chat else "logprobs")
+    wanted_prompt_logprobs = [k for k in (prompt_logprobs, logprobs if echo else None) if k is not None]
+    if wanted_prompt_logprobs:
+        sampling.prompt_logprobs = max(wanted_prompt_logprobs)
+    stream = read_bool(body, "stream")
+    if stream and best_of > n:
+        raise HttpError(400, "best_of cannot be used with stream", param="best_of")
+    options = body.get("stream_options")
+    if options is not None and not isinstance(options, dict):
+        raise HttpError(400, "stream_options must be an object", param="stream_options")
+    return ParsedRequest(
+        chat=chat,
+        prompts=prompts,
+        prompt_texts=texts,
+        sampling=sampling,
+        n=n,
+        best_of=best_of,
+        stream=stream,
+        include_usage=bool(options and options.get("include_usage")),
+        logprobs=logprobs,
+        echo=echo,
+        echo_only=echo and body.get("max_tokens") == 0,
+        prompt_logprobs=prompt_logprobs,
+    )
+
+
+def _best_of(body: dict[str, Any], n: int) -> int:
+    best_of = read_int(body, "best_of", 1)
+    if best_of is None:
+        return n
+    if best_of < n:
+        raise HttpError(400, f"best_of must be >= n ({n}), got {best_of}", param="best_of")
+    if best_of > MAX_N:
+        raise HttpError(400, f"best_of must be <= {MAX_N}", param="best_of")
+    return best_of
+
+
+def _sampling(
+    body: dict[str, Any], chat: bool, longest_prompt: int, max_model_len: int, vocab_size: int, echo: bool
+) -> pb.SamplingParameters:
     sampling = pb.SamplingParameters()
-    default_max = 16 if not chat else max_model_len - len(prompt)
-    max_tokens = _int(body, "max_completion_tokens", 1) if chat else None
-    max_param = "max_completion_tokens" if max_tokens else "max_tokens"
-    _assign(sampling, "max_tokens", max_tokens or _int(body, "max_tokens", 1) or default_max, max_param)
+    room = max_model_len - longest_prompt
+    max_param = (
+        "max_completion_tokens" if chat and body.get("max_completion_tokens") is not None else "max_tokens"
+    )
+    # max_tokens 0 asks for nothing generated: meaningful only with echo (the prompt is scored, one token is computed
+    # and dropped, since a request always yields at least one token).
+    max_tokens = read_int(body, max_param, 0 if echo else 1)
+    if max_tokens is not None and max_tokens > room:
+        raise HttpError(
+            400,
+            f"{max_param} is too large: the longest prompt has {longest_prompt} tokens and {max_param} asks for "
+            f"{max_tokens} more, beyond this model's context of {max_model_len} tokens",
+            param=max_param,
+        )
+    # Unset: OpenAI's 16 for completions (less when the context has no room for 16), the rest of the context for chat.
+    default = room if chat else min(DEFAULT_COMPLETION_TOKENS, room)
+    assign(sampling, "max_tokens", max(max_tokens if max_tokens is not None else default, 1), max_param)
     # The engine's bounds (engine/limits.py); the router's check (router/sampling_check.py) adds the rest, such as
     # temperature's gap between 0 and its minimum.
     for name, low, high in (("temperature", 0.0, limits.MAX_TEMPERATURE), ("top_p", 1e-9, 1.0), ("min_p", 0.0, 1.0),
@@ -130,50 +173,62 @@ async def parse_request(
                             ("frequency_penalty", -limits.MAX_ABS_PENALTY, limits.MAX_ABS_PENALTY),
                             ("repetition_penalty", limits.MIN_REPETITION_PENALTY, limits.MAX_REPETITION_PENALTY),
                             ):  # fmt: skip
-        value = _number(body, name, low, high)
+        value = read_number(body, name, low, high)
         if value is not None:
-            _assign(sampling, name, value)
+            assign(sampling, name, value)
     for name in ("seed", "top_k"):
-        value = _int(body, name, 0)
-        if value is not None:
-            _assign(sampling, name, value)
-    sampling.stop.extend(_stop(body))
-    sampling.ignore_eos = _bool(body, "ignore_eos")
-    logprobs = _logprobs(body, chat)
-    if logprobs is not None:
-        _assign(sampling, "logprobs", logprobs, "top_logprobs" if chat else "logprobs")
-    n = _int(body, "n", 1) or 1
-    if n > MAX_N:
-        raise HttpError(400, f"n must be <= {MAX_N}", param="n")
-    options = body.get("stream_options")
-    if options is not None and not isinstance(options, dict):
-        raise HttpError(400, "stream_options must be an object", param="stream_options")
-    return ParsedRequest(
-        chat=chat,
-        prompt=prompt,
-        sampling=sampling,
-        n=n,
-        stream=_bool(body, "stream"),
-        include_usage=bool(options and options.get("include_usage")),
-        logprobs=logprobs,
-    )
+        count = read_int(body, name, 0)
+        if count is not None:
+            assign(sampling, name, count)
+    sampling.stop.extend(read_stop(body))
+    sampling.stop_token_ids.extend(read_stop_token_ids(body, vocab_size))
+    sampling.ignore_eos = read_bool(body, "ignore_eos")
+    for token, bias in read_logit_bias(body, vocab_size).items():
+        sampling.logit_bias[token] = bias
+    structured = read_structured_output(body)  # response_format or vLLM's guided_*: compiled by the nodes
+    if structured is not None:
+        sampling.structured_output.CopyFrom(structured_to_proto(structured))
+    return sampling
 
 
-async def _completion_prompt(body: dict[str, Any], encoder: PromptEncoder, max_model_len: int) -> list[int]:
+async def _completion_prompts(
+    body: dict[str, Any], encoder: PromptEncoder, max_model_len: int
+) -> tuple[list[list[int]], list[str | None]]:
+    """The prompts of a completions request: a string, a list of token ids, or a batch (a list of either)."""
     prompt = body.get("prompt")
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str | list):
-        prompt = prompt[0]  # a batch of one
-    if isinstance(prompt, str):
-        ids = await encoder.encode(prompt, limit=max_model_len)
-    elif isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-        ids = list(prompt)
-    elif isinstance(prompt, list):
-        raise HttpError(400, "only one prompt per request is supported", param="prompt")
+    if isinstance(prompt, str) or (isinstance(prompt, list) and prompt and all(_is_id(t) for t in prompt)):
+        batch: list[Any] = [prompt]
+    elif isinstance(prompt, list) and prompt and all(isinstance(p, str | list) for p in prompt):
+        batch = prompt
     else:
-        raise HttpError(400, "prompt must be a string or a list of token ids", param="prompt")
-    if not ids:
-        raise HttpError(400, "prompt is empty", param="prompt")
-    return ids
+        raise HttpError(
+            400, "prompt must be a string, a list of token ids, or a non-empty list of either", param="prompt"
+        )
+    if len(batch) > MAX_STREAMS:
+        raise HttpError(400, f"at most {MAX_STREAMS} prompts per request", param="prompt")
+    prompts, texts = [], []
+    for index, item in enumerate(batch):
+        where = "prompt" if len(batch) == 1 else f"prompt[{index}]"
+        if isinstance(item, str):
+            ids = await _encode(encoder, item, max_model_len, "the prompt" if len(batch) == 1 else where)
+        elif all(_is_id(t) for t in item):
+            ids = list(item)
+        else:
+            raise HttpError(400, f"{where} must be a string or a list of token ids", param="prompt")
+        if not ids:
+            raise HttpError(400, f"{where} is empty", param="prompt")
+        _check_length(len(ids), max_model_len, "prompt", "the prompt" if len(batch) == 1 else where)
+        prompts.append(ids)
+        texts.append(item if isinstance(item, str) else None)
+    return prompts, texts
+
+
+async def _encode(encoder: PromptEncoder, text: str, max_model_len: int, where: str) -> list[int]:
+    try:
+        return await encoder.encode(text, limit=max_model_len)
+    except PromptTooLong as exc:
+        _check_length(exc.tokens, max_model_len, "prompt", where)
+        raise  # unreachable: a prompt too long for the limit is always over the context
 
 
 async def _chat_prompt(body: dict[str, Any], encoder: PromptEncoder, max_model_len: int) -> list[int]:
@@ -197,76 +252,27 @@ async def _chat_prompt(body: dict[str, Any], encoder: PromptEncoder, max_model_l
             raise HttpError(400, f"messages[{i}].content must be a string", param="messages")
         normalised.append({"role": message["role"], "content": content})
     try:
-        return await encoder.encode_chat(normalised, limit=max_model_len)
-    except (PromptTooLong, EncoderBusy):
+        ids = await encoder.encode_chat(normalised, limit=max_model_len)
+    except PromptTooLong as exc:
+        _check_length(exc.tokens, max_model_len, "messages", "the conversation")
+        raise
+    except EncoderBusy:
         raise
     except Exception as exc:  # the model's own template rejected the conversation
         raise HttpError(400, f"messages: {exc}", param="messages") from exc
+    _check_length(len(ids), max_model_len, "messages", "the conversation")
+    return ids
 
 
-def _assign(sampling: pb.SamplingParameters, name: str, value: float, param: str | None = None) -> None:
-    """Set a protobuf field; a value its wire type cannot hold (over 2**32 - 1 for uint32, ...) is a 400, not a 500."""
-    try:
-        setattr(sampling, name, value)
-    except (ValueError, TypeError, OverflowError):
-        shown = str(value) if len(str(value)) <= 40 else f"{str(value)[:20]}...({len(str(value))} digits)"
-        raise HttpError(400, f"{param or name} is out of range: {shown}", param=param or name) from None
+def _check_length(tokens: int, max_model_len: int, param: str, what: str) -> None:
+    if tokens >= max_model_len:
+        raise HttpError(
+            400,
+            f"{what} has {tokens} tokens; this model's context is {max_model_len} tokens",
+            param=param,
+            code="context_length_exceeded",
+        )
 
 
-def _int(body: dict[str, Any], name: str, minimum: int) -> int | None:
-    value = body.get(name)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise HttpError(400, f"{name} must be an integer", param=name)
-    if value < minimum:
-        raise HttpError(400, f"{name} must be >= {minimum}, got {value}", param=name)
-    return value
-
-
-def _number(body: dict[str, Any], name: str, low: float, high: float) -> float | None:
-    value = body.get(name)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise HttpError(400, f"{name} must be a number", param=name)
-    if not low <= value <= high:
-        raise HttpError(400, f"{name} must be between {low:g} and {high:g}, got {value}", param=name)
-    return float(value)
-
-
-def _bool(body: dict[str, Any], name: str) -> bool:
-    value = body.get(name, False)
-    if value is None:
-        return False
-    if not isinstance(value, bool):
-        raise HttpError(400, f"{name} must be a boolean", param=name)
-    return value
-
-
-def _stop(body: dict[str, Any]) -> list[str]:
-    stop = body.get("stop")
-    if stop is None:
-        return []
-    stops = [stop] if isinstance(stop, str) else stop
-    if not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops):
-        raise HttpError(400, "stop must be a non-empty string or a list of them", param="stop")
-    if len(stops) > MAX_STOP_STRINGS:
-        raise HttpError(400, f"at most {MAX_STOP_STRINGS} stop strings", param="stop")
-    return stops
-
-
-def _logprobs(body: dict[str, Any], chat: bool) -> int | None:
-    if chat:
-        if not _bool(body, "logprobs"):
-            if body.get("top_logprobs") is not None:
-                raise HttpError(400, "top_logprobs requires logprobs: true", param="top_logprobs")
-            return None
-        top = _int(body, "top_logprobs", 0) or 0
-    else:
-        top = _int(body, "logprobs", 0)  # type: ignore[assignment]
-        if top is None:
-            return None
-    if top > 20:
-        raise HttpError(400, "at most 20 top logprobs", param="top_logprobs" if chat else "logprobs")
-    return top
+def _is_id(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)

@@ -8,7 +8,7 @@ every node charged. `OutputLengthEstimate` is the router's guess of a request's 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 from router.metrics import RequestTimer
 from router.request_log import RequestRecord
@@ -71,13 +71,20 @@ class Relay:
         self.record.transfer_bytes += response.kv_transfer_bytes
 
     def message(
-        self, rid: str, text: str, tokens: list[pb.TokenLogprob], finish: int = pb.FINISH_REASON_UNSPECIFIED
+        self,
+        rid: str,
+        text: str,
+        tokens: list[pb.TokenLogprob],
+        finish: int = pb.FINISH_REASON_UNSPECIFIED,
+        prompt_logprobs: Iterable[pb.TokenLogprob] = (),
     ) -> pb.GenerateResponse:
+        """A message made from a prefill node's answer (its first token, and the prompt's logprobs if asked for)."""
         msg = pb.GenerateResponse(
             text=text,
             token_ids=[t.token_id for t in tokens],
             logprobs=tokens if self.with_logprobs else [],
             finish_reason=finish,
+            prompt_logprobs=prompt_logprobs,
         )
         return self.forward(msg)
 

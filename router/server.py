@@ -2,15 +2,18 @@
 
 The router is stateless: it reads cluster state from Redis into memory and can run in any number of copies.
 Process life: load the tokenizer -> sync the cluster view -> serve gRPC (Inference, health, reflection) -> print
-the ready line -> on SIGTERM/SIGINT stop taking requests, let streams finish (grace period), exit 0.
+the ready line -> on SIGTERM/SIGINT stop taking requests, let streams finish (grace period), exit 0. A port it cannot
+listen on is one line on stderr naming the flag to change, and exit code 2.
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import os
 import signal
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -57,6 +60,9 @@ class RouterOptions:
     queue_timeout_s: float = DEFAULT_QUEUE_TIMEOUT_S
     body_timeout_s: float = BODY_TIMEOUT_S  # an HTTP request body must arrive within this (408)
     tokenizer_threads: int = 2  # threads tokenizing long prompts off the event loop
+    cors_origins: tuple[
+        str, ...
+    ] = ()  # origins browsers may call the HTTP endpoint from ("*": any); none: no CORS
     otlp_endpoint: str | None = None  # None: OTEL_EXPORTER_OTLP_ENDPOINT if set, else no tracing
     cluster_token: str | None = (
         None  # sent on every call to a node (cluster/auth.py); None: $SPLITSERVE_CLUSTER_TOKEN
@@ -82,7 +88,12 @@ async def run_router(options: RouterOptions) -> int:
     view.start()
     api_key = options.api_key or os.environ.get("SPLITSERVE_API_KEY") or None
     interceptors = [ApiKeyInterceptor(api_key)] if api_key else []
-    server, health, port = make_server(f"{options.host}:{options.grpc_port}", [SERVICE_NAME], interceptors)
+    try:
+        server, health, port = make_server(
+            f"{options.host}:{options.grpc_port}", [SERVICE_NAME], interceptors
+        )
+    except OSError as exc:  # taken since the command line checked it, say
+        return _cannot_listen(exc, options.host, options.grpc_port, "--grpc-port")
     service = InferenceService(
         RouterConfig(
             model_name=options.model_dir.name,
@@ -104,14 +115,18 @@ async def run_router(options: RouterOptions) -> int:
     add_checked_servicer(inference_pb2_grpc.add_InferenceServicer_to_server, service, server)
     await server.start()
     await health.set(True)
-    app = create_app(service, api_key, options.body_timeout_s)
+    app = create_app(service, api_key, options.body_timeout_s, options.cors_origins)
     source = DashboardSource(service.config.model_name, view, service.requests, service.policy, bool(api_key))
     add_dashboard(app, source, options.redis_url, api_key)
     # Parser-level errors (bad request line, bad headers) are OpenAI-shaped JSON too (router/http_runner.py).
     runner = JsonErrorAppRunner(app, access_log=None, shutdown_timeout=options.grace_s)
     await runner.setup()
     site = web.TCPSite(runner, options.host, options.http_port)
-    await site.start()
+    try:
+        await site.start()
+    except OSError as exc:
+        await server.stop(None)  # a gRPC server left running outlives the event loop, and fails noisily then
+        return _cannot_listen(exc, options.host, options.http_port, "--http-port")
     http_port = runner.addresses[0][1]
     ready = {"event": "ready", "role": "router", "address": f"{options.host}:{port}"}
     print(json.dumps({**ready, "http_address": f"{options.host}:{http_port}"}), flush=True)
@@ -129,3 +144,10 @@ async def run_router(options: RouterOptions) -> int:
     tracing.shutdown()  # exports the spans still buffered
     print(json.dumps({"event": "stopped", "role": "router"}), flush=True)
     return 0
+
+
+def _cannot_listen(exc: OSError, host: str, port: int, flag: str) -> int:
+    """One line naming the flag to change, exit code 2: what `splitserve router` says of a port it cannot have."""
+    why = f"port {port} is in use" if exc.errno == errno.EADDRINUSE else f"cannot listen on {host}:{port}"
+    print(f"splitserve router: error: {why} (change {flag})", file=sys.stderr, flush=True)
+    return 2

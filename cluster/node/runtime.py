@@ -5,12 +5,12 @@ A node's process life:
    load the model into an engine of the node's role, on its own thread (AsyncEngine), which reports every step to
    the node's ChargeLedger (per-request energy and cost).
 2. Register the engine's KV pool with the transport (prefill, decode), serve Prometheus metrics over HTTP
-   (cluster/node/metrics.py; a port it cannot bind exits 2 here) and gRPC with health and reflection. With a cluster
-   token every other gRPC call needs it (cluster/auth.py), and so do KV peers.
+   (cluster/node/metrics.py) and gRPC with health and reflection (a port it cannot bind: one line, exit 2). With a
+   cluster token every other gRPC call needs it (cluster/auth.py), and so do KV peers.
 3. Register in Redis (address, KV capacity, transport descriptor, machine type with its cost, power and latency
    model) and publish load (with the meter's power reading) at least every 100 ms. While one engine step or the
-   event loop is stuck longer than `--stall-timeout-s` (cluster/node/progress_watch.py), the registration is withdrawn, so
-   routers move the node's requests elsewhere; it is registered again when the node makes progress.
+   event loop is stuck longer than `--stall-timeout-s` (cluster/node/progress_watch.py), the registration is
+   withdrawn, so routers move the node's requests elsewhere; it is registered again when the node makes progress.
 4. Print one JSON line `{"event": "ready", ...}` on stdout (gRPC and metrics addresses): launchers (`splitserve
    up`, tests) wait for it.
 5. While serving, apply the operator's control from Redis (cluster/node/control.py): drain in place and resume, each
@@ -123,7 +123,20 @@ async def run_node(options: NodeOptions, service_names: list[str], attach: Attac
     transport = _make_transport(options, node_id, engine)
     # Public Inference included: a node serves only its routers, never a client that skipped one.
     guard = [ClusterTokenInterceptor(options.cluster_token)] if options.cluster_token else []
-    server, health, port = make_server(f"{options.host}:{options.port}", service_names, guard)
+
+    # A port taken (since the command line checked it) or a host this machine does not have: one line, exit 2.
+    def cannot_listen(what: str, flag: str, exc: OSError) -> int:
+        print(f"splitserve {options.role}: error: {what}: {exc} (change {flag})", file=sys.stderr, flush=True)
+        async_engine.shutdown()
+        if transport is not None:
+            transport.close()
+        power.close()
+        return 2
+
+    try:
+        server, health, port = make_server(f"{options.host}:{options.port}", service_names, guard)
+    except OSError as exc:
+        return cannot_listen("gRPC", "--port", exc)
     service = attach(async_engine, transport, server)
     metrics = NodeMetrics(NodeIdentity(options.role, node_id, power.machine.name), async_engine, power.meter)
     if hasattr(service, "on_kv_transfer"):  # prefill nodes time their transfers
@@ -131,14 +144,9 @@ async def run_node(options: NodeOptions, service_names: list[str], attach: Attac
     metrics_server = MetricsServer(metrics)
     try:
         metrics_address = await metrics_server.start(options.host, options.metrics_port)
-    except OSError as exc:  # a taken port or a host this machine does not have: nothing is registered yet
+    except OSError as exc:  # nothing is registered yet
         where = f"{options.host}:{options.metrics_port}"
-        print(f"splitserve {options.role}: error: cannot serve metrics on {where}: {exc}", file=sys.stderr)
-        async_engine.shutdown()
-        if transport is not None:
-            transport.close()
-        power.close()
-        return 2
+        return cannot_listen(f"cannot serve metrics on {where}", "--metrics-port", exc)
     if hasattr(service, "start"):
         await service.start()
     await server.start()
@@ -286,15 +294,3 @@ def _stop_on_signal() -> asyncio.Event:
 
 def _say(event: dict[str, object]) -> None:
     print(json.dumps(event), flush=True)
-
-
-def run(coro_factory: Callable[[], Any]) -> int:
-    """Run a server coroutine on uvloop when available."""
-    try:
-        import uvloop
-
-        return int(uvloop.run(coro_factory()))
-    except ImportError:
-        return int(asyncio.run(coro_factory()))
-    finally:
-        sys.stdout.flush()

@@ -59,9 +59,9 @@ class WholeRequestService(inference_pb2_grpc.InferenceServicer):
         )
         span = tracing.span_from_grpc("generate", context, {"splitserve.request_id": rid})
         try:
-            stream = await self.engine.generate(
-                rid, prompt, sampling_from_proto(request.sampling), keep_local=self.keep_local
-            )
+            params = sampling_from_proto(request.sampling)
+            await self.engine.prepare(params)  # compiles an output constraint off the engine thread
+            stream = await self.engine.generate(rid, prompt, params, keep_local=self.keep_local)
         except EngineError as exc:
             tracing.mark_failed(span, str(exc))
             span.end()

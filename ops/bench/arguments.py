@@ -44,6 +44,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--out", type=Path, default=None, help="output directory (default bench-results/<time>)"
     )
     parser.add_argument("--plot", action="store_true", help="also write PNG plots (needs matplotlib)")
+    parser.add_argument(
+        "--json",
+        action="store_true",
+        help="print the summary as JSON (default: a table); results.json has it too",
+    )
     parser.add_argument("--timeout", type=float, default=300.0, help="per-request deadline, seconds")
     parser.add_argument(
         "--compare", nargs=2, type=Path, metavar=("A.json", "B.json"), help="print two runs side by side"

@@ -30,6 +30,7 @@ __all__ = [
     "compare_summaries",
     "load_results",
     "read_request_csv",
+    "summary_table",
     "write_request_csv",
     "write_results",
 ]
@@ -119,6 +120,13 @@ def compare(
     first = a if isinstance(a, BenchResults) else load_results(a)
     second = b if isinstance(b, BenchResults) else load_results(b)
     return compare_summaries(first.summary, second.summary, labels=labels)
+
+
+def summary_table(summary: Summary) -> str:
+    """One run's metrics as plain text, a metric a line (the rows `compare` prints for two runs)."""
+    table = [(name, _format(value)) for name, value, _ in _rows(summary, summary)]
+    width = max(len(name) for name, _ in table)
+    return "".join(f"{name.ljust(width)}  {value}\n" for name, value in table)
 
 
 def compare_summaries(a: Summary, b: Summary, *, labels: tuple[str, str] = ("A", "B")) -> str:

@@ -20,6 +20,7 @@ from typing import Any
 
 from cluster.machines import MachineType, load_catalog
 from cluster.perfmodel import PerfModel
+from ops.cli_errors import require_file
 from ops.plan import report
 from ops.plan.budget import parse_budget
 from ops.plan.cluster_spec import ClusterOutput
@@ -58,6 +59,10 @@ def _fail(exc: Exception, code: int) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    inputs = {"--trace": args.trace, "--perf-model": args.perf_model, "--machines": args.machines,
+              "--cluster-template": args.cluster_template}  # fmt: skip
+    for flag, path in inputs.items():
+        require_file(path, flag)
     goal: Goal = args.goal
     catalog = load_catalog(args.machines)
     specs = resolve_designs(args.design or list(DESIGNS), args.custom, DESIGNS, catalog)

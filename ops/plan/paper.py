@@ -1,6 +1,7 @@
 """The Splitwise paper's provisioning figures, and ours beside them.
 
-Every figure quotes its line of /work/shared/design/splitwise-facts.md (Patel et al., ISCA 2024). A figure is
+Every figure quotes its line of docs/splitwise-facts.md (FACTS: the project's summary of Patel et al., ISCA 2024,
+arXiv 2311.18677, shipped in the repository so that a user can follow each citation). A figure is
 measured only by the run that can produce it: the splits and iso-power ratios by an iso-power run on the same
 trace, the iso-cost ratios by an iso-cost run, and so on; others show "not measured" and what would measure them.
 A gap is ours / paper - 1, flagged beyond GAP_THRESHOLD; docs/planning.md explains each flagged gap of a real run.
@@ -22,7 +23,7 @@ from ops.plan.outcome import DesignPlan, Goal
 GAP_THRESHOLD = 0.15
 TraceKind = Literal["conversation", "coding"]
 TRACE_KINDS: tuple[TraceKind, ...] = ("conversation", "coding")
-FACTS = "splitwise-facts.md"
+FACTS = "docs/splitwise-facts.md"  # relative to the repository root
 
 _SPLIT_LINE = 67
 _SPLITS: dict[TraceKind, dict[str, tuple[int, int]]] = {
@@ -85,7 +86,7 @@ class PaperRow:
     figure: str
     paper: float
     ours: float | None  # None: this run does not measure the figure
-    source: str  # "splitwise-facts.md line N: '...'"
+    source: str  # "docs/splitwise-facts.md line N: '...'"
     note: str = ""  # what would measure it, when not measured
 
     @property

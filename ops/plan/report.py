@@ -17,7 +17,7 @@ from typing import Any
 from ops.plan.budget import spend
 from ops.plan.designs import BASELINE_A100
 from ops.plan.outcome import GOAL_SPEND, ConfigResult, DesignPlan, maximises_throughput
-from ops.plan.paper import GAP_THRESHOLD, PaperRow
+from ops.plan.paper import FACTS, GAP_THRESHOLD, PaperRow
 from ops.plan.planner import PlanResult
 
 NO_FEASIBLE = "no feasible configuration"
@@ -54,7 +54,10 @@ def table_lines(result: PlanResult) -> list[str]:
 
 def paper_lines(rows: Sequence[PaperRow]) -> list[str]:
     measured = [row for row in rows if row.ours is not None]
-    lines = [f"The paper (splitwise-facts.md) beside this run; gaps over {GAP_THRESHOLD:.0%} are flagged:"]
+    lines = [
+        f"The paper (Splitwise, ISCA 2024, as quoted in {FACTS}) beside this run; "
+        f"gaps over {GAP_THRESHOLD:.0%} are flagged:"
+    ]
     if measured:
         width = max(len(row.figure) for row in measured)
         lines.append(f"  {'figure'.ljust(width)}  {'paper':>7}  {'ours':>7}  {'gap':>7}")

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from engine.errors import InvalidRequestError
+from ops.cli_errors import require_dir
 from ops.profiling.results import Trial, write_perf_csv
 from ops.profiling.sweep import ProfilePoint, SweepSpec, plan_sweep
 
@@ -30,6 +31,7 @@ WARM_UP_TOKENS = 16
 
 
 def main(args: argparse.Namespace) -> int:
+    require_dir(args.model, "--model", "model directory")
     _check_output(args.output)
     if args.threads:
         # Before torch is imported, so that its intra-op pool starts at this size.

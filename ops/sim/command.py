@@ -5,8 +5,8 @@
     splitserve simulate --trace t.csv --perf-model cpu.csv --model tiny --tp 1 --prefill-type cpu --prefill 1 \\
         --decode-type cpu --decode 1 --kv-capacity-tokens 65536 --link-gbps 10 --reference-hardware cpu
 
-Bad input (a malformed or empty trace or perf CSV, an unknown design, machine type or policy, a request that cannot
-fit) prints one line, `splitserve simulate: error: ...`, and exits with code 2.
+Bad input (a missing, malformed or empty trace, perf CSV or catalog, an unknown design, machine type or policy, a
+request that cannot fit) prints one line, `splitserve simulate: error: ...`, and exits with code 2.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from cluster.machines import load_catalog
 from ops.bench.report import write_request_csv
 from ops.bench.samples import RequestSample
 from ops.bench.workload import load_azure_trace
+from ops.cli_errors import require_file
 from ops.sim.arguments import shared_config
 from ops.sim.config import SimConfig
 from ops.sim.design import ClusterDesign, Pool, make_design
@@ -40,6 +41,9 @@ def main(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    inputs = {"--trace": args.trace, "--perf-model": args.perf_model, "--machines": args.machines}
+    for flag, path in inputs.items():
+        require_file(path, flag)
     design = design_from_args(args)
     config = SimConfig(
         **shared_config(args),

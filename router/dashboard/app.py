@@ -28,7 +28,7 @@ from aiohttp import web
 from cluster.state import ROLES, InvalidRecord, NodeControl, connect, read_control, write_control
 from router.auth import bearer_matches
 from router.dashboard.snapshot import DashboardSource, snapshot
-from router.openai_protocol import HttpError
+from router.http_error import HttpError
 
 STATIC_DIR = Path(__file__).parent / "static"
 ASSETS = {"dashboard.js": "text/javascript", "dashboard.css": "text/css"}

@@ -36,7 +36,9 @@ def cluster(llama_dir: Path) -> Iterator[LocalCluster]:
         decode=1,
         grpc_port=0,
         http_port=0,
-        router_args=["--body-timeout-s", str(BODY_TIMEOUT_S)],
+        # One tokenizer thread: on the 2-core CI machine two would take both cores, and the small request would
+        # then wait for CPU, not for the event loop this test is about.
+        router_args=["--body-timeout-s", str(BODY_TIMEOUT_S), "--tokenizer-threads", "1"],
     )
     with LocalCluster(spec) as running:
         yield running

@@ -32,7 +32,7 @@ def test_iso_power_plan_writes_table_json_and_plot(tmp_path: Path) -> None:
     table = out.stdout.splitlines()
     for design in ("baseline-a100", "splitwise-aa", "my-ha"):
         assert any(line.startswith(design) for line in table), out.stdout
-    assert "The paper (splitwise-facts.md) beside this run" in out.stdout
+    assert "as quoted in docs/splitwise-facts.md) beside this run" in out.stdout
     assert "splitwise-aa sustains more load than baseline-a100" in out.stdout
     assert "plan: splitwise-aa" in out.stderr  # progress
     assert (tmp_path / "plan.png").read_bytes().startswith(b"\x89PNG")

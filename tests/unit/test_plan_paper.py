@@ -19,7 +19,7 @@ from ops.plan.paper import (
 )
 from ops.sim import DESIGNS
 
-FACTS = Path(__file__).resolve().parents[3] / "shared" / "design" / "splitwise-facts.md"
+FACTS = Path(__file__).resolve().parents[2] / "docs" / "splitwise-facts.md"  # shipped: every source cites it
 
 
 def plan(name: str, prefill: int = 0, decode: int = 0, colocated: int = 0, rps: float = 10.0) -> DesignPlan:
@@ -48,7 +48,7 @@ def test_every_source_quotes_its_line_of_the_facts_file() -> None:
     rows = compare_with_paper(facts("iso-power", None, [], {}))
     assert len(rows) == 16 + len(RATIO_FIGURES) + 2
     for row in rows:
-        number, quote = row.source.removeprefix("splitwise-facts.md line ").split(": ", 1)
+        number, quote = row.source.removeprefix("docs/splitwise-facts.md line ").split(": ", 1)
         text = lines[int(number) - 1]
         assert quote.strip("'") in text, row.source
         # The value is printed as is (2.15x, 45/25) or as a percentage change ("10% lower cost" is 0.9).

@@ -6,6 +6,9 @@ import hashlib
 import json
 import math
 import os
+import random
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,7 +18,15 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from engine.config import ModelConfig
-from engine.tiny_model import ARCHS, default_intermediate_size, make_tiny_model
+from engine.tiny_model import (
+    ARCHS,
+    FORMAT_VERSION,
+    RECIPE_FILE,
+    default_intermediate_size,
+    make_tiny_model,
+    train_tokenizer,
+)
+from engine.tokenizer import Tokenizer
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 transformers = pytest.importorskip("transformers")
@@ -237,13 +248,110 @@ def test_small_mistral_window_is_honoured_by_hf(tmp_path: Path) -> None:
     assert not torch.allclose(a[:, 8:], b[:, 8:], atol=1e-3)
 
 
-def test_vocab_larger_than_tokenizer_is_padding(tmp_path: Path) -> None:
-    out = make_tiny_model(tmp_path / "big", arch="llama", vocab=4096)
-    tokenizer_size = len(json.loads((out / "tokenizer.json").read_text())["model"]["vocab"])
-    assert 1024 < tokenizer_size < 4096
-    with safe_open(out / "model.safetensors", "pt") as f:
-        assert f.get_slice("model.embed_tokens.weight").get_shape() == [4096, 64]
-        assert f.get_slice("lm_head.weight").get_shape() == [4096, 64]
+@pytest.fixture(scope="module")
+def vocab_4096(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    # Far more ids than the corpus's BPE training yields (under 2,600): the rest are filled by tiny_vocab.
+    root = tmp_path_factory.mktemp("vocab4096")
+    return {
+        arch: make_tiny_model(root / arch, arch=arch, layers=1, hidden=32, heads=2, kv_heads=1, vocab=4096)
+        for arch in ARCHS
+    }
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("vocab", [1024, 4096])
+def test_every_id_is_a_token_with_text(
+    checkpoints: dict[str, Path], vocab_4096: dict[str, Path], arch: str, vocab: int
+) -> None:
+    model_dir = checkpoints[arch] if vocab == 1024 else vocab_4096[arch]
+    ours, hf = Tokenizer.from_dir(model_dir), transformers.AutoTokenizer.from_pretrained(model_dir)
+    config = json.loads((model_dir / "config.json").read_text())
+    assert config["vocab_size"] == vocab == ours.vocab_size == len(hf)
+    assert len(json.loads((model_dir / "tokenizer.json").read_text())["model"]["vocab"]) == vocab
+    with safe_open(model_dir / "model.safetensors", "pt") as f:
+        assert f.get_slice("model.embed_tokens.weight").get_shape()[0] == vocab
+    for token_id in range(vocab):
+        text = ours.decode([token_id], skip_special_tokens=False)
+        assert text, f"id {token_id} decodes to nothing"
+        assert hf.decode([token_id], skip_special_tokens=False) == text, token_id
+    # Special tokens keep their ids, and config.json's BOS/EOS still name them.
+    assert ours.convert_ids_to_tokens([0, 1, 2]) == ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    assert config["bos_token_id"] == 0 and config["eos_token_id"] == [0, 2]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_filled_tokens_encode_back_to_themselves_as_in_transformers(
+    vocab_4096: dict[str, Path], arch: str
+) -> None:
+    ours = Tokenizer.from_dir(vocab_4096[arch])
+    hf = transformers.AutoTokenizer.from_pretrained(vocab_4096[arch])
+    for token_id in range(3000, 4096):  # all filled: training stops below 2,600
+        text = ours.decode([token_id])
+        assert ours.encode(text, add_special_tokens=False) == [token_id], (token_id, text)
+        assert hf(text, add_special_tokens=False)["input_ids"] == [token_id], (token_id, text)
+    # What a random model emits: any mix of ids, decoded, then re-encoded by a client.
+    rng = random.Random(0)
+    for _ in range(200):
+        ids = [rng.randrange(3, 4096) for _ in range(rng.randint(1, 30))]
+        text = ours.decode(ids)
+        assert hf.decode(ids) == text
+        for special in (True, False):
+            assert (
+                ours.encode(text, add_special_tokens=special)
+                == hf(text, add_special_tokens=special)["input_ids"]
+            )
+
+
+def test_large_vocab_is_filled_the_same_in_every_process() -> None:
+    tokenizer = train_tokenizer(32000, "qwen2")
+    assert tokenizer.get_vocab_size() == 32000
+    assert all(tokenizer.decode([i]) for i in range(3, 32000, 7))
+    # Another process with other hash seeds: nothing may depend on set or dict iteration order.
+    script = "from engine.tiny_model import train_tokenizer; print(train_tokenizer(32000, 'qwen2').to_str())"
+    other = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONHASHSEED": "12345"},
+    )  # fmt: skip
+    assert other.stdout.strip() == tokenizer.to_str()
+
+
+def test_vocab_beyond_what_the_corpus_can_fill_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"vocab 10000000 is too large .* at most \d+ tokens"):
+        make_tiny_model(tmp_path / "huge", vocab=10_000_000)
+    assert not (tmp_path / "huge").exists()
+    result = subprocess.run(
+        [sys.executable, "-m", "ops.cli", "make-tiny-model", str(tmp_path / "huge"), "--vocab", "10000000"],
+        capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and "vocab 10000000 is too large" in result.stderr, result.stderr
+
+
+def _cached(model_dir: Path, seed: int = 0) -> Path:
+    return make_tiny_model(
+        model_dir, layers=1, hidden=32, heads=2, kv_heads=1, vocab=2048, seed=seed, reuse=True
+    )
+
+
+def test_reuse_keeps_a_matching_cache_and_remakes_any_other(tmp_path: Path) -> None:
+    model_dir = _cached(tmp_path / "cache")
+    sentinel = model_dir / "generation_config.json"
+    fresh = sentinel.read_text()
+    sentinel.write_text("{}")
+    _cached(model_dir)
+    assert sentinel.read_text() == "{}", "a cache made with the same arguments is reused as it is"
+    _cached(model_dir, seed=1)
+    assert sentinel.read_text() == fresh, "other arguments remake it"
+    # Caches written before the tokenizer filled the vocab have no recipe; later ones may have an older version.
+    _cached(model_dir)
+    recipe = model_dir / RECIPE_FILE
+    older = {**json.loads(recipe.read_text()), "format_version": FORMAT_VERSION - 1}
+    for make_stale in (recipe.unlink, lambda: recipe.write_text(json.dumps(older))):
+        sentinel.write_text("{}")
+        make_stale()
+        _cached(model_dir)
+        assert sentinel.read_text() == fresh
+        assert json.loads(recipe.read_text())["format_version"] == FORMAT_VERSION
 
 
 def test_rejects_bad_arguments(tmp_path: Path) -> None:

@@ -50,7 +50,7 @@ class PrefillRequest(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_inference_pb2.SamplingParameters, _Mapping]] = ..., decode_node_id: _Optional[str] = ..., decode_transport_descriptor: _Optional[bytes] = ..., decode_block_ids: _Optional[_Iterable[int]] = ..., deadline_seconds: _Optional[float] = ..., prior_output_token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class PrefillResponse(_message.Message):
-    __slots__ = ("first_token", "cached_prompt_tokens", "compute_seconds", "transfer_wait_seconds", "finish_reason", "first_text", "charges", "kv_transfer_seconds", "kv_transfer_bytes", "queue_seconds")
+    __slots__ = ("first_token", "cached_prompt_tokens", "compute_seconds", "transfer_wait_seconds", "finish_reason", "first_text", "charges", "kv_transfer_seconds", "kv_transfer_bytes", "queue_seconds", "prompt_logprobs")
     FIRST_TOKEN_FIELD_NUMBER: _ClassVar[int]
     CACHED_PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     COMPUTE_SECONDS_FIELD_NUMBER: _ClassVar[int]
@@ -61,6 +61,7 @@ class PrefillResponse(_message.Message):
     KV_TRANSFER_SECONDS_FIELD_NUMBER: _ClassVar[int]
     KV_TRANSFER_BYTES_FIELD_NUMBER: _ClassVar[int]
     QUEUE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     first_token: _inference_pb2.TokenLogprob
     cached_prompt_tokens: int
     compute_seconds: float
@@ -71,7 +72,8 @@ class PrefillResponse(_message.Message):
     kv_transfer_seconds: float
     kv_transfer_bytes: int
     queue_seconds: float
-    def __init__(self, first_token: _Optional[_Union[_inference_pb2.TokenLogprob, _Mapping]] = ..., cached_prompt_tokens: _Optional[int] = ..., compute_seconds: _Optional[float] = ..., transfer_wait_seconds: _Optional[float] = ..., finish_reason: _Optional[_Union[_inference_pb2.FinishReason, str]] = ..., first_text: _Optional[str] = ..., charges: _Optional[_Union[_inference_pb2.ChargeBreakdown, _Mapping]] = ..., kv_transfer_seconds: _Optional[float] = ..., kv_transfer_bytes: _Optional[int] = ..., queue_seconds: _Optional[float] = ...) -> None: ...
+    prompt_logprobs: _containers.RepeatedCompositeFieldContainer[_inference_pb2.TokenLogprob]
+    def __init__(self, first_token: _Optional[_Union[_inference_pb2.TokenLogprob, _Mapping]] = ..., cached_prompt_tokens: _Optional[int] = ..., compute_seconds: _Optional[float] = ..., transfer_wait_seconds: _Optional[float] = ..., finish_reason: _Optional[_Union[_inference_pb2.FinishReason, str]] = ..., first_text: _Optional[str] = ..., charges: _Optional[_Union[_inference_pb2.ChargeBreakdown, _Mapping]] = ..., kv_transfer_seconds: _Optional[float] = ..., kv_transfer_bytes: _Optional[int] = ..., queue_seconds: _Optional[float] = ..., prompt_logprobs: _Optional[_Iterable[_Union[_inference_pb2.TokenLogprob, _Mapping]]] = ...) -> None: ...
 
 class DecodeRequest(_message.Message):
     __slots__ = ("request_id", "first_token", "kv_wait_seconds")

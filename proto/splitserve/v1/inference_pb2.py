@@ -24,31 +24,39 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dsplitserve/v1/inference.proto\x12\rsplitserve.v1\"\xb1\x01\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12,\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x17.splitserve.v1.TokenIdsH\x00\x12\x33\n\x08sampling\x18\x04 \x01(\x0b\x32!.splitserve.v1.SamplingParameters\x12\x12\n\nrequest_id\x18\x05 \x01(\tB\x08\n\x06prompt\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"\xdc\x03\n\x12SamplingParameters\x12\x17\n\nmax_tokens\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\rH\x03\x88\x01\x01\x12\x12\n\x05min_p\x18\x05 \x01(\x02H\x04\x88\x01\x01\x12\x11\n\x04seed\x18\x06 \x01(\x04H\x05\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x07 \x01(\x02H\x06\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x08 \x01(\x02H\x07\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\t \x01(\x02H\x08\x88\x01\x01\x12\x0c\n\x04stop\x18\n \x03(\t\x12\x16\n\x0estop_token_ids\x18\x0b \x03(\r\x12\x12\n\nignore_eos\x18\x0c \x01(\x08\x12\x15\n\x08logprobs\x18\r \x01(\rH\t\x88\x01\x01\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x08\n\x06_min_pB\x07\n\x05_seedB\x15\n\x13_repetition_penaltyB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x0b\n\t_logprobs\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"Y\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12&\n\x03top\x18\x03 \x03(\x0b\x32\x19.splitserve.v1.TopLogprob\"\xc7\x01\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x03 \x01(\r\x12\x14\n\x0cttft_seconds\x18\x04 \x01(\x01\x12\x15\n\renergy_joules\x18\x05 \x01(\x01\x12\x10\n\x08\x63ost_usd\x18\x06 \x01(\x01\x12/\n\x07\x63harges\x18\x07 \x01(\x0b\x32\x1e.splitserve.v1.ChargeBreakdown\"\x9d\x02\n\x0f\x43hargeBreakdown\x12\x1d\n\x15prefill_energy_joules\x18\x01 \x01(\x01\x12\x1e\n\x16transfer_energy_joules\x18\x02 \x01(\x01\x12\x1c\n\x14\x64\x65\x63ode_energy_joules\x18\x03 \x01(\x01\x12\x18\n\x10prefill_cost_usd\x18\x04 \x01(\x01\x12\x19\n\x11transfer_cost_usd\x18\x05 \x01(\x01\x12\x17\n\x0f\x64\x65\x63ode_cost_usd\x18\x06 \x01(\x01\x12\x14\n\x0cpower_source\x18\x07 \x01(\t\x12\x17\n\x0fprefill_seconds\x18\x08 \x01(\x01\x12\x18\n\x10transfer_seconds\x18\t \x01(\x01\x12\x16\n\x0e\x64\x65\x63ode_seconds\x18\n \x01(\x01\"\xcf\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12-\n\x08logprobs\x18\x04 \x03(\x0b\x32\x1b.splitserve.v1.TokenLogprob\x12\x32\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x1b.splitserve.v1.FinishReason\x12#\n\x05usage\x18\x06 \x01(\x0b\x32\x14.splitserve.v1.Usage*x\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x32Z\n\tInference\x12M\n\x08Generate\x12\x1e.splitserve.v1.GenerateRequest\x1a\x1f.splitserve.v1.GenerateResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dsplitserve/v1/inference.proto\x12\rsplitserve.v1\"\xb1\x01\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12,\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x17.splitserve.v1.TokenIdsH\x00\x12\x33\n\x08sampling\x18\x04 \x01(\x0b\x32!.splitserve.v1.SamplingParameters\x12\x12\n\nrequest_id\x18\x05 \x01(\tB\x08\n\x06prompt\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"\xc2\x05\n\x12SamplingParameters\x12\x17\n\nmax_tokens\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\rH\x03\x88\x01\x01\x12\x12\n\x05min_p\x18\x05 \x01(\x02H\x04\x88\x01\x01\x12\x11\n\x04seed\x18\x06 \x01(\x04H\x05\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x07 \x01(\x02H\x06\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x08 \x01(\x02H\x07\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\t \x01(\x02H\x08\x88\x01\x01\x12\x0c\n\x04stop\x18\n \x03(\t\x12\x16\n\x0estop_token_ids\x18\x0b \x03(\r\x12\x12\n\nignore_eos\x18\x0c \x01(\x08\x12\x15\n\x08logprobs\x18\r \x01(\rH\t\x88\x01\x01\x12\x1c\n\x0fprompt_logprobs\x18\x0e \x01(\rH\n\x88\x01\x01\x12\x44\n\nlogit_bias\x18\x0f \x03(\x0b\x32\x30.splitserve.v1.SamplingParameters.LogitBiasEntry\x12:\n\x11structured_output\x18\x10 \x01(\x0b\x32\x1f.splitserve.v1.StructuredOutput\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x08\n\x06_min_pB\x07\n\x05_seedB\x15\n\x13_repetition_penaltyB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x0b\n\t_logprobsB\x12\n\x10_prompt_logprobs\"\x9c\x01\n\x10StructuredOutput\x12\x15\n\x0bjson_schema\x18\x01 \x01(\tH\x00\x12\x15\n\x0bjson_object\x18\x02 \x01(\x08H\x00\x12\x0f\n\x05regex\x18\x03 \x01(\tH\x00\x12(\n\x06\x63hoice\x18\x04 \x01(\x0b\x32\x16.splitserve.v1.ChoicesH\x00\x12\x11\n\x07grammar\x18\x05 \x01(\tH\x00\x42\x0c\n\nconstraint\"\x1a\n\x07\x43hoices\x12\x0f\n\x07\x63hoices\x18\x01 \x03(\t\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"Y\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12&\n\x03top\x18\x03 \x03(\x0b\x32\x19.splitserve.v1.TopLogprob\"\xc7\x01\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x03 \x01(\r\x12\x14\n\x0cttft_seconds\x18\x04 \x01(\x01\x12\x15\n\renergy_joules\x18\x05 \x01(\x01\x12\x10\n\x08\x63ost_usd\x18\x06 \x01(\x01\x12/\n\x07\x63harges\x18\x07 \x01(\x0b\x32\x1e.splitserve.v1.ChargeBreakdown\"\x9d\x02\n\x0f\x43hargeBreakdown\x12\x1d\n\x15prefill_energy_joules\x18\x01 \x01(\x01\x12\x1e\n\x16transfer_energy_joules\x18\x02 \x01(\x01\x12\x1c\n\x14\x64\x65\x63ode_energy_joules\x18\x03 \x01(\x01\x12\x18\n\x10prefill_cost_usd\x18\x04 \x01(\x01\x12\x19\n\x11transfer_cost_usd\x18\x05 \x01(\x01\x12\x17\n\x0f\x64\x65\x63ode_cost_usd\x18\x06 \x01(\x01\x12\x14\n\x0cpower_source\x18\x07 \x01(\t\x12\x17\n\x0fprefill_seconds\x18\x08 \x01(\x01\x12\x18\n\x10transfer_seconds\x18\t \x01(\x01\x12\x16\n\x0e\x64\x65\x63ode_seconds\x18\n \x01(\x01\"\x85\x02\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12-\n\x08logprobs\x18\x04 \x03(\x0b\x32\x1b.splitserve.v1.TokenLogprob\x12\x32\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x1b.splitserve.v1.FinishReason\x12#\n\x05usage\x18\x06 \x01(\x0b\x32\x14.splitserve.v1.Usage\x12\x34\n\x0fprompt_logprobs\x18\x07 \x03(\x0b\x32\x1b.splitserve.v1.TokenLogprob*x\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x32Z\n\tInference\x12M\n\x08Generate\x12\x1e.splitserve.v1.GenerateRequest\x1a\x1f.splitserve.v1.GenerateResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'splitserve.v1.inference_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=1572
-  _globals['_FINISHREASON']._serialized_end=1692
+  _globals['_SAMPLINGPARAMETERS_LOGITBIASENTRY']._loaded_options = None
+  _globals['_SAMPLINGPARAMETERS_LOGITBIASENTRY']._serialized_options = b'8\001'
+  _globals['_FINISHREASON']._serialized_start=2043
+  _globals['_FINISHREASON']._serialized_end=2163
   _globals['_GENERATEREQUEST']._serialized_start=49
   _globals['_GENERATEREQUEST']._serialized_end=226
   _globals['_TOKENIDS']._serialized_start=228
   _globals['_TOKENIDS']._serialized_end=251
   _globals['_SAMPLINGPARAMETERS']._serialized_start=254
-  _globals['_SAMPLINGPARAMETERS']._serialized_end=730
-  _globals['_TOPLOGPROB']._serialized_start=732
-  _globals['_TOPLOGPROB']._serialized_end=779
-  _globals['_TOKENLOGPROB']._serialized_start=781
-  _globals['_TOKENLOGPROB']._serialized_end=870
-  _globals['_USAGE']._serialized_start=873
-  _globals['_USAGE']._serialized_end=1072
-  _globals['_CHARGEBREAKDOWN']._serialized_start=1075
-  _globals['_CHARGEBREAKDOWN']._serialized_end=1360
-  _globals['_GENERATERESPONSE']._serialized_start=1363
-  _globals['_GENERATERESPONSE']._serialized_end=1570
-  _globals['_INFERENCE']._serialized_start=1694
-  _globals['_INFERENCE']._serialized_end=1784
+  _globals['_SAMPLINGPARAMETERS']._serialized_end=960
+  _globals['_SAMPLINGPARAMETERS_LOGITBIASENTRY']._serialized_start=743
+  _globals['_SAMPLINGPARAMETERS_LOGITBIASENTRY']._serialized_end=791
+  _globals['_STRUCTUREDOUTPUT']._serialized_start=963
+  _globals['_STRUCTUREDOUTPUT']._serialized_end=1119
+  _globals['_CHOICES']._serialized_start=1121
+  _globals['_CHOICES']._serialized_end=1147
+  _globals['_TOPLOGPROB']._serialized_start=1149
+  _globals['_TOPLOGPROB']._serialized_end=1196
+  _globals['_TOKENLOGPROB']._serialized_start=1198
+  _globals['_TOKENLOGPROB']._serialized_end=1287
+  _globals['_USAGE']._serialized_start=1290
+  _globals['_USAGE']._serialized_end=1489
+  _globals['_CHARGEBREAKDOWN']._serialized_start=1492
+  _globals['_CHARGEBREAKDOWN']._serialized_end=1777
+  _globals['_GENERATERESPONSE']._serialized_start=1780
+  _globals['_GENERATERESPONSE']._serialized_end=2041
+  _globals['_INFERENCE']._serialized_start=2165
+  _globals['_INFERENCE']._serialized_end=2255
 # @@protoc_insertion_point(module_scope)
