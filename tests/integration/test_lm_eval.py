@@ -30,7 +30,9 @@ TOLERANCE = 1e-3
 
 @pytest.fixture(scope="module")
 def cluster(llama_dir: Path) -> Iterator[LocalCluster]:
-    with LocalCluster(ClusterSpec(model_dir=llama_dir, prefill=1, decode=1, grpc_port=0, http_port=0)) as running:
+    with LocalCluster(
+        ClusterSpec(model_dir=llama_dir, prefill=1, decode=1, grpc_port=0, http_port=0)
+    ) as running:
         yield running
 
 
@@ -102,7 +104,8 @@ def test_multiple_choice_loglikelihoods_equal_the_engines(
             served = float(response[0][0])
             context_ids, continuation_ids = encode_pair(tokenizer, context, continuation)
             [reference] = engine.generate(
-                [context_ids + continuation_ids], SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)
+                [context_ids + continuation_ids],
+                SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0),
             )
             expected = sum(lp.logprob for lp in reference.prompt_logprobs[len(context_ids) - 1 :])
             assert abs(served - expected) < TOLERANCE, (context, continuation, served, expected)
