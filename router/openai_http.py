@@ -3,7 +3,8 @@
 Routes: POST /v1/completions, POST /v1/chat/completions (both streaming as server-sent events ending in
 `data: [DONE]`, or not), GET /v1/models, GET /healthz (the process is up), GET /readyz (router/readiness.py),
 GET /metrics (Prometheus text: router/metrics.py), and the probes and tokenizer endpoints of
-router/openai_extras.py (/health, /version, /v1/models/{id}, /tokenize, /detokenize); CORS in router/cors.py.
+router/openai_extras.py (/health, /version, /v1/models/{id}, /tokenize, /detokenize), POST /v1/responses
+(router/responses_api.py); CORS in router/cors.py.
 `usage` adds splitserve's energy and cost of the request.
 A request becomes one Generate stream per prompt and candidate (router/openai_protocol.py), through the same
 placement and relay as gRPC, its bodies built by router/openai_responses.py; a client that disconnects
@@ -41,6 +42,7 @@ from router.openai_protocol import ParsedRequest, parse_request
 from router.openai_responses import ResponseBuilder, StreamResult
 from router.prompt_encoder import EncoderBusy
 from router.readiness import readiness
+from router.responses_api import ResponsesEndpoint
 from splitserve.v1 import inference_pb2 as pb
 
 MAX_BODY_BYTES = 8 * 1024 * 1024
@@ -76,6 +78,7 @@ def create_app(
     app.router.add_post("/v1/completions", api.completions)
     app.router.add_post("/v1/chat/completions", api.chat_completions)
     extras.add_routes(app)
+    ResponsesEndpoint(service, body_timeout_s).add_routes(app)  # POST /v1/responses
     enable_cors(app, cors_origins)
     return app
 
