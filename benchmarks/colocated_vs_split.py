@@ -17,15 +17,14 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_model, beside this script
+from bench_model import LLAMA_8L_4K, ensure_model  # noqa: E402
+
 sys.path.insert(0, str(REPO))
 
-from engine.tiny_model import make_tiny_model  # noqa: E402
 from ops.launcher import ClusterSpec, LocalCluster  # noqa: E402
 
 TRACE = REPO.parent / "shared" / "data" / "azure-llm-inference-2023" / "conv.csv"
-MODEL_SHAPE = dict(
-    arch="llama", layers=8, hidden=512, heads=8, kv_heads=2, vocab=8000, max_position_embeddings=4096
-)
 
 
 def run(setup: str, spec: ClusterSpec, args: argparse.Namespace, out: Path) -> Path:
@@ -56,10 +55,7 @@ def main() -> int:
     parser.add_argument("--kv-backend", choices=["nixl", "torch"], default="nixl")
     parser.add_argument("--out", type=Path, default=REPO / "bench-results" / "colocated-vs-split")
     args = parser.parse_args()
-    if args.model.resolve().is_relative_to(REPO / ".cache"):  # our cache: remade when the recipe changed
-        make_tiny_model(args.model, seed=0, reuse=True, **MODEL_SHAPE)  # type: ignore[arg-type]
-    elif not (args.model / "config.json").exists():
-        make_tiny_model(args.model, seed=0, **MODEL_SHAPE)  # type: ignore[arg-type]
+    ensure_model(args.model, seed=0, **LLAMA_8L_4K)
     common = dict(model_dir=args.model, grpc_port=0, http_port=0, kv_backend=args.kv_backend)
     colocated = run(
         "colocated",

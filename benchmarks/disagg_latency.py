@@ -19,19 +19,18 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_model, beside this script
+from bench_model import LLAMA_8L_4K, ensure_model  # noqa: E402
+
 sys.path.insert(0, str(REPO))
 
 import grpc  # noqa: E402
 
-from engine.tiny_model import make_tiny_model  # noqa: E402
 from ops.launcher import ClusterSpec, LocalCluster  # noqa: E402
 from splitserve.v1 import inference_pb2 as pb  # noqa: E402
 from splitserve.v1 import inference_pb2_grpc  # noqa: E402
 
 # 8 layers so that per-layer streaming has something to overlap; a 4096-token context for 2048-token prompts.
-MODEL_SHAPE = dict(
-    arch="llama", layers=8, hidden=512, heads=8, kv_heads=2, vocab=8000, max_position_embeddings=4096
-)
 SETUPS = {
     "colocated": dict(prefill=0, decode=0, colocated=1, node_args=[]),
     "layer-wise": dict(prefill=1, decode=1, colocated=0, node_args=["--one-piece-below", "0"]),
@@ -90,10 +89,7 @@ def main() -> int:
     parser.add_argument("--kv-backend", choices=["torch", "nixl"], default="torch")
     parser.add_argument("--threads", type=int, default=2, help="torch threads per node process")
     args = parser.parse_args()
-    if args.model.resolve().is_relative_to(REPO / ".cache"):  # our cache: remade when the recipe changed
-        make_tiny_model(args.model, seed=0, reuse=True, **MODEL_SHAPE)  # type: ignore[arg-type]
-    elif not (args.model / "config.json").exists():
-        make_tiny_model(args.model, seed=0, **MODEL_SHAPE)  # type: ignore[arg-type]
+    ensure_model(args.model, seed=0, **LLAMA_8L_4K)
     results = {
         s: measure(s, args.model, args.lengths, args.repeats, args.kv_backend, args.threads) for s in SETUPS
     }

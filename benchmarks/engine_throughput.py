@@ -22,9 +22,10 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_model, beside this script
+from bench_model import LLAMA_156M, ensure_model  # noqa: E402
+
 TRACE = REPO.parent / "shared" / "data" / "azure-llm-inference-2023" / "conv.csv"
-# A ~156M-parameter Llama shape (the size platform-facts.md measures): 8 layers, hidden 1024, 16 heads, 4 KV heads.
-MODEL_SHAPE = dict(arch="llama", layers=8, hidden=1024, heads=16, kv_heads=4, vocab=32000, intermediate=2816)
 
 
 def parse_args() -> argparse.Namespace:
@@ -125,19 +126,8 @@ def main() -> int:
 
     torch.set_num_threads(args.threads)
     sys.path.insert(0, str(REPO))
-    from engine.tiny_model import make_tiny_model
 
-    # Our own cache is remade when its recipe changed; a user's directory is only ever filled when empty.
-    reuse = args.model.resolve().is_relative_to(REPO / ".cache")
-    if reuse or not (args.model / "config.json").exists():
-        make_tiny_model(
-            args.model,
-            seed=args.seed,
-            dtype=args.dtype,
-            max_position_embeddings=2048,
-            reuse=reuse,
-            **MODEL_SHAPE,
-        )
+    ensure_model(args.model, seed=args.seed, dtype=args.dtype, max_position_embeddings=2048, **LLAMA_156M)
     lengths = trace_lengths(args.trace, args.requests, args.scale, 2048, args.seed)
     prompts = make_prompts(lengths, 1000, args.seed)
     info = {

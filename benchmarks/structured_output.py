@@ -25,8 +25,9 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-# engine_throughput.py's ~156M-parameter Llama (vocab 32,000: a mask is 1,000 words per row).
-MODEL_SHAPE = dict(arch="llama", layers=8, hidden=1024, heads=16, kv_heads=4, vocab=32000, intermediate=2816)
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_model, beside this script
+from bench_model import LLAMA_156M, ensure_model  # noqa: E402
+
 # Bounded, so a random model closes it; large enough that a request spends most of its tokens inside the grammar.
 SCHEMA = {
     "type": "object",
@@ -80,18 +81,8 @@ def main() -> int:
     from engine.engine import LLMEngine
     from engine.sampling_params import SamplingParams
     from engine.structured_spec import StructuredKind, StructuredOutput
-    from engine.tiny_model import make_tiny_model
 
-    reuse = args.model.resolve().is_relative_to(REPO / ".cache")
-    if reuse or not (args.model / "config.json").exists():
-        make_tiny_model(
-            args.model,
-            seed=args.seed,
-            dtype=args.dtype,
-            max_position_embeddings=2048,
-            reuse=reuse,
-            **MODEL_SHAPE,
-        )
+    ensure_model(args.model, seed=args.seed, dtype=args.dtype, max_position_embeddings=2048, **LLAMA_156M)
     engine = LLMEngine(
         args.model,
         EngineConfig(

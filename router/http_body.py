@@ -22,6 +22,7 @@ from aiohttp import web
 
 from router.http_error import HttpError
 
+MAX_BODY_BYTES = 8 * 1024 * 1024  # every JSON route's limit: larger bodies get a 413 before being read
 MAX_DEPTH = 32  # far beyond any real OpenAI request (content parts are 4 deep)
 
 

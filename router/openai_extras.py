@@ -17,11 +17,10 @@ from typing import Any
 
 from aiohttp import web
 
-from router.http_body import read_json
+from router.http_body import MAX_BODY_BYTES, read_json
 from router.http_error import HttpError
 from router.prompt_encoder import PromptEncoder, PromptTooLong
 
-MAX_TOKENIZE_BODY_BYTES = 8 * 1024 * 1024
 _TOKENIZE_FIELDS = {
     "model",
     "prompt",
@@ -117,7 +116,7 @@ class ExtraEndpoints:
         return web.json_response({"prompt": text})
 
     async def _body(self, request: web.Request, fields: set[str]) -> dict[str, Any]:
-        body = await read_json(request, MAX_TOKENIZE_BODY_BYTES, self.body_timeout_s)
+        body = await read_json(request, MAX_BODY_BYTES, self.body_timeout_s)
         if not isinstance(body, dict):
             raise HttpError(400, "the request body must be a JSON object")
         for name in body:

@@ -12,7 +12,7 @@ typo (`max_token`) cannot pass silently either. README.md's "Request fields" tab
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Set
 from typing import Any
 
 COMMON_HONOURED = frozenset(
@@ -52,84 +52,85 @@ HONOURED: Mapping[str, frozenset[str]] = {
 }
 
 
-def _absent(value: Any) -> bool:
+def absent(value: Any) -> bool:
     return value is None
 
 
-def _false(value: Any) -> bool:
+def false_or_absent(value: Any) -> bool:
     return value is None or value is False
 
 
-def _empty(value: Any) -> bool:
+def empty_or_absent(value: Any) -> bool:
     return value is None or value in ([], {}, "")
 
 
-def _one(value: Any) -> bool:
+def one_or_absent(value: Any) -> bool:
     return value is None or (value == 1 and not isinstance(value, bool))
 
 
-def _zero(value: Any) -> bool:
+def zero_or_absent(value: Any) -> bool:
     return value is None or (value == 0 and not isinstance(value, bool))
 
 
-def _true(value: Any) -> bool:
+def true_or_absent(value: Any) -> bool:
     return value is None or value is True
 
 
-def _equals(*allowed: Any) -> Callable[[Any], bool]:
+def absent_or_one_of(*allowed: Any) -> Callable[[Any], bool]:
     return lambda value: value is None or value in allowed
 
 
-# field -> (is the value neutral?, what a neutral value looks like, for the error message)
-UNSUPPORTED: Mapping[str, tuple[Callable[[Any], bool], str]] = {
+# (is the value neutral?, what a neutral value looks like, for the error message)
+NeutralRule = tuple[Callable[[Any], bool], str]
+UNSUPPORTED: Mapping[str, NeutralRule] = {
     # OpenAI completions
-    "echo": (_false, "false"),
-    "suffix": (_empty, 'null or ""'),
-    "best_of": (_one, "1"),
+    "echo": (false_or_absent, "false"),
+    "suffix": (empty_or_absent, 'null or ""'),
+    "best_of": (one_or_absent, "1"),
     # OpenAI chat
-    "tools": (_empty, "[]"),
-    "tool_choice": (_equals("none"), '"none"'),
-    "parallel_tool_calls": (_absent, "absent"),
-    "functions": (_empty, "[]"),
-    "function_call": (_equals("none"), '"none"'),
-    "audio": (_absent, "null"),
+    "tools": (empty_or_absent, "[]"),
+    "tool_choice": (absent_or_one_of("none"), '"none"'),
+    "parallel_tool_calls": (absent, "absent"),
+    "functions": (empty_or_absent, "[]"),
+    "function_call": (absent_or_one_of("none"), '"none"'),
+    "audio": (absent, "null"),
     "modalities": (lambda v: v is None or v == ["text"], '["text"]'),
-    "prediction": (_absent, "null"),
-    "reasoning_effort": (_absent, "null"),
-    "verbosity": (_absent, "null"),
-    "web_search_options": (_absent, "null"),
-    "store": (_false, "false"),
-    "metadata": (_empty, "{}"),
-    "service_tier": (_equals("auto", "default"), '"auto" or "default"'),
-    "prompt_cache_key": (_absent, "null"),
-    "safety_identifier": (_absent, "null"),
+    "prediction": (absent, "null"),
+    "reasoning_effort": (absent, "null"),
+    "verbosity": (absent, "null"),
+    "web_search_options": (absent, "null"),
+    "store": (false_or_absent, "false"),
+    "metadata": (empty_or_absent, "{}"),
+    "service_tier": (absent_or_one_of("auto", "default"), '"auto" or "default"'),
+    "prompt_cache_key": (absent, "null"),
+    "safety_identifier": (absent, "null"),
     # vLLM extensions
-    "use_beam_search": (_false, "false"),
-    "length_penalty": (_one, "1"),
-    "min_tokens": (_zero, "0"),
-    "include_stop_str_in_output": (_false, "false"),
-    "skip_special_tokens": (_true, "true"),
-    "spaces_between_special_tokens": (_true, "true"),
-    "truncate_prompt_tokens": (_absent, "null"),
-    "allowed_token_ids": (_absent, "null"),
-    "bad_words": (_empty, "[]"),
-    "add_special_tokens": (_absent, "null"),
-    "add_generation_prompt": (_true, "true"),
-    "continue_final_message": (_false, "false"),
-    "chat_template": (_absent, "null"),
-    "chat_template_kwargs": (_empty, "{}"),
-    "documents": (_empty, "[]"),
-    "guided_decoding_backend": (_absent, "null"),
-    "guided_whitespace_pattern": (_absent, "null"),
-    "structural_tag": (_absent, "null"),
-    "logits_processors": (_empty, "[]"),
-    "return_tokens_as_token_ids": (_false, "false"),
-    "priority": (_zero, "0"),
-    "request_id": (_absent, "null"),
-    "cache_salt": (_absent, "null"),
-    "kv_transfer_params": (_absent, "null"),
-    "mm_processor_kwargs": (_empty, "{}"),
-    "vllm_xargs": (_empty, "{}"),
+    "use_beam_search": (false_or_absent, "false"),
+    "length_penalty": (one_or_absent, "1"),
+    "min_tokens": (zero_or_absent, "0"),
+    "include_stop_str_in_output": (false_or_absent, "false"),
+    "skip_special_tokens": (true_or_absent, "true"),
+    "spaces_between_special_tokens": (true_or_absent, "true"),
+    "truncate_prompt_tokens": (absent, "null"),
+    "allowed_token_ids": (absent, "null"),
+    "bad_words": (empty_or_absent, "[]"),
+    "add_special_tokens": (absent, "null"),
+    "add_generation_prompt": (true_or_absent, "true"),
+    "continue_final_message": (false_or_absent, "false"),
+    "chat_template": (absent, "null"),
+    "chat_template_kwargs": (empty_or_absent, "{}"),
+    "documents": (empty_or_absent, "[]"),
+    "guided_decoding_backend": (absent, "null"),
+    "guided_whitespace_pattern": (absent, "null"),
+    "structural_tag": (absent, "null"),
+    "logits_processors": (empty_or_absent, "[]"),
+    "return_tokens_as_token_ids": (false_or_absent, "false"),
+    "priority": (zero_or_absent, "0"),
+    "request_id": (absent, "null"),
+    "cache_salt": (absent, "null"),
+    "kv_transfer_params": (absent, "null"),
+    "mm_processor_kwargs": (empty_or_absent, "{}"),
+    "vllm_xargs": (empty_or_absent, "{}"),
 }
 
 
@@ -143,11 +144,19 @@ class UnsupportedField(ValueError):
 
 def check_fields(body: Mapping[str, Any], endpoint: str) -> None:
     """Raise UnsupportedField for the first field of body that is neither honoured nor sent at a neutral value."""
-    honoured = HONOURED[endpoint]
+    refuse_unhonoured(body, HONOURED[endpoint], UNSUPPORTED)
+
+
+def refuse_unhonoured(
+    body: Mapping[str, Any],
+    honoured: Set[str],
+    unsupported: Mapping[str, NeutralRule],
+) -> None:
+    """check_fields over any endpoint's tables (router/responses_api.py has its own)."""
     for name in body:
         if name in honoured:
             continue
-        rule = UNSUPPORTED.get(name)
+        rule = unsupported.get(name)
         if rule is None:
             raise UnsupportedField(name, f"unknown field {name!r}")
         is_neutral, neutral = rule

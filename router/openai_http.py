@@ -21,9 +21,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from typing import Any
 
 from aiohttp import web
@@ -34,7 +33,7 @@ from router.admission import RETRY_AFTER_S, Overloaded
 from router.auth import bearer_matches
 from router.cors import enable_cors
 from router.errors import RouterError
-from router.http_body import read_json
+from router.http_body import MAX_BODY_BYTES, read_json
 from router.http_error import HttpError
 from router.inference import InferenceService
 from router.openai_extras import ExtraEndpoints
@@ -43,9 +42,9 @@ from router.openai_responses import ResponseBuilder, StreamResult
 from router.prompt_encoder import EncoderBusy
 from router.readiness import readiness
 from router.responses_api import ResponsesEndpoint
+from router.sse import open_event_stream, send_event
 from splitserve.v1 import inference_pb2 as pb
 
-MAX_BODY_BYTES = 8 * 1024 * 1024
 BODY_TIMEOUT_S = 10.0  # a request body must arrive within this (408 otherwise)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 _KEYED_PREFIXES = (
@@ -193,27 +192,21 @@ class _OpenAIApi:
         self, request: web.Request, parsed: ParsedRequest, builder: ResponseBuilder, parent: Context | None
     ) -> web.StreamResponse:
         stream = self._merged(parsed, parent)
-        # Fail before the 200 when the request cannot even start (no node, bad sampling value).
-        first = await anext(stream, None)
-        response = web.StreamResponse(
-            headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
-        )
-        await response.prepare(request)
+        response, messages = await open_event_stream(request, stream)
         results = [StreamResult(i) for i in range(parsed.streams)]
         try:
             if parsed.chat:
                 for index in range(parsed.streams):
-                    await _send(response, builder.role_chunk(index))
-            pending = [first] if first is not None else []
-            async for index, msg in _chain(pending, stream):
+                    await send_event(response, builder.role_chunk(index))
+            async for index, msg in messages:
                 if parsed.echo and not results[index].text:  # the prompt goes first, once per choice
-                    await _send(response, builder.echo_chunk(index, msg.prompt_logprobs))
+                    await send_event(response, builder.echo_chunk(index, msg.prompt_logprobs))
                 results[index].absorb(msg)
-                await _send(response, builder.delta_chunk(index, msg))
+                await send_event(response, builder.delta_chunk(index, msg))
             if parsed.include_usage:
-                await _send(response, builder.usage_chunk(results))
+                await send_event(response, builder.usage_chunk(results))
         except RouterError as exc:  # failed after the 200: report it in the stream, as OpenAI does
-            await _send(response, HttpError.from_router(exc).body())
+            await send_event(response, HttpError.from_router(exc).body())
         except (ConnectionResetError, asyncio.CancelledError):
             await stream.aclose()  # the client left: closing the streams aborts the request on its nodes
             raise
@@ -257,14 +250,3 @@ class _OpenAIApi:
             for task in tasks:
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
-
-
-async def _send(response: web.StreamResponse, payload: dict[str, Any]) -> None:
-    await response.write(f"data: {json.dumps(payload)}\n\n".encode())
-
-
-async def _chain(first: list[Any], rest: AsyncIterator[Any]) -> AsyncIterator[Any]:
-    for item in first:
-        yield item
-    async for item in rest:
-        yield item

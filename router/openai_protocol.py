@@ -226,9 +226,8 @@ async def _completion_prompts(
 async def _encode(encoder: PromptEncoder, text: str, max_model_len: int, where: str) -> list[int]:
     try:
         return await encoder.encode(text, limit=max_model_len)
-    except PromptTooLong as exc:
-        _check_length(exc.tokens, max_model_len, "prompt", where)
-        raise  # unreachable: a prompt too long for the limit is always over the context
+    except PromptTooLong as exc:  # the encoder stops at the context's length
+        raise _too_long(exc.tokens, max_model_len, "prompt", where) from None
 
 
 async def _chat_prompt(body: dict[str, Any], encoder: PromptEncoder, max_model_len: int) -> list[int]:
@@ -254,8 +253,7 @@ async def _chat_prompt(body: dict[str, Any], encoder: PromptEncoder, max_model_l
     try:
         ids = await encoder.encode_chat(normalised, limit=max_model_len)
     except PromptTooLong as exc:
-        _check_length(exc.tokens, max_model_len, "messages", "the conversation")
-        raise
+        raise _too_long(exc.tokens, max_model_len, "messages", "the conversation") from None
     except EncoderBusy:
         raise
     except Exception as exc:  # the model's own template rejected the conversation
@@ -266,12 +264,16 @@ async def _chat_prompt(body: dict[str, Any], encoder: PromptEncoder, max_model_l
 
 def _check_length(tokens: int, max_model_len: int, param: str, what: str) -> None:
     if tokens >= max_model_len:
-        raise HttpError(
-            400,
-            f"{what} has {tokens} tokens; this model's context is {max_model_len} tokens",
-            param=param,
-            code="context_length_exceeded",
-        )
+        raise _too_long(tokens, max_model_len, param, what)
+
+
+def _too_long(tokens: int, max_model_len: int, param: str, what: str) -> HttpError:
+    return HttpError(
+        400,
+        f"{what} has {tokens} tokens; this model's context is {max_model_len} tokens",
+        param=param,
+        code="context_length_exceeded",
+    )
 
 
 def _is_id(value: object) -> bool:

@@ -18,24 +18,32 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from typing import Any, cast
 
 from aiohttp import web
 
 from cluster import tracing
 from router.errors import RouterError
-from router.http_body import read_json
+from router.http_body import MAX_BODY_BYTES, read_json
 from router.http_error import HttpError
 from router.inference import InferenceService
+from router.openai_fields import (
+    NeutralRule,
+    UnsupportedField,
+    absent,
+    absent_or_one_of,
+    empty_or_absent,
+    false_or_absent,
+    refuse_unhonoured,
+)
 from router.openai_protocol import ParsedRequest, parse_request
 from router.openai_responses import StreamResult, usage_charges
+from router.sse import open_event_stream, send_event
 from splitserve.v1 import inference_pb2 as pb
 
-MAX_BODY_BYTES = 8 * 1024 * 1024
 _ROLES = {"user": "user", "assistant": "assistant", "system": "system", "developer": "system"}
 _TEXT_PARTS = {"input_text", "output_text"}
 # A field honoured here -> its name in the chat-completions body it is translated to.
@@ -50,50 +58,34 @@ _HONOURED = {
 _HANDLED = {"input", "instructions"}  # honoured, turned into the chat messages
 
 
-def _absent(value: Any) -> bool:
-    return value is None
-
-
-def _empty(value: Any) -> bool:
-    return value is None or value in ([], {}, "")
-
-
-def _false(value: Any) -> bool:
-    return value is None or value is False
-
-
-def _equals(*allowed: Any) -> Callable[[Any], bool]:
-    return lambda value: value is None or value in allowed
-
-
 def _plain_text(value: Any) -> bool:
     return value is None or value == {} or value == {"format": {"type": "text"}}
 
 
 # Every other field of OpenAI's Responses request -> (is the value neutral?, what a neutral value looks like).
-UNSUPPORTED: Mapping[str, tuple[Callable[[Any], bool], str]] = {
-    "tools": (_empty, "[]"),
-    "tool_choice": (_equals("none"), '"none"'),
-    "parallel_tool_calls": (_absent, "absent"),
-    "max_tool_calls": (_absent, "null"),
+UNSUPPORTED: Mapping[str, NeutralRule] = {
+    "tools": (empty_or_absent, "[]"),
+    "tool_choice": (absent_or_one_of("none"), '"none"'),
+    "parallel_tool_calls": (absent, "absent"),
+    "max_tool_calls": (absent, "null"),
     "text": (_plain_text, '{"format": {"type": "text"}}'),
-    "reasoning": (_absent, "null"),
-    "previous_response_id": (_absent, "null"),  # nothing is stored to continue from
-    "conversation": (_absent, "null"),
-    "include": (_empty, "[]"),
-    "truncation": (_equals("disabled"), '"disabled"'),
-    "store": (_false, "false"),  # OpenAI's default is true; nothing is stored here
-    "background": (_false, "false"),
-    "metadata": (_empty, "{}"),
-    "top_logprobs": (_equals(0), "0"),
-    "service_tier": (_equals("auto", "default"), '"auto" or "default"'),
-    "prompt": (_absent, "null"),
-    "prompt_cache_key": (_absent, "null"),
-    "prompt_cache_retention": (_absent, "null"),
-    "safety_identifier": (_absent, "null"),
-    "stream_options": (_empty, "{}"),
-    "context_management": (_empty, "[]"),
-    "moderation": (_absent, "null"),
+    "reasoning": (absent, "null"),
+    "previous_response_id": (absent, "null"),  # nothing is stored to continue from
+    "conversation": (absent, "null"),
+    "include": (empty_or_absent, "[]"),
+    "truncation": (absent_or_one_of("disabled"), '"disabled"'),
+    "store": (false_or_absent, "false"),  # OpenAI's default is true; nothing is stored here
+    "background": (false_or_absent, "false"),
+    "metadata": (empty_or_absent, "{}"),
+    "top_logprobs": (absent_or_one_of(0), "0"),
+    "service_tier": (absent_or_one_of("auto", "default"), '"auto" or "default"'),
+    "prompt": (absent, "null"),
+    "prompt_cache_key": (absent, "null"),
+    "prompt_cache_retention": (absent, "null"),
+    "safety_identifier": (absent, "null"),
+    "stream_options": (empty_or_absent, "{}"),
+    "context_management": (empty_or_absent, "[]"),
+    "moderation": (absent, "null"),
 }
 
 
@@ -141,19 +133,13 @@ class ResponsesEndpoint:
     async def _stream(
         self, request: web.Request, stream: AsyncIterator[pb.GenerateResponse], draft: _Draft
     ) -> web.StreamResponse:
-        # Fail before the 200 when the request cannot even start (no node, bad sampling value).
-        first = await anext(stream, None)
-        response = web.StreamResponse(
-            headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
-        )
-        await response.prepare(request)
+        response, messages = await open_event_stream(request, stream)
         events = _Events(response)
         result = StreamResult(0)
         try:
             for event in draft.opening():
                 await events.send(event)
-            pending = [first] if first is not None else []
-            async for msg in _chain(pending, stream):
+            async for msg in messages:
                 result.absorb(msg)
                 if msg.text:
                     await events.send(draft.delta(msg.text))
@@ -170,21 +156,11 @@ def chat_body(body: object) -> dict[str, Any]:
     """The chat-completions body asking for what a Responses request asks for; a 400 for anything unsupported."""
     if not isinstance(body, dict):
         raise HttpError(400, "the request body must be a JSON object")
-    chat: dict[str, Any] = {}
-    for name, value in body.items():
-        if name in _HONOURED:
-            chat[_HONOURED[name]] = value
-        elif name not in _HANDLED:
-            rule = UNSUPPORTED.get(name)
-            if rule is None:
-                raise HttpError(400, f"unknown field {name!r}", param=name)
-            is_neutral, neutral = rule
-            if not is_neutral(value):
-                raise HttpError(
-                    400,
-                    f"{name} is not supported by this server (send it as {neutral} or leave it out)",
-                    param=name,
-                )
+    try:
+        refuse_unhonoured(body, _HONOURED.keys() | _HANDLED, UNSUPPORTED)
+    except UnsupportedField as exc:
+        raise HttpError(400, str(exc), param=exc.name) from None
+    chat = {_HONOURED[name]: value for name, value in body.items() if name in _HONOURED}
     messages = []
     instructions = body.get("instructions")
     if instructions is not None:
@@ -344,11 +320,4 @@ class _Events:
     async def send(self, event: dict[str, Any]) -> None:
         payload = {**event, "sequence_number": self.sequence_number}
         self.sequence_number += 1
-        await self.response.write(f"event: {event['type']}\ndata: {json.dumps(payload)}\n\n".encode())
-
-
-async def _chain(first: list[Any], rest: AsyncIterator[Any]) -> AsyncIterator[Any]:
-    for item in first:
-        yield item
-    async for item in rest:
-        yield item
+        await send_event(self.response, payload, event=event["type"])
