@@ -59,12 +59,40 @@ _LOGIT_STD = 3.0  # std of the final logits for a unit-RMS final hidden state
 _NORM_NOISE = 0.1  # RMSNorm weights ~ 1 + N(0, noise^2)
 _BIAS_STD = 0.1
 
-_CHATML_BODY = (
-    "{%- for message in messages %}"
-    "{%- if message['role'] not in ['system', 'user', 'assistant'] %}"
-    "{{- raise_exception('Unsupported role ' + message['role'] + ': use system, user or assistant') }}"
+# ChatML with tools in the Hermes/Qwen format: the tools go in a system turn as JSON inside <tools></tools>, an
+# assistant's calls as <tool_call>{"name", "arguments"}</tool_call>, tool results as user turns in <tool_response>.
+# (Written for splitserve's test models; the words differ from any released template, the layout is the format's.)
+_TOOLS_PREAMBLE = (
+    "{%- if tools %}"
+    "{{- '<|im_start|>system\\n' }}"
+    "{%- if messages[0]['role'] == 'system' %}{{- messages[0]['content'] + '\\n\\n' }}{%- endif %}"
+    "{{- '# Tools\\n\\nYou may call the functions whose signatures are listed inside <tools></tools>:\\n<tools>' }}"
+    "{%- for tool in tools %}{{- '\\n' + (tool | tojson) }}{%- endfor %}"
+    "{{- '\\n</tools>\\n\\nTo call one, answer with its name and arguments as a JSON object inside "
+    '<tool_call></tool_call> tags:\\n<tool_call>\\n{"name": <function name>, "arguments": <arguments object>}'
+    "\\n</tool_call><|im_end|>\\n' }}"
     "{%- endif %}"
+)
+_CHATML_BODY = (
+    _TOOLS_PREAMBLE + "{%- for message in messages %}"
+    "{%- if message['role'] == 'system' and tools and loop.first %}"
+    "{%- elif message['role'] == 'tool' %}"
+    "{{- '<|im_start|>user\\n<tool_response>\\n' + message['content'] + '\\n</tool_response><|im_end|>\\n' }}"
+    "{%- elif message['role'] == 'assistant' and message['tool_calls'] is defined and message['tool_calls'] %}"
+    "{{- '<|im_start|>assistant' }}"
+    "{%- if message['content'] %}{{- '\\n' + message['content'] }}{%- endif %}"
+    "{%- for tool_call in message['tool_calls'] %}"
+    "{%- set call = tool_call['function'] if tool_call['function'] is defined else tool_call %}"
+    "{{- '\\n<tool_call>\\n{\"name\": ' + (call['name'] | tojson) + ', \"arguments\": ' }}"
+    "{%- if call['arguments'] is string %}{{- call['arguments'] }}{%- else %}{{- call['arguments'] | tojson }}{%- endif %}"
+    "{{- '}\\n</tool_call>' }}"
+    "{%- endfor %}"
+    "{{- '<|im_end|>\\n' }}"
+    "{%- elif message['role'] in ['system', 'user', 'assistant'] %}"
     "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{%- else %}"
+    "{{- raise_exception('Unsupported role ' + message['role'] + ': use system, user, assistant or tool') }}"
+    "{%- endif %}"
     "{%- endfor %}"
     "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
 )

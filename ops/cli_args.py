@@ -174,6 +174,11 @@ def add_admission_args(parser: argparse.ArgumentParser) -> None:
         "--cors-allow-origin", action="append", default=[], metavar="ORIGIN",
         help="an origin browsers may call the HTTP endpoint from (e.g. https://ui.example.com, or *); repeatable",
     )  # fmt: skip
+    parser.add_argument(
+        "--tool-call-parser", choices=["auto", "hermes", "llama3"], default="auto",
+        help="how the model writes tool calls: hermes (<tool_call> JSON, Qwen and Hermes), llama3 (bare JSON); "
+        "auto: as the chat template shows it",
+    )  # fmt: skip
 
 
 def admission_flags(args: argparse.Namespace) -> list[str]:
@@ -184,7 +189,7 @@ def admission_flags(args: argparse.Namespace) -> list[str]:
         flags += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
     for origin in args.cors_allow_origin:
         flags += ["--cors-allow-origin", origin]
-    return flags
+    return [*flags, "--tool-call-parser", args.tool_call_parser]
 
 
 def placement_flags(args: argparse.Namespace) -> list[str]:

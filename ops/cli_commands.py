@@ -108,6 +108,7 @@ def router_command(args: argparse.Namespace) -> int:
             body_timeout_s=args.body_timeout_s,
             tokenizer_threads=args.tokenizer_threads,
             cors_origins=tuple(args.cors_allow_origin),
+            tool_call_parser=args.tool_call_parser,
         )
         options.placement_policy()
     except ValueError as exc:

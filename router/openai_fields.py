@@ -48,7 +48,8 @@ COMMON_HONOURED = frozenset(
 )
 HONOURED: Mapping[str, frozenset[str]] = {
     "completions": COMMON_HONOURED | {"prompt", "echo", "best_of"},
-    "chat": COMMON_HONOURED | {"messages", "max_completion_tokens", "top_logprobs"},
+    "chat": COMMON_HONOURED
+    | {"messages", "max_completion_tokens", "top_logprobs", "tools", "tool_choice", "parallel_tool_calls"},
 }
 
 
@@ -87,7 +88,7 @@ UNSUPPORTED: Mapping[str, NeutralRule] = {
     "echo": (false_or_absent, "false"),
     "suffix": (empty_or_absent, 'null or ""'),
     "best_of": (one_or_absent, "1"),
-    # OpenAI chat
+    # OpenAI chat (tool calling is honoured by chat: a completions request cannot carry it)
     "tools": (empty_or_absent, "[]"),
     "tool_choice": (absent_or_one_of("none"), '"none"'),
     "parallel_tool_calls": (absent, "absent"),

@@ -43,6 +43,7 @@ from router.prompt_encoder import EncoderBusy
 from router.readiness import readiness
 from router.responses_api import ResponsesEndpoint
 from router.sse import open_event_stream, send_event
+from router.tool_parsers import ToolFormat, resolve_format
 from splitserve.v1 import inference_pb2 as pb
 
 BODY_TIMEOUT_S = 10.0  # a request body must arrive within this (408 otherwise)
@@ -60,6 +61,7 @@ def create_app(
     api_key: str | None = None,
     body_timeout_s: float = BODY_TIMEOUT_S,
     cors_origins: Sequence[str] = (),
+    tool_call_parser: str = "auto",
 ) -> web.Application:
     extras = ExtraEndpoints(
         service.config.model_name,
@@ -68,7 +70,8 @@ def create_app(
         service.config.vocab_size,
         body_timeout_s,
     )
-    api = _OpenAIApi(service, body_timeout_s, extras.model_card)
+    tool_format = resolve_format(tool_call_parser, service.tokenizer.chat_template)
+    api = _OpenAIApi(service, body_timeout_s, extras.model_card, tool_format)
     app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[_errors, _auth(api_key)])
     app.router.add_get("/healthz", api.healthz)
     app.router.add_get("/readyz", api.readyz)
@@ -136,12 +139,17 @@ def _auth(api_key: str | None) -> Any:  # an aiohttp middleware
 
 class _OpenAIApi:
     def __init__(
-        self, service: InferenceService, body_timeout_s: float, model_card: Callable[[], dict[str, Any]]
+        self,
+        service: InferenceService,
+        body_timeout_s: float,
+        model_card: Callable[[], dict[str, Any]],
+        tool_format: ToolFormat | None,
     ) -> None:
         self.service = service
         self.model = service.config.model_name
         self.body_timeout_s = body_timeout_s
         self.model_card = model_card
+        self.tool_format = tool_format
 
     async def healthz(self, request: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
@@ -173,6 +181,7 @@ class _OpenAIApi:
             model_name=self.model,
             max_model_len=config.max_model_len,
             vocab_size=config.vocab_size,
+            tool_format=self.tool_format,
         )
         for prompt in parsed.prompts:
             self.service.check_prompt(prompt)

@@ -8,6 +8,8 @@ not honoured is a 400 naming it (router/openai_fields.py). A completions request
 (strings or token-id lists): each prompt becomes `best_of` Generate streams (`n` unless best_of is set), answered as
 choices prompt-major, as OpenAI indexes them. `echo` returns the prompt before the completion, with the prompt's own logprobs when `logprobs` is
 set; `max_tokens: 0` with echo scores a prompt without generating (lm-evaluation-harness's loglikelihood requests).
+A chat request may offer `tools` (router/tool_calls.py): they are rendered into the prompt, and a forced call
+(`tool_choice` required or named) becomes the request's output constraint.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from typing import Any
 
 from cluster.sampling_proto import structured_to_proto
 from engine import limits
+from engine.errors import InvalidRequestError
+from router.chat_messages import template_messages
 from router.http_error import HttpError
 from router.openai_fields import UnsupportedField, check_fields
 from router.openai_values import (
@@ -34,6 +38,8 @@ from router.openai_values import (
     read_structured_output,
 )
 from router.prompt_encoder import EncoderBusy, PromptEncoder, PromptTooLong
+from router.tool_calls import ToolPlan, read_tool_plan
+from router.tool_parsers import ToolFormat
 from splitserve.v1 import inference_pb2 as pb
 
 MAX_N = 16
@@ -59,6 +65,8 @@ class ParsedRequest:
     echo: bool = False
     echo_only: bool = False  # max_tokens 0 with echo: the prompt is scored, nothing generated is returned
     prompt_logprobs: int | None = None  # vLLM's choices[].prompt_logprobs
+    tools: ToolPlan | None = None  # chat with tools (router/tool_calls.py); None: plain text answers
+    tool_format: ToolFormat | None = None  # how the model writes calls, for tool_choice auto
     id: str = field(default_factory=lambda: f"cmpl-{uuid.uuid4().hex[:24]}")
     created: int = field(default_factory=lambda: int(time.time()))
 
@@ -71,9 +79,19 @@ class ParsedRequest:
 
 
 async def parse_request(
-    body: object, *, chat: bool, encoder: PromptEncoder, model_name: str, max_model_len: int, vocab_size: int
+    body: object,
+    *,
+    chat: bool,
+    encoder: PromptEncoder,
+    model_name: str,
+    max_model_len: int,
+    vocab_size: int,
+    tool_format: ToolFormat | None = None,
 ) -> ParsedRequest:
-    """The request's fields, validated, with its prompts tokenized off the event loop (router/prompt_encoder.py)."""
+    """The request's fields, validated, with its prompts tokenized off the event loop (router/prompt_encoder.py).
+
+    tool_format: how the served model writes tool calls (router/tool_parsers.py); None when its chat template
+    renders no tools, which makes tool_choice auto a 400."""  # fmt: skip
     if not isinstance(body, dict):
         raise HttpError(400, "the request body must be a JSON object")
     try:
@@ -92,8 +110,9 @@ async def parse_request(
         raise HttpError(400, f"n must be <= {MAX_N}", param="n")
     best_of = _best_of(body, n)
     texts: list[str | None]
+    tools = _tool_plan(body, tool_format) if chat else None
     if chat:
-        prompts, texts = [await _chat_prompt(body, encoder, max_model_len)], [None]
+        prompts, texts = [await _chat_prompt(body, encoder, max_model_len, tools)], [None]
     else:
         prompts, texts = await _completion_prompts(body, encoder, max_model_len)
     if len(prompts) * best_of > MAX_STREAMS:
@@ -106,6 +125,8 @@ async def parse_request(
     logprobs = read_logprobs(body, chat)
     prompt_logprobs = read_prompt_logprobs(body)
     sampling = _sampling(body, chat, max(len(p) for p in prompts), max_model_len, vocab_size, echo)
+    if tools is not None:
+        _force_tool_call(sampling, tools, body)
     if logprobs is not None or best_of > n:
         # best_of ranks candidates by their cumulative logprob, so it needs the sampled tokens' logprobs.
         assign(sampling, "logprobs", logprobs or 0, "top_logprobs" if chat else "logprobs")
@@ -131,7 +152,36 @@ async def parse_request(
         echo=echo,
         echo_only=echo and body.get("max_tokens") == 0,
         prompt_logprobs=prompt_logprobs,
+        tools=tools,
+        tool_format=tool_format,
     )
+
+
+def _force_tool_call(sampling: pb.SamplingParameters, tools: ToolPlan, body: dict[str, Any]) -> None:
+    """tool_choice required or named: a JSON schema makes the output a valid call (router/tool_calls.py)."""
+    forcing = tools.constraint()
+    if forcing is None:
+        return
+    if sampling.HasField("structured_output"):
+        raise HttpError(400, f"tool_choice {body['tool_choice']!r} cannot be combined with an output constraint "
+                        "(response_format or guided_*)", param="tool_choice")  # fmt: skip
+    try:
+        forcing.validate()  # within the engine's limits on constraints
+    except InvalidRequestError as exc:
+        raise HttpError(400, f"tools: the schema forcing the call is refused: {exc}", param="tools") from None
+    sampling.structured_output.CopyFrom(structured_to_proto(forcing))
+
+
+def _tool_plan(body: dict[str, Any], tool_format: ToolFormat | None) -> ToolPlan | None:
+    plan = read_tool_plan(body)
+    if plan is not None and not plan.forced and tool_format is None:
+        raise HttpError(
+            400,
+            "this model's chat template does not show tools to the model, so it cannot choose a call (tool_choice "
+            '"auto"); send tool_choice "required" or a named function, which force a call',
+            param="tools",
+        )
+    return plan
 
 
 def _best_of(body: dict[str, Any], n: int) -> int:
@@ -230,28 +280,14 @@ async def _encode(encoder: PromptEncoder, text: str, max_model_len: int, where: 
         raise _too_long(exc.tokens, max_model_len, "prompt", where) from None
 
 
-async def _chat_prompt(body: dict[str, Any], encoder: PromptEncoder, max_model_len: int) -> list[int]:
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise HttpError(400, "messages must be a non-empty list", param="messages")
-    normalised = []
-    for i, message in enumerate(messages):
-        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
-            raise HttpError(400, f"messages[{i}] must be an object with a role", param="messages")
-        content = message.get("content")
-        if isinstance(content, list):  # content parts: only text is supported
-            texts = [p.get("text") for p in content if isinstance(p, dict) and p.get("type") == "text"]
-            strings = [t for t in texts if isinstance(t, str)]
-            if len(strings) != len(content):
-                raise HttpError(
-                    400, f"messages[{i}].content: only text parts are supported", param="messages"
-                )
-            content = "".join(strings)
-        if not isinstance(content, str):
-            raise HttpError(400, f"messages[{i}].content must be a string", param="messages")
-        normalised.append({"role": message["role"], "content": content})
+async def _chat_prompt(
+    body: dict[str, Any], encoder: PromptEncoder, max_model_len: int, tools: ToolPlan | None
+) -> list[int]:
+    messages = template_messages(body.get("messages"))  # router/chat_messages.py: tool calls and results too
     try:
-        ids = await encoder.encode_chat(normalised, limit=max_model_len)
+        ids = await encoder.encode_chat(
+            messages, limit=max_model_len, tools=tools.template_tools() if tools else None
+        )
     except PromptTooLong as exc:
         raise _too_long(exc.tokens, max_model_len, "messages", "the conversation") from None
     except EncoderBusy:

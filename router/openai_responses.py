@@ -6,6 +6,8 @@ highest cumulative logprob, OpenAI's best_of), indexed p * n + rank as OpenAI in
 text starts with its prompt and its logprobs with the prompt's tokens (the first has none: null); with `max_tokens: 0`
 the one token the engine had to generate is dropped. vLLM's `prompt_logprobs` come as choices[].prompt_logprobs:
 [null, {"<id>": {"logprob", "rank", "decoded_token"}}, ...] (rank when the token is among the alternatives).
+A chat request with tools has its text parsed for calls (router/tool_parsers.py): `message.tool_calls`, or
+`delta.tool_calls` as they complete in a stream, and finish_reason "tool_calls" when the answer ended with calls.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from typing import Any
 
 from engine.tokenizer import Tokenizer
 from router.openai_protocol import ParsedRequest
+from router.tool_parsers import CallStream, Piece, call_stream, parse_whole
 from splitserve.v1 import inference_pb2 as pb
 
 FINISH_REASONS = {
@@ -70,6 +73,7 @@ class ResponseBuilder:
         self.parsed = parsed
         self.tokenizer = tokenizer
         self.model = model
+        self._call_streams: dict[int, CallStream] = {}  # per stream, when the request has tools
 
     # ---- streaming ---------------------------------------------------------------------------------------------
 
@@ -87,14 +91,32 @@ class ResponseBuilder:
 
     def delta_chunk(self, stream: int, msg: pb.GenerateResponse) -> dict[str, Any]:
         generated = not self.parsed.echo_only
-        chunk = self._chunk(stream, {"content": msg.text if generated else ""})
+        finish_reason = FINISH_REASONS.get(msg.finish_reason)
+        if self.parsed.tools is not None:
+            delta, finish_reason = self._tool_delta(stream, msg.text, finish_reason)
+        else:
+            delta = {"content": msg.text if generated else ""}
+        chunk = self._chunk(stream, delta)
         choice = chunk["choices"][0]
-        choice["finish_reason"] = FINISH_REASONS.get(msg.finish_reason)
+        choice["finish_reason"] = finish_reason
         if self.parsed.logprobs is not None and msg.logprobs and generated:
             choice["logprobs"] = self._logprobs(list(msg.logprobs))
         if self.parsed.prompt_logprobs is not None and msg.prompt_logprobs:
             choice["prompt_logprobs"] = self._vllm_prompt_logprobs(stream, msg.prompt_logprobs)
         return chunk
+
+    def _tool_delta(
+        self, stream: int, text: str, finish_reason: str | None
+    ) -> tuple[dict[str, Any], str | None]:
+        """The delta of a chat stream with tools: content let through, tool calls as they complete."""
+        calls = self._call_streams.get(stream)
+        if calls is None:
+            assert self.parsed.tools is not None
+            calls = self._call_streams[stream] = call_stream(self.parsed.tools, self.parsed.tool_format)
+        piece = calls.feed(text)
+        if finish_reason is not None:
+            piece += calls.finish()
+        return _delta(piece), _with_calls(finish_reason, calls.called)
 
     def usage_chunk(self, results: list[StreamResult]) -> dict[str, Any]:
         return {**self._envelope(final=False), "choices": [], "usage": self._usage(results)}
@@ -119,6 +141,12 @@ class ResponseBuilder:
         entry: dict[str, Any] = {"index": index, "logprobs": None, "finish_reason": result.finish_reason}
         if parsed.chat:
             entry["message"] = {"role": "assistant", "content": generated}
+            if parsed.tools is not None:
+                content, calls = parse_whole(call_stream(parsed.tools, parsed.tool_format), generated)
+                entry["message"]["content"] = content
+                if calls:
+                    entry["message"]["tool_calls"] = calls
+                    entry["finish_reason"] = _with_calls(result.finish_reason, True)
             if parsed.logprobs is not None:
                 entry["logprobs"] = self._logprobs(output)
         else:
@@ -251,3 +279,17 @@ class ResponseBuilder:
                 )
             out.append(entry)
         return out
+
+
+def _delta(piece: Piece) -> dict[str, Any]:
+    delta: dict[str, Any] = {}
+    if piece.content or not piece.tool_deltas:
+        delta["content"] = piece.content
+    if piece.tool_deltas:
+        delta["tool_calls"] = piece.tool_deltas
+    return delta
+
+
+def _with_calls(finish_reason: str | None, called: bool) -> str | None:
+    """OpenAI's finish_reason "tool_calls" for an answer that ended (not cut short) with calls."""
+    return "tool_calls" if called and finish_reason == "stop" else finish_reason

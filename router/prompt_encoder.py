@@ -54,12 +54,19 @@ class PromptEncoder:
             return self._encode(text, add_special_tokens, limit)
         return await self.run(self._encode, text, add_special_tokens, limit)
 
-    async def encode_chat(self, messages: list[dict[str, Any]], *, limit: int | None = None) -> list[int]:
-        """Token ids of the conversation rendered with the model's chat template (which holds any BOS)."""
-        size = sum(len(str(m.get("content", ""))) for m in messages)
+    async def encode_chat(
+        self,
+        messages: list[dict[str, Any]],
+        *,
+        limit: int | None = None,
+        tools: list[dict[str, Any]] | None = None,
+    ) -> list[int]:
+        """Token ids of the conversation (and the tools offered) rendered with the model's chat template (which
+        holds any BOS)."""
+        size = sum(len(str(m.get("content", ""))) for m in messages) + len(str(tools or ""))
         if size <= INLINE_CHARS:
-            return self._encode_chat(messages, limit)
-        return await self.run(self._encode_chat, messages, limit)
+            return self._encode_chat(messages, limit, tools)
+        return await self.run(self._encode_chat, messages, limit, tools)
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
         """fn(*args) on a pool thread; EncoderBusy when max_pending jobs are already queued or running."""
@@ -85,6 +92,8 @@ class PromptEncoder:
             raise PromptTooLong(len(encoding))
         return list(encoding.ids)
 
-    def _encode_chat(self, messages: list[dict[str, Any]], limit: int | None) -> list[int]:
-        rendered = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    def _encode_chat(
+        self, messages: list[dict[str, Any]], limit: int | None, tools: list[dict[str, Any]] | None
+    ) -> list[int]:
+        rendered = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tools=tools)
         return self._encode(rendered, False, limit)

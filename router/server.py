@@ -63,6 +63,9 @@ class RouterOptions:
     cors_origins: tuple[
         str, ...
     ] = ()  # origins browsers may call the HTTP endpoint from ("*": any); none: no CORS
+    tool_call_parser: str = (
+        "auto"  # how the model writes tool calls (router/tool_parsers.py); auto: its template's
+    )
     otlp_endpoint: str | None = None  # None: OTEL_EXPORTER_OTLP_ENDPOINT if set, else no tracing
     cluster_token: str | None = (
         None  # sent on every call to a node (cluster/auth.py); None: $SPLITSERVE_CLUSTER_TOKEN
@@ -115,7 +118,7 @@ async def run_router(options: RouterOptions) -> int:
     add_checked_servicer(inference_pb2_grpc.add_InferenceServicer_to_server, service, server)
     await server.start()
     await health.set(True)
-    app = create_app(service, api_key, options.body_timeout_s, options.cors_origins)
+    app = create_app(service, api_key, options.body_timeout_s, options.cors_origins, options.tool_call_parser)
     source = DashboardSource(service.config.model_name, view, service.requests, service.policy, bool(api_key))
     add_dashboard(app, source, options.redis_url, api_key)
     # Parser-level errors (bad request line, bad headers) are OpenAI-shaped JSON too (router/http_runner.py).

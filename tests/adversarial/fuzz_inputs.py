@@ -105,6 +105,17 @@ def _prompt() -> st.SearchStrategy[Any]:
     return st.one_of(st.text(max_size=120), ids, st.lists(st.text(max_size=20), min_size=1, max_size=2))
 
 
+def _tool() -> st.SearchStrategy[Any]:
+    """A function tool, its parameters a small schema or any JSON (most of which no grammar compiler takes)."""
+    schema = st.one_of(
+        st.just({"type": "object", "properties": {"x": {"enum": [1, 2]}}, "required": ["x"]}), json_values
+    )
+    function = st.fixed_dictionaries(
+        {"name": st.sampled_from(["f", "g", "", "bad name"])}, optional={"parameters": schema}
+    )
+    return st.fixed_dictionaries({"type": st.just("function"), "function": function})
+
+
 def _messages() -> st.SearchStrategy[Any]:
     role = st.sampled_from(["system", "user", "assistant", "tool", "nobody"])
     content = st.one_of(
@@ -133,6 +144,12 @@ def well_typed(model: str, chat: bool) -> st.SearchStrategy[dict[str, Any]]:
     }
     if chat:
         optional["logprobs"] = st.booleans()
+        optional["tools"] = st.one_of(st.lists(_tool(), max_size=2), json_values)
+        optional["tool_choice"] = st.one_of(
+            st.sampled_from(["none", "auto", "required", {"type": "function", "function": {"name": "f"}}]),
+            json_values,
+        )
+        optional["parallel_tool_calls"] = st.one_of(st.booleans(), json_values)
         required = {"messages": _messages(), "max_tokens": st.integers(1, MAX_GENERATED)}
     else:
         optional["logprobs"] = st.integers(0, 5)

@@ -90,9 +90,9 @@ def test_the_openai_client_gets_400s_for_what_it_offers_and_we_do_not_honour(
     client: openai.OpenAI, model: str
 ) -> None:
     messages = [{"role": "user", "content": "Hi"}]
-    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}
     chat_cases: dict[str, dict[str, Any]] = {
-        "tools": {"tools": [tool]},
+        # tools are honoured (tests/integration/test_tool_calling.py); ones that are not functions are refused.
+        "tools": {"tools": [{"type": "code_interpreter"}]},
         "tool_choice": {"tools": [], "tool_choice": "required"},
         # response_format is honoured now (tests/integration/test_structured_output.py); one it cannot serve is refused.
         "response_format": {"response_format": {"type": "json_schema", "json_schema": {"name": "no-schema"}}},

@@ -24,7 +24,8 @@ def test_honoured_fields_pass_and_neutral_values_of_the_others_too() -> None:
         ({"echo": True}, "chat", "echo"),  # honoured by completions only
         ({"best_of": 2}, "chat", "best_of"),
         ({"suffix": "end"}, "completions", "suffix"),
-        ({"tools": [{"type": "function"}]}, "chat", "tools"),
+        ({"tools": [{"type": "function"}]}, "completions", "tools"),  # tool calling is chat's
+        ({"tool_choice": "required"}, "completions", "tool_choice"),
         ({"structural_tag": "{}"}, "chat", "structural_tag"),
         ({"guided_decoding_backend": "outlines"}, "chat", "guided_decoding_backend"),
         ({"min_tokens": 4}, "completions", "min_tokens"),

@@ -43,6 +43,32 @@ CONVERSATIONS = [
         {"role": "user", "content": "And café?"},
     ],
 ]
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "Weather in a city",
+            "parameters": {
+                "type": "object",
+                "properties": {"city": {"type": "string"}},
+                "required": ["city"],
+            },
+        },
+    }
+]
+TOOL_CONVERSATION = [
+    {"role": "system", "content": "You are terse."},
+    {"role": "user", "content": "Weather in Zürich?"},
+    {
+        "role": "assistant",
+        "content": "",
+        "tool_calls": [
+            {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Zürich"}}}
+        ],
+    },
+    {"role": "tool", "tool_call_id": "call_1", "content": "7 °C"},
+]
 
 
 @pytest.fixture(scope="module")
@@ -128,6 +154,13 @@ def test_chat_template_matches_transformers(pairs: dict, arch: str) -> None:
             assert text == hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=gen)
             # The template carries BOS itself where the family has one, so encode without special tokens.
             assert ours.encode(text, add_special_tokens=False) == _hf_chat_ids(hf, messages, gen)
+    # Tools and a tool-call round trip (the Hermes/Qwen layout), rendered the same as transformers renders them.
+    text = ours.apply_chat_template(TOOL_CONVERSATION, tools=TOOLS)
+    assert text == hf.apply_chat_template(
+        TOOL_CONVERSATION, tools=TOOLS, tokenize=False, add_generation_prompt=True
+    )
+    assert '<tools>\n{"type": "function"' in text and "<tool_response>\n7 °C\n</tool_response>" in text
+    assert '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Zürich"}}\n</tool_call>' in text
     text = ours.apply_chat_template(CONVERSATIONS[0])
     assert text.endswith("<|im_start|>assistant\n")
     assert text.startswith("<|endoftext|><|im_start|>user") is (arch in ("llama", "mistral"))
@@ -138,7 +171,7 @@ def test_chat_template_errors_are_request_errors(
 ) -> None:
     ours, _ = pairs["qwen2"]
     with pytest.raises(InvalidRequestError, match="Unsupported role"):
-        ours.apply_chat_template([{"role": "tool", "content": "x"}])
+        ours.apply_chat_template([{"role": "narrator", "content": "x"}])
     with pytest.raises(InvalidRequestError, match="empty"):
         ours.apply_chat_template([])
     with pytest.raises(InvalidRequestError):
