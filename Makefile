@@ -13,7 +13,7 @@ TORCH_INDEX_URL ?=
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 export HF_HUB_OFFLINE := 1
 
-.PHONY: install run test lint typecheck browser unit bench clean proto
+.PHONY: install run test lint typecheck browser unit bench clean proto conformance
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -48,6 +48,21 @@ test: lint typecheck browser
 
 bench: $(STAMP)
 	$(PY) benchmarks/engine_throughput.py
+
+# Real clients against a live split cluster (issue 14): GuideLLM and AIPerf, pinned, each in a virtualenv of its own
+# under .cache/conformance/ (made once; both pin dozens of dependencies of their own), then
+# benchmarks/conformance.py. Not part of `make test`: minutes of installs and runs. guidellm needs torch: the pinned
+# one goes in first, as above, so pip does not fetch the CUDA build.
+conformance: GUIDELLM_VENV := .cache/conformance/guidellm-venv
+conformance: AIPERF_VENV := .cache/conformance/aiperf-venv
+conformance: $(STAMP)
+	test -f $(GUIDELLM_VENV)/.installed-0.8.1 || { rm -rf $(GUIDELLM_VENV) && $(PYTHON) -m venv $(GUIDELLM_VENV) && \
+		$(GUIDELLM_VENV)/bin/python -m pip install -q torch==$(TORCH_VERSION) \
+			$(if $(TORCH_INDEX_URL),--index-url $(TORCH_INDEX_URL)) && \
+		$(GUIDELLM_VENV)/bin/python -m pip install -q guidellm==0.8.1 && touch $(GUIDELLM_VENV)/.installed-0.8.1; }
+	test -f $(AIPERF_VENV)/.installed-0.13.0 || { rm -rf $(AIPERF_VENV) && $(PYTHON) -m venv $(AIPERF_VENV) && \
+		$(AIPERF_VENV)/bin/python -m pip install -q aiperf==0.13.0 && touch $(AIPERF_VENV)/.installed-0.13.0; }
+	$(PY) benchmarks/conformance.py --guidellm $(GUIDELLM_VENV)/bin/guidellm --aiperf $(AIPERF_VENV)/bin/aiperf
 
 # Regenerate the committed protobuf/gRPC modules after editing proto/splitserve/v1/*.proto.
 proto: $(STAMP)
