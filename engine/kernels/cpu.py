@@ -2,6 +2,10 @@
 
 Arguments are assumed to be validated already (engine.kernels does it).
 
+Decode attention runs in C++ (csrc/paged_decode_cpu.cpp, built by engine/kernels/cpu_native.py) where it could be
+built: it reads K/V in place, where the torch version below copies them three times. The torch version stays as the
+fallback; the notes below are its design.
+
 Decode attention does not use scaled_dot_product_attention: with q_len=1 in bf16 it was measured very slow on
 CPU (32 ms/layer at batch 32 against 4.8 ms in fp32 with expanded KV heads); with the grouped [B, KVH, G, D]
 layout and a boolean mask it took 5-11 ms here, still no faster than the chunked matmuls below. It gathers K/V
@@ -27,6 +31,8 @@ The bf16-matmul variant (bf16 scores and probabilities) was also less accurate, 
 from __future__ import annotations
 
 import torch
+
+from engine.kernels import cpu_native
 
 # Largest padded K size (chunk rows x longest row's tokens x KV heads x head_dim, in elements) handled by one
 # batched matmul, so that a chunk's fp32 K and V (1 MiB each) stay near the core's cache. Chosen from the
@@ -69,6 +75,35 @@ def paged_decode_attention(
     scale: float,
     sliding_window: int | None = None,
 ) -> torch.Tensor:
+    """The C++ kernel (engine/kernels/cpu_native.py) where it is built, else the torch ops below."""
+    compiled = cpu_native.native()
+    if compiled is None or kv_layer.stride(-1) != 1:
+        return torch_paged_decode_attention(query, kv_layer, block_tables, seq_lens, scale, sliding_window)
+    block_size = kv_layer.shape[2]
+    lens = seq_lens.to(torch.int32).contiguous()
+    # The kernel trusts its indices, so they are checked here, as index_select checks them for the torch ops.
+    _check_table_capacity(
+        (lens.to(torch.int64).clamp_min(0) + block_size - 1) // block_size, block_tables.shape[1]
+    )
+    tables = block_tables.to(torch.int32).contiguous()
+    if tables.numel() and (int(tables.min()) < 0 or int(tables.max()) >= kv_layer.shape[0]):
+        raise IndexError(
+            f"paged_decode_attention: block_tables name blocks outside 0..{kv_layer.shape[0] - 1}"
+        )
+    return compiled.paged_decode_attention(
+        query.contiguous(), kv_layer, tables, lens, float(scale), sliding_window or 0
+    )
+
+
+def torch_paged_decode_attention(
+    query: torch.Tensor,
+    kv_layer: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+    sliding_window: int | None = None,
+) -> torch.Tensor:
+    """Decode attention in torch ops: the fallback, and the measured design notes at the top of this module."""
     block_size = kv_layer.shape[2]
     lens = seq_lens.to(torch.int64).clamp_min(0)
     starts = lens - sliding_window if sliding_window is not None else torch.zeros_like(lens)

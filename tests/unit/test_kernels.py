@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Callable
@@ -24,7 +25,7 @@ if not torch.cuda.is_available():
 import pytest
 
 from engine import kernels
-from engine.kernels import cpu, triton_kernels
+from engine.kernels import cpu, cpu_native, triton_kernels
 from engine.kernels.reference import (
     gather_blocks_reference,
     paged_decode_attention_reference,
@@ -109,17 +110,54 @@ def strided_kv_layer(num_blocks: int, num_kv_heads: int, head_dim: int, dtype: t
 # --------------------------------------------------------------------------------------------------- CPU path
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+# The C++ kernel (where built: kernels.paged_decode_attention takes it) and the torch ops it falls back to.
+DECODE_IMPLEMENTATIONS: dict[str, Callable[..., torch.Tensor]] = {
+    "dispatched": kernels.paged_decode_attention,
+    "torch-ops": cpu.torch_paged_decode_attention,
+}
+
+
+def test_the_cpu_kernels_are_built_where_a_compiler_is() -> None:
+    if shutil.which("g++") is None:
+        pytest.skip("no C++ compiler on this machine: the torch ops serve")
+    assert cpu_native.native() is not None, cpu_native._failed
+
+
+@pytest.mark.parametrize("implementation", DECODE_IMPLEMENTATIONS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize(("num_heads", "num_kv_heads"), HEAD_LAYOUTS)
 @pytest.mark.parametrize("sliding_window", [None, 1, 16, 20, 1000])
 def test_cpu_decode_attention_matches_reference(
-    dtype: torch.dtype, num_heads: int, num_kv_heads: int, sliding_window: int | None
+    implementation: str, dtype: torch.dtype, num_heads: int, num_kv_heads: int, sliding_window: int | None
 ) -> None:
     case = make_decode_case(SEQ_LENS, num_heads, num_kv_heads, 32, dtype)
     expected = paged_decode_attention_reference(*case.args(), 0.17, sliding_window)
-    actual = kernels.paged_decode_attention(*case.args(), 0.17, sliding_window)
+    actual = DECODE_IMPLEMENTATIONS[implementation](*case.args(), 0.17, sliding_window)
     _assert_close(actual, expected, dtype)
     assert not actual[SEQ_LENS.index(0)].any()  # padding row
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_decode_attention_reads_a_strided_layer(dtype: torch.dtype) -> None:
+    case = make_decode_case([5, 40, 16, 0], 8, 2, 16, dtype, seed=3)
+    whole = torch.zeros(case.kv_layer.shape[0], 3, *case.kv_layer.shape[1:], dtype=dtype)
+    whole[:, 1] = case.kv_layer
+    strided = whole[:, 1]  # one layer of a block-major allocation, as KV transfer registers it
+    expected = paged_decode_attention_reference(*case.args(), 0.3, 7)
+    actual = kernels.paged_decode_attention(case.query, strided, case.block_tables, case.seq_lens, 0.3, 7)
+    _assert_close(actual, expected, dtype)
+
+
+def test_cpu_decode_attention_refuses_blocks_outside_the_cache() -> None:
+    case = make_decode_case([5, 40], 4, 2, 8, torch.float32)
+    tables = case.block_tables.clone()
+    tables[1, 0] = case.kv_layer.shape[0]
+    with pytest.raises(IndexError):
+        kernels.paged_decode_attention(case.query, case.kv_layer, tables, case.seq_lens, 1.0)
+    with pytest.raises(ValueError, match="blocks"):  # a sequence longer than its table
+        kernels.paged_decode_attention(
+            case.query, case.kv_layer, case.block_tables[:, :1], case.seq_lens, 1.0
+        )
 
 
 # Budgets giving one sequence per chunk, mixed chunks, and the whole batch in one chunk.
@@ -130,7 +168,8 @@ def test_cpu_decode_attention_chunking(monkeypatch: pytest.MonkeyPatch, budget: 
     case = make_decode_case(lens, 8, 2, 16, torch.float32, seed=1)
     for window in (None, 40):
         expected = paged_decode_attention_reference(*case.args(), 0.25, window)
-        _assert_close(kernels.paged_decode_attention(*case.args(), 0.25, window), expected, torch.float32)
+        actual = cpu.torch_paged_decode_attention(*case.args(), 0.25, window)
+        _assert_close(actual, expected, torch.float32)
 
 
 def test_cpu_decode_attention_accepts_int64_indices_and_strided_query() -> None:

@@ -1,0 +1,70 @@
+"""splitserve's C++ CPU kernels (engine/kernels/csrc/), compiled for this machine on first use and cached.
+
+Decode attention in torch ops (engine/kernels/cpu.py) copies the whole batch's KV three times per layer; the C++
+kernel reads it in place (see the .cpp file). It is built with torch's cpp_extension (g++ and ninja) for the host's
+own instruction set (-march=native) into torch's extension cache (~/.cache/torch_extensions, or
+$TORCH_EXTENSIONS_DIR), keyed by a hash of the source and flags, so an edit rebuilds it and other processes reuse
+the build. `make install` builds it once (`main()`), so servers do not compile while
+serving. Where it cannot be built (no compiler), or with SPLITSERVE_NATIVE_KERNELS=0, the torch ops serve instead;
+the reason is logged once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import sys
+import threading
+from pathlib import Path
+from types import ModuleType
+
+_SOURCE = Path(__file__).with_name("csrc") / "paged_decode_cpu.cpp"
+# -ffast-math: reductions (dot products, sums) vectorise only when the compiler may reassociate them, and glibc's
+# vector exp is used only under it. The kernel never makes an infinity or a NaN of its own (softmax starts from the
+# first score, not -inf), so finite-math assumptions hold for finite inputs.
+_FLAGS = ["-O3", "-march=native", "-ffast-math"]
+DISABLE_ENV = "SPLITSERVE_NATIVE_KERNELS"
+
+_lock = threading.Lock()
+_loaded: ModuleType | None = None
+_failed: str | None = None
+_log = logging.getLogger(__name__)
+
+
+def native() -> ModuleType | None:
+    """The compiled kernels, built on first call; None when they are disabled or cannot be built (logged once)."""
+    global _loaded, _failed
+    if _loaded is not None or _failed is not None:
+        return _loaded
+    with _lock:
+        if _loaded is None and _failed is None:
+            try:
+                _loaded = _build()
+            except Exception as exc:  # no compiler, a failed build: the torch ops serve instead
+                _failed = f"{type(exc).__name__}: {exc}"
+                _log.warning(
+                    "CPU kernels not built (%s); using torch ops for decode attention", _failed[:500]
+                )
+    return _loaded
+
+
+def _build() -> ModuleType:
+    if os.environ.get(DISABLE_ENV, "1") == "0":
+        raise RuntimeError(f"disabled by {DISABLE_ENV}=0")
+    from torch.utils import cpp_extension
+
+    # The ninja of this virtualenv (the `ninja` package) may not be on PATH when python is run without activating it.
+    scripts = str(Path(sys.executable).parent)
+    if scripts not in os.environ.get("PATH", "").split(os.pathsep):
+        os.environ["PATH"] = scripts + os.pathsep + os.environ.get("PATH", "")
+    digest = hashlib.sha256(_SOURCE.read_bytes() + " ".join(_FLAGS).encode()).hexdigest()[:12]
+    return cpp_extension.load(
+        name=f"splitserve_cpu_kernels_{digest}", sources=[str(_SOURCE)], extra_cflags=_FLAGS, verbose=False
+    )
+
+
+def main() -> None:
+    """`make install`: build once, ahead of any server (a failure is reported, not fatal: torch ops serve)."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    print("CPU kernels:", "built" if native() is not None else f"not built ({_failed}); torch ops will serve")

@@ -1,0 +1,145 @@
+// Paged decode attention for CPUs: one query token per sequence over its K/V, read in place from the paged cache.
+//
+// The torch version (engine/kernels/cpu.py) gathers every sequence's blocks into a fresh tensor, upcasts it to fp32
+// and lets bmm copy it once more into its preferred layout: three passes over the whole KV of the batch per layer,
+// which made decode attention most of a decode step. Here each (sequence, KV head) task reads its K rows once and its
+// V rows once, straight from the cache blocks, converting bf16/fp16 to fp32 in registers; the G query heads that share
+// the KV head are served from the same reads. Scores, softmax and the weighted sum of V are fp32, as in the torch
+// version, so outputs agree with it to rounding. Tasks run on torch's intra-op thread pool (torch.set_num_threads).
+//
+// Layouts (validated by the caller, engine/kernels/__init__.py):
+//   query        [B, H, D]                         any float dtype, contiguous
+//   kv_layer     [num_blocks, 2, block_size, KVH, D] same dtype, any strides but a unit one for D (a layer of a
+//                cache allocated block-major for KV transfer is strided)
+//   block_tables [B, max_blocks] int32, seq_lens [B] int32 (<= 0: a padding row, left zero)
+//   window       the sliding window (0: none): row b attends to [max(0, len - window), len)
+
+#include <torch/extension.h>
+
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+template <typename T>
+inline float to_float(T value) {
+  return static_cast<float>(value);
+}
+
+// bf16 is the top half of an fp32: a shift, which the compiler vectorises (c10's conversion does not inline as well).
+template <>
+inline float to_float<c10::BFloat16>(c10::BFloat16 value) {
+  uint32_t bits = static_cast<uint32_t>(value.x) << 16;
+  float out;
+  std::memcpy(&out, &bits, sizeof(out));
+  return out;
+}
+
+// One (sequence, KV head) task. D: head_dim when it is one of the common sizes (the loops then unroll and
+// vectorise fully), else 0 and head_dim at run time.
+template <typename T, int D>
+void attend(const T* q_rows, const T* kv, const int32_t* table, int64_t start, int64_t len, T* out_rows,
+            int64_t group, int64_t dim, int64_t block_size, int64_t block_stride, int64_t half_stride,
+            int64_t token_stride, int64_t head_offset, float scale, std::vector<float>& q,
+            std::vector<float>& scores, std::vector<float>& acc, std::vector<float>& row_buf) {
+  const int64_t head_dim = D > 0 ? D : dim;
+  const int64_t n = len - start;
+  for (int64_t i = 0; i < group * head_dim; ++i) q[i] = to_float(q_rows[i]) * scale;
+  scores.resize(group * n);
+  float* kf = row_buf.data();
+  for (int64_t p = start; p < len; ++p) {
+    const T* k = kv + table[p / block_size] * block_stride + (p % block_size) * token_stride + head_offset;
+    for (int64_t d = 0; d < head_dim; ++d) kf[d] = to_float(k[d]);
+    for (int64_t g = 0; g < group; ++g) {
+      const float* qg = q.data() + g * head_dim;
+      float dot = 0.f;
+      for (int64_t d = 0; d < head_dim; ++d) dot += qg[d] * kf[d];
+      scores[g * n + (p - start)] = dot;
+    }
+  }
+  for (int64_t g = 0; g < group; ++g) {
+    float* row = scores.data() + g * n;
+    float top = row[0];
+    for (int64_t i = 1; i < n; ++i) top = std::max(top, row[i]);
+    float total = 0.f;
+    for (int64_t i = 0; i < n; ++i) {
+      row[i] = std::exp(row[i] - top);
+      total += row[i];
+    }
+    const float inv = 1.f / total;
+    for (int64_t i = 0; i < n; ++i) row[i] *= inv;
+  }
+  std::fill(acc.begin(), acc.end(), 0.f);
+  for (int64_t p = start; p < len; ++p) {
+    const T* v = kv + table[p / block_size] * block_stride + half_stride + (p % block_size) * token_stride +
+                 head_offset;
+    for (int64_t d = 0; d < head_dim; ++d) kf[d] = to_float(v[d]);
+    for (int64_t g = 0; g < group; ++g) {
+      const float weight = scores[g * n + (p - start)];
+      float* a = acc.data() + g * head_dim;
+      for (int64_t d = 0; d < head_dim; ++d) a[d] += weight * kf[d];
+    }
+  }
+  for (int64_t i = 0; i < group * head_dim; ++i) out_rows[i] = static_cast<T>(acc[i]);
+}
+
+template <typename T>
+void decode_attention(const T* query, const T* kv, const int32_t* tables, const int32_t* lens, T* out,
+                      int64_t batch, int64_t heads, int64_t kv_heads, int64_t head_dim, int64_t block_size,
+                      int64_t max_blocks, int64_t window, float scale, const int64_t* strides) {
+  const int64_t group = heads / kv_heads;
+  const int64_t block_stride = strides[0], half_stride = strides[1], token_stride = strides[2];
+  const int64_t head_stride = strides[3];
+  at::parallel_for(0, batch * kv_heads, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> q(group * head_dim), scores, acc(group * head_dim), row_buf(head_dim);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / kv_heads, kvh = task % kv_heads;
+      const int64_t len = lens[b];
+      T* out_rows = out + (b * heads + kvh * group) * head_dim;
+      if (len <= 0) {
+        std::fill(out_rows, out_rows + group * head_dim, T(0));
+        continue;
+      }
+      const int64_t start = window > 0 ? std::max<int64_t>(0, len - window) : 0;
+      const T* q_rows = query + (b * heads + kvh * group) * head_dim;
+      const int32_t* table = tables + b * max_blocks;
+      const int64_t offset = kvh * head_stride;
+#define SPLITSERVE_ATTEND(DIM)                                                                                  \
+  attend<T, DIM>(q_rows, kv, table, start, len, out_rows, group, head_dim, block_size, block_stride, half_stride, \
+                 token_stride, offset, scale, q, scores, acc, row_buf)
+      switch (head_dim) {
+        case 64: SPLITSERVE_ATTEND(64); break;
+        case 128: SPLITSERVE_ATTEND(128); break;
+        default: SPLITSERVE_ATTEND(0);
+      }
+#undef SPLITSERVE_ATTEND
+    }
+  });
+}
+
+torch::Tensor paged_decode_attention(torch::Tensor query, torch::Tensor kv_layer, torch::Tensor block_tables,
+                                     torch::Tensor seq_lens, double scale, int64_t window) {
+  auto out = torch::empty_like(query);
+  const int64_t batch = query.size(0), heads = query.size(1), head_dim = query.size(2);
+  const int64_t block_size = kv_layer.size(2), kv_heads = kv_layer.size(3);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, query.scalar_type(), "paged_decode_attention", [&] {
+    decode_attention<scalar_t>(query.data_ptr<scalar_t>(), kv_layer.data_ptr<scalar_t>(),
+                               block_tables.data_ptr<int32_t>(), seq_lens.data_ptr<int32_t>(),
+                               out.data_ptr<scalar_t>(), batch, heads, kv_heads, head_dim, block_size,
+                               block_tables.size(1), window, static_cast<float>(scale), kv_layer.strides().data());
+  });
+  return out;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("paged_decode_attention", &paged_decode_attention, "paged decode attention over a CPU KV cache");
+}
