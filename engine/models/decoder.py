@@ -20,6 +20,7 @@ from engine.errors import ModelLoadError
 from engine.loader import iter_tensors
 from engine.models.attention import AttentionBatch, paged_attention
 from engine.models.layers import RotaryEmbedding, rms_norm
+from engine.models.linear import Linear
 
 LayerHook = Callable[[int], None]
 
@@ -27,14 +28,13 @@ LayerHook = Callable[[int], None]
 @dataclass(slots=True)
 class LayerWeights:
     input_norm: torch.Tensor
-    qkv: torch.Tensor  # [(H + 2*KVH) * D, hidden]
-    qkv_bias: torch.Tensor | None
+    qkv: Linear  # [(H + 2*KVH) * D, hidden], with Qwen2's bias
     q_norm: torch.Tensor | None
     k_norm: torch.Tensor | None
-    o_proj: torch.Tensor
+    o_proj: Linear
     post_norm: torch.Tensor
-    gate_up: torch.Tensor  # [2 * intermediate, hidden]
-    down: torch.Tensor
+    gate_up: Linear  # [2 * intermediate, hidden]
+    down: Linear
 
 
 class DecoderModel:
@@ -46,7 +46,7 @@ class DecoderModel:
         embed: torch.Tensor,
         layers: list[LayerWeights],
         final_norm: torch.Tensor,
-        lm_head: torch.Tensor,
+        lm_head: Linear,
         max_positions: int,
     ) -> None:
         self.config = config
@@ -94,9 +94,9 @@ class DecoderModel:
         layers = [weights.layer(i) for i in range(config.num_layers)]
         final_norm = weights.take("model.norm.weight", (config.hidden_size,))
         if config.tie_word_embeddings and "lm_head.weight" not in tensors:
-            lm_head = embed
+            lm_head = Linear(embed)  # a packed copy where packing applies: the embedding keeps its own layout
         else:
-            lm_head = weights.take("lm_head.weight", (config.vocab_size, config.hidden_size))
+            lm_head = Linear(weights.take("lm_head.weight", (config.vocab_size, config.hidden_size)))
         return cls(config, embed, layers, final_norm, lm_head, max_positions)
 
     @torch.inference_mode()
@@ -118,7 +118,7 @@ class DecoderModel:
         for i, layer in enumerate(self.layers):
             residual = h
             x = rms_norm(h, layer.input_norm, cfg.rms_norm_eps)
-            qkv = F.linear(x, layer.qkv, layer.qkv_bias)
+            qkv = layer.qkv(x)
             q, k, v = qkv.split([self._q_size, self._kv_size, self._kv_size], dim=-1)
             q = q.view(-1, cfg.num_heads, cfg.head_dim)
             k = k.view(-1, cfg.num_kv_heads, cfg.head_dim)
@@ -131,17 +131,17 @@ class DecoderModel:
             if on_layer_stored is not None:
                 on_layer_stored(i)
             attn = paged_attention(q, k, v, kv_caches[i], batch, self.scale)
-            h = residual + F.linear(attn.reshape(-1, self._q_size), layer.o_proj)
+            h = residual + layer.o_proj(attn.reshape(-1, self._q_size))
             residual = h
             x = rms_norm(h, layer.post_norm, cfg.rms_norm_eps)
-            gate, up = F.linear(x, layer.gate_up).chunk(2, dim=-1)
-            h = residual + F.linear(F.silu(gate) * up, layer.down)
+            gate, up = layer.gate_up(x).chunk(2, dim=-1)
+            h = residual + layer.down(F.silu(gate) * up)
         return rms_norm(h, self.final_norm, cfg.rms_norm_eps)
 
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[N, hidden] -> fp32 logits [N, vocab] (matmul in the model dtype, as the reference does)."""
-        return F.linear(hidden, self.lm_head).float()
+        return self.lm_head(hidden).float()
 
 
 class _WeightReader:
@@ -205,12 +205,11 @@ class _WeightReader:
         )
         return LayerWeights(
             input_norm=self.take(p + "input_layernorm.weight", (hidden,)),
-            qkv=qkv,
-            qkv_bias=qkv_bias,
+            qkv=Linear(qkv, qkv_bias),
             q_norm=q_norm,
             k_norm=k_norm,
-            o_proj=self.take(p + "self_attn.o_proj.weight", (hidden, q_size)),
+            o_proj=Linear(self.take(p + "self_attn.o_proj.weight", (hidden, q_size))),
             post_norm=self.take(p + "post_attention_layernorm.weight", (hidden,)),
-            gate_up=gate_up,
-            down=self.take(p + "mlp.down_proj.weight", (hidden, inter)),
+            gate_up=Linear(gate_up),
+            down=Linear(self.take(p + "mlp.down_proj.weight", (hidden, inter))),
         )
