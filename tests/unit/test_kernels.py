@@ -127,10 +127,18 @@ def test_the_cpu_kernels_are_built_where_a_compiler_is() -> None:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize(("num_heads", "num_kv_heads"), HEAD_LAYOUTS)
 @pytest.mark.parametrize("sliding_window", [None, 1, 16, 20, 1000])
+@pytest.mark.parametrize(
+    "head_dim", [32, 64]
+)  # 64 in bf16 takes the C++ kernel's AVX-512 path where it has one
 def test_cpu_decode_attention_matches_reference(
-    implementation: str, dtype: torch.dtype, num_heads: int, num_kv_heads: int, sliding_window: int | None
+    implementation: str,
+    dtype: torch.dtype,
+    num_heads: int,
+    num_kv_heads: int,
+    sliding_window: int | None,
+    head_dim: int,
 ) -> None:
-    case = make_decode_case(SEQ_LENS, num_heads, num_kv_heads, 32, dtype)
+    case = make_decode_case(SEQ_LENS, num_heads, num_kv_heads, head_dim, dtype)
     expected = paged_decode_attention_reference(*case.args(), 0.17, sliding_window)
     actual = DECODE_IMPLEMENTATIONS[implementation](*case.args(), 0.17, sliding_window)
     _assert_close(actual, expected, dtype)
@@ -139,7 +147,7 @@ def test_cpu_decode_attention_matches_reference(
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cpu_decode_attention_reads_a_strided_layer(dtype: torch.dtype) -> None:
-    case = make_decode_case([5, 40, 16, 0], 8, 2, 16, dtype, seed=3)
+    case = make_decode_case([5, 40, 16, 0], 8, 2, 64, dtype, seed=3)
     whole = torch.zeros(case.kv_layer.shape[0], 3, *case.kv_layer.shape[1:], dtype=dtype)
     whole[:, 1] = case.kv_layer
     strided = whole[:, 1]  # one layer of a block-major allocation, as KV transfer registers it

@@ -1,11 +1,14 @@
 // Paged decode attention for CPUs: one query token per sequence over its K/V, read in place from the paged cache.
 //
 // The torch version (engine/kernels/cpu.py) gathers every sequence's blocks into a fresh tensor, upcasts it to fp32
-// and lets bmm copy it once more into its preferred layout: three passes over the whole KV of the batch per layer,
-// which made decode attention most of a decode step. Here each (sequence, KV head) task reads its K rows once and its
-// V rows once, straight from the cache blocks, converting bf16/fp16 to fp32 in registers; the G query heads that share
-// the KV head are served from the same reads. Scores, softmax and the weighted sum of V are fp32, as in the torch
-// version, so outputs agree with it to rounding. Tasks run on torch's intra-op thread pool (torch.set_num_threads).
+// and lets bmm copy it once more into its preferred layout: three passes over the whole KV of the batch per layer.
+// Here each (sequence, KV head) task reads its K rows once and its V rows once, straight from the cache blocks (one
+// table lookup per block), and the G query heads that share the KV head are served from the same reads. Scores,
+// softmax and the weighted sum of V are fp32, as in the torch version, so outputs agree with it to rounding. bf16 with
+// head_dim 64 on AVX-512 BF16 CPUs (Zen 4, Sapphire Rapids) has a hand-vectorised path; everything else a generic one
+// the compiler vectorises. Tasks run on torch's intra-op thread pool (torch.set_num_threads).
+// Measured on this project's 2-core Zen 4 VM, 24 sequences of 800 tokens, 16 query and 4 KV heads of 64, bf16, one
+// layer: torch ops 33 ms, the generic path 5.6 ms, the AVX-512 path 3.6 ms.
 //
 // Layouts (validated by the caller, engine/kernels/__init__.py):
 //   query        [B, H, D]                         any float dtype, contiguous
@@ -20,7 +23,12 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
 #include <algorithm>
+#include <type_traits>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -54,14 +62,20 @@ void attend(const T* q_rows, const T* kv, const int32_t* table, int64_t start, i
   for (int64_t i = 0; i < group * head_dim; ++i) q[i] = to_float(q_rows[i]) * scale;
   scores.resize(group * n);
   float* kf = row_buf.data();
-  for (int64_t p = start; p < len; ++p) {
-    const T* k = kv + table[p / block_size] * block_stride + (p % block_size) * token_stride + head_offset;
-    for (int64_t d = 0; d < head_dim; ++d) kf[d] = to_float(k[d]);
-    for (int64_t g = 0; g < group; ++g) {
-      const float* qg = q.data() + g * head_dim;
-      float dot = 0.f;
-      for (int64_t d = 0; d < head_dim; ++d) dot += qg[d] * kf[d];
-      scores[g * n + (p - start)] = dot;
+  // Block by block: one table lookup per block, no division per position.
+  const int64_t first_block = start / block_size, end_block = (len + block_size - 1) / block_size;
+  for (int64_t blk = first_block; blk < end_block; ++blk) {
+    const T* base = kv + table[blk] * block_stride + head_offset;
+    const int64_t lo = std::max(start, blk * block_size), hi = std::min(len, (blk + 1) * block_size);
+    for (int64_t p = lo; p < hi; ++p) {
+      const T* k = base + (p - blk * block_size) * token_stride;
+      for (int64_t d = 0; d < head_dim; ++d) kf[d] = to_float(k[d]);
+      for (int64_t g = 0; g < group; ++g) {
+        const float* qg = q.data() + g * head_dim;
+        float dot = 0.f;
+        for (int64_t d = 0; d < head_dim; ++d) dot += qg[d] * kf[d];
+        scores[g * n + (p - start)] = dot;
+      }
     }
   }
   for (int64_t g = 0; g < group; ++g) {
@@ -77,18 +91,123 @@ void attend(const T* q_rows, const T* kv, const int32_t* table, int64_t start, i
     for (int64_t i = 0; i < n; ++i) row[i] *= inv;
   }
   std::fill(acc.begin(), acc.end(), 0.f);
-  for (int64_t p = start; p < len; ++p) {
-    const T* v = kv + table[p / block_size] * block_stride + half_stride + (p % block_size) * token_stride +
-                 head_offset;
-    for (int64_t d = 0; d < head_dim; ++d) kf[d] = to_float(v[d]);
-    for (int64_t g = 0; g < group; ++g) {
-      const float weight = scores[g * n + (p - start)];
-      float* a = acc.data() + g * head_dim;
-      for (int64_t d = 0; d < head_dim; ++d) a[d] += weight * kf[d];
+  for (int64_t blk = first_block; blk < end_block; ++blk) {
+    const T* base = kv + table[blk] * block_stride + half_stride + head_offset;
+    const int64_t lo = std::max(start, blk * block_size), hi = std::min(len, (blk + 1) * block_size);
+    for (int64_t p = lo; p < hi; ++p) {
+      const T* v = base + (p - blk * block_size) * token_stride;
+      for (int64_t d = 0; d < head_dim; ++d) kf[d] = to_float(v[d]);
+      for (int64_t g = 0; g < group; ++g) {
+        const float weight = scores[g * n + (p - start)];
+        float* a = acc.data() + g * head_dim;
+        for (int64_t d = 0; d < head_dim; ++d) a[d] += weight * kf[d];
+      }
     }
   }
   for (int64_t i = 0; i < group * head_dim; ++i) out_rows[i] = static_cast<T>(acc[i]);
 }
+
+#if defined(__AVX512F__) && defined(__AVX512BF16__)
+// bf16 with head_dim 64, the common case, in AVX-512: K rows are multiplied as bf16 pairs with the bf16 query
+// (vdpbf16ps: exact products, fp32 sums) and V rows accumulate into fp32 registers held across the whole sequence.
+inline __m512 bf16_to_fp32(__m256i half) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(half), 16));
+}
+
+// exp for x <= 0 (scores less their row's maximum), 16 lanes at once: x = k ln2 + r, exp(x) = 2^k * exp(r), with
+// exp(r) on |r| <= ln2 / 2 by Cephes' degree-6 polynomial (relative error ~1e-7, like libm's expf). Below -87 the
+// result would be subnormal; it is clamped there (e^-87 ~ 1.6e-38: nothing next to the row's maximum, whose exp is 1).
+inline __m512 exp_nonpositive(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.f));
+  const __m512 k = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(k, _mm512_set1_ps(0.693359375f), x);  // ln2 in two parts, for precision
+  r = _mm512_fnmadd_ps(k, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.f)));
+  return _mm512_scalef_ps(p, k);
+}
+
+// Softmax of row[0..n) in place.
+inline void softmax_avx512(float* row, int64_t n) {
+  __m512 top = _mm512_set1_ps(row[0]);
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) top = _mm512_max_ps(top, _mm512_loadu_ps(row + i));
+  float best = _mm512_reduce_max_ps(top);
+  for (; i < n; ++i) best = std::max(best, row[i]);
+  const __m512 shift = _mm512_set1_ps(best);
+  __m512 total = _mm512_setzero_ps();
+  for (i = 0; i < n; i += 16) {
+    const __mmask16 lanes = n - i >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (n - i)) - 1);
+    const __m512 e = exp_nonpositive(_mm512_sub_ps(_mm512_maskz_loadu_ps(lanes, row + i), shift));
+    _mm512_mask_storeu_ps(row + i, lanes, e);
+    total = _mm512_add_ps(total, _mm512_maskz_mov_ps(lanes, e));
+  }
+  const __m512 inv = _mm512_set1_ps(1.f / _mm512_reduce_add_ps(total));
+  for (i = 0; i < n; i += 16) {
+    const __mmask16 lanes = n - i >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (n - i)) - 1);
+    _mm512_mask_storeu_ps(row + i, lanes, _mm512_mul_ps(_mm512_maskz_loadu_ps(lanes, row + i), inv));
+  }
+}
+
+constexpr int kMaxGroup = 8;  // query heads per KV head kept in registers; larger groups take the generic path
+
+void attend_bf16_64(const c10::BFloat16* q_rows, const c10::BFloat16* kv, const int32_t* table, int64_t start,
+                    int64_t len, c10::BFloat16* out_rows, int64_t group, int64_t block_size, int64_t block_stride,
+                    int64_t half_stride, int64_t token_stride, int64_t head_offset, float scale,
+                    std::vector<float>& scores) {
+  const int64_t n = len - start;
+  scores.resize(group * n);
+  float* __restrict__ sc = scores.data();
+  __m512i q[kMaxGroup][2];
+  for (int64_t g = 0; g < group; ++g) {
+    q[g][0] = _mm512_loadu_si512(q_rows + g * 64);
+    q[g][1] = _mm512_loadu_si512(q_rows + g * 64 + 32);
+  }
+  const int64_t first_block = start / block_size, end_block = (len + block_size - 1) / block_size;
+  for (int64_t blk = first_block; blk < end_block; ++blk) {
+    const c10::BFloat16* base = kv + table[blk] * block_stride + head_offset;
+    const int64_t lo = std::max(start, blk * block_size), hi = std::min(len, (blk + 1) * block_size);
+    for (int64_t p = lo; p < hi; ++p) {
+      const c10::BFloat16* k = base + (p - blk * block_size) * token_stride;
+      const __m512bh k0 = (__m512bh)_mm512_loadu_si512(k), k1 = (__m512bh)_mm512_loadu_si512(k + 32);
+      for (int64_t g = 0; g < group; ++g) {
+        __m512 dot = _mm512_dpbf16_ps(_mm512_setzero_ps(), (__m512bh)q[g][0], k0);
+        dot = _mm512_dpbf16_ps(dot, (__m512bh)q[g][1], k1);
+        sc[g * n + (p - start)] = _mm512_reduce_add_ps(dot) * scale;
+      }
+    }
+  }
+  for (int64_t g = 0; g < group; ++g) softmax_avx512(sc + g * n, n);
+  __m512 acc[kMaxGroup][4];
+  for (int64_t g = 0; g < group; ++g)
+    for (int j = 0; j < 4; ++j) acc[g][j] = _mm512_setzero_ps();
+  for (int64_t blk = first_block; blk < end_block; ++blk) {
+    const c10::BFloat16* base = kv + table[blk] * block_stride + half_stride + head_offset;
+    const int64_t lo = std::max(start, blk * block_size), hi = std::min(len, (blk + 1) * block_size);
+    for (int64_t p = lo; p < hi; ++p) {
+      const c10::BFloat16* v = base + (p - blk * block_size) * token_stride;
+      __m512 vf[4];
+      for (int j = 0; j < 4; ++j) vf[j] = bf16_to_fp32(_mm256_loadu_si256((const __m256i*)(v + 16 * j)));
+      for (int64_t g = 0; g < group; ++g) {
+        const __m512 weight = _mm512_set1_ps(sc[g * n + (p - start)]);
+        for (int j = 0; j < 4; ++j) acc[g][j] = _mm512_fmadd_ps(weight, vf[j], acc[g][j]);
+      }
+    }
+  }
+  for (int64_t g = 0; g < group; ++g) {
+    for (int j = 0; j < 4; ++j) {
+      // fp32 -> bf16, rounding to nearest even (vcvtneps2bf16), as static_cast<c10::BFloat16> does.
+      _mm256_storeu_si256((__m256i*)(out_rows + g * 64 + 16 * j), (__m256i)_mm512_cvtneps_pbh(acc[g][j]));
+    }
+  }
+}
+#endif
 
 template <typename T>
 void decode_attention(const T* query, const T* kv, const int32_t* tables, const int32_t* lens, T* out,
@@ -111,6 +230,15 @@ void decode_attention(const T* query, const T* kv, const int32_t* tables, const 
       const T* q_rows = query + (b * heads + kvh * group) * head_dim;
       const int32_t* table = tables + b * max_blocks;
       const int64_t offset = kvh * head_stride;
+#if defined(__AVX512F__) && defined(__AVX512BF16__)
+      if constexpr (std::is_same_v<T, c10::BFloat16>) {
+        if (head_dim == 64 && group <= kMaxGroup) {
+          attend_bf16_64(q_rows, kv, table, start, len, out_rows, group, block_size, block_stride, half_stride,
+                         token_stride, offset, scale, scores);
+          continue;
+        }
+      }
+#endif
 #define SPLITSERVE_ATTEND(DIM)                                                                                  \
   attend<T, DIM>(q_rows, kv, table, start, len, out_rows, group, head_dim, block_size, block_stride, half_stride, \
                  token_stride, offset, scale, q, scores, acc, row_buf)
