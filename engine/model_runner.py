@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
+from engine import kernels
 from engine.models.attention import AttentionBatch, PrefillChunk
 from engine.models.decoder import DecoderModel, LayerHook
 from engine.prompt_logprobs import PromptRows, compute, rows_of_chunk
@@ -36,6 +37,7 @@ class ModelRunner:
     def __init__(self, model: DecoderModel, num_blocks: int, block_size: int) -> None:
         cfg = model.config
         self.model = model
+        kernels.prepare(model.device)
         self.block_size = block_size
         self.num_blocks = num_blocks
         # Zeroed, not empty: masked-out cache slots are still multiplied by zero weights, and NaN * 0 is NaN.

@@ -20,9 +20,15 @@ from types import ModuleType
 
 import torch
 
-from engine.kernels import cpu, validation
+from engine.kernels import cpu, cpu_native, validation
 
-__all__ = ["gather_blocks", "paged_decode_attention", "scatter_blocks", "store_kv"]
+__all__ = ["gather_blocks", "paged_decode_attention", "prepare", "scatter_blocks", "store_kv"]
+
+
+def prepare(device: torch.device) -> None:
+    """Load (or build, once per machine) the kernels `device` will use, so that no request waits for a compiler."""
+    if device.type == "cpu":
+        cpu_native.native()
 
 
 def _triton() -> ModuleType:
