@@ -16,6 +16,12 @@ CACHE = REPO / ".cache"
 LLAMA_156M: dict[str, Any] = dict(
     arch="llama", layers=8, hidden=1024, heads=16, kv_heads=4, vocab=32000, intermediate=2816
 )
+# A ~1.1B Llama (Llama 3.2 1B's layout with a 32,000 vocab) for the GPU machine (benchmarks/gpu_suite.sh).
+LLAMA_1B: dict[str, Any] = dict(
+    arch="llama", layers=16, hidden=2048, heads=32, kv_heads=8, vocab=32000, intermediate=8192
+)
+# --shape choices of the engine benchmarks
+SHAPES: dict[str, dict[str, Any]] = {"156m": LLAMA_156M, "1b": LLAMA_1B}
 # The cluster benchmarks' 8-layer Llama with a 4k context.
 LLAMA_8L_4K: dict[str, Any] = dict(
     arch="llama", layers=8, hidden=512, heads=8, kv_heads=2, vocab=8000, max_position_embeddings=4096

@@ -23,14 +23,17 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_model, beside this script
-from bench_model import LLAMA_156M, ensure_model  # noqa: E402
+from bench_model import SHAPES, ensure_model  # noqa: E402
 
 TRACE = REPO.parent / "shared" / "data" / "azure-llm-inference-2023" / "conv.csv"
 
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", type=Path, default=REPO / ".cache" / "bench-llama-156m")
+    p.add_argument("--model", type=Path, default=None, help="default: .cache/bench-llama-SHAPE, made once")
+    p.add_argument(
+        "--shape", choices=sorted(SHAPES), default="156m", help="the random model's size (1b: GPU)"
+    )
     p.add_argument("--trace", type=Path, default=TRACE)
     p.add_argument("--requests", type=int, default=64)
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="bfloat16")
@@ -127,7 +130,10 @@ def main() -> int:
     torch.set_num_threads(args.threads)
     sys.path.insert(0, str(REPO))
 
-    ensure_model(args.model, seed=args.seed, dtype=args.dtype, max_position_embeddings=2048, **LLAMA_156M)
+    args.model = args.model or REPO / ".cache" / f"bench-llama-{args.shape}"
+    ensure_model(
+        args.model, seed=args.seed, dtype=args.dtype, max_position_embeddings=2048, **SHAPES[args.shape]
+    )
     lengths = trace_lengths(args.trace, args.requests, args.scale, 2048, args.seed)
     prompts = make_prompts(lengths, 1000, args.seed)
     info = {

@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# Everything the GPU machine should measure, in one run of at most ~7.5 minutes (the steps' limits), written to docs/benchmarks.md.
+#
+#   bash benchmarks/gpu_suite.sh            # on the device machine, from the repository root, after `make install`
+#
+# 1. the `gpu` tests (Triton kernels compiled for the device, the whole engine in bf16 against transformers);
+# 2. the engine benchmark on a ~1.1B Llama in bf16 against transformers `generate`, same device and run;
+# 3. batch-1 decode per token against the HBM roofline (bandwidth measured on the device);
+# 4. KV transfer throughput over the torch.distributed and NIXL backends (host memory: the benchmark does not
+#    register VRAM yet).
+# Each step has its own time limit and the suite goes on when one fails; the report says which. Nothing here changes
+# the GPU's clocks, power limit or modes.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PY=${PY:-.venv/bin/python}
+REPORT=${REPORT:-docs/benchmarks.md}
+LOGS=${LOGS:-${OUT:-.cache}/gpu-suite}
+mkdir -p "$LOGS" "$(dirname "$REPORT")"
+export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
+
+step() {  # step NAME SECONDS COMMAND...: run it with a limit, keep its output, note its status in the report
+  local name=$1 limit=$2
+  shift 2
+  local start=$SECONDS
+  timeout --kill-after=10 "$limit" "$@" >"$LOGS/$name.log" 2>&1
+  local rc=$?
+  {
+    echo "### $name"
+    echo
+    echo "\`$*\` -> exit $rc in $((SECONDS - start)) s$([ $rc -eq 124 ] && echo " (time limit $limit s)")"
+    echo
+    echo '```'
+    grep -E '^\{|passed|failed|error|Error' "$LOGS/$name.log" | tail -n 30
+    echo '```'
+    echo
+  } >>"$REPORT"
+}
+
+{
+  echo "# GPU benchmarks"
+  echo
+  echo "Written by \`benchmarks/gpu_suite.sh\` on $(date -u +%Y-%m-%dT%H:%MZ), commit $(git rev-parse --short HEAD 2>/dev/null)."
+  echo
+  echo '```'
+  nvidia-smi --query-gpu=name,driver_version,memory.total,power.limit,clocks.max.sm --format=csv 2>&1 | head -n 5
+  "$PY" -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda)' 2>&1
+  echo '```'
+  echo
+} >"$REPORT"
+
+step gpu-tests 150 "$PY" -m pytest -q -p no:cacheprovider -m gpu tests/gpu
+step engine-1b-vs-transformers 150 "$PY" benchmarks/engine_throughput.py --device cuda --shape 1b --dtype bfloat16 \
+  --requests 64 --budget 4096
+step decode-roofline-1b 75 "$PY" benchmarks/decode_roofline.py --device cuda --shape 1b --tokens 256
+step kv-transfer 60 "$PY" benchmarks/kv_transfer.py --sizes-mib 64 256 --layers 32 --repeats 3
+echo "report: $REPORT (logs in $LOGS)"
