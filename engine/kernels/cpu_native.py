@@ -3,8 +3,8 @@
 Decode attention in torch ops (engine/kernels/cpu.py) copies the whole batch's KV three times per layer; the C++
 kernel reads it in place (see the .cpp file). It is built with torch's cpp_extension (g++ and ninja) for the host's
 own instruction set (-march=native) into torch's extension cache (~/.cache/torch_extensions, or
-$TORCH_EXTENSIONS_DIR), keyed by a hash of the source and flags, so an edit rebuilds it and other processes reuse
-the build. `make install` builds it once (`main()`), so servers do not compile while
+$TORCH_EXTENSIONS_DIR), keyed by a hash of the source, its path and the flags, so an edit rebuilds it and other
+processes reuse the build. `make install` builds it once (`main()`), so servers do not compile while
 serving. Where it cannot be built (no compiler), or with SPLITSERVE_NATIVE_KERNELS=0, the torch ops serve instead;
 the reason is logged once.
 """
@@ -58,7 +58,10 @@ def _build() -> ModuleType:
     scripts = str(Path(sys.executable).parent)
     if scripts not in os.environ.get("PATH", "").split(os.pathsep):
         os.environ["PATH"] = scripts + os.pathsep + os.environ.get("PATH", "")
-    digest = hashlib.sha256(_SOURCE.read_bytes() + " ".join(_FLAGS).encode()).hexdigest()[:12]
+    # The source's path is in the key too: torch's build files name it, so two checkouts sharing one cache would
+    # otherwise rebuild each other's kernel over and over.
+    key = _SOURCE.read_bytes() + " ".join(_FLAGS).encode() + str(_SOURCE.resolve()).encode()
+    digest = hashlib.sha256(key).hexdigest()[:12]
     return cpp_extension.load(
         name=f"splitserve_cpu_kernels_{digest}", sources=[str(_SOURCE)], extra_cflags=_FLAGS, verbose=False
     )
