@@ -12,6 +12,7 @@ Not a test: nothing here asserts a time.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -91,7 +92,7 @@ def main() -> int:
     per_token = (time.perf_counter() - start) / steps
 
     model = engine.model
-    weights = sum(t.numel() * t.element_size() for t in _weight_tensors(model))
+    weights = weight_bytes(model)
     cfg = model.config
     element = torch.empty((), dtype=model.dtype).element_size()
     kv_per_token = cfg.num_layers * 2 * cfg.num_kv_heads * cfg.head_dim * element
@@ -109,32 +110,21 @@ def main() -> int:
     return 0
 
 
-def _weight_tensors(model: object) -> list:
-    """Every weight a decode step reads: embedding row aside, the layers, the final norm and the LM head."""
+def weight_bytes(model: object) -> int:
+    """Bytes of every weight a decode step reads: the layers, the final norm and the LM head (of the embedding, one
+    row: left out)."""
     import torch
 
-    found: list[torch.Tensor] = []
-    for layer in model.layers:  # type: ignore[attr-defined]
-        for value in vars(layer).values() if hasattr(layer, "__dict__") else _slots(layer):
-            found += _tensors_of(value)
-    found += _tensors_of(model.final_norm) + _tensors_of(model.lm_head)  # type: ignore[attr-defined]
-    return found
+    from engine.models.linear import Linear
 
+    def size(value: object) -> int:
+        if isinstance(value, Linear):
+            return value.nbytes
+        return value.numel() * value.element_size() if isinstance(value, torch.Tensor) else 0
 
-def _slots(obj: object) -> list:
-    return [getattr(obj, name) for name in getattr(type(obj), "__slots__", ())]
-
-
-def _tensors_of(value: object) -> list:
-    import torch
-
-    if isinstance(value, torch.Tensor):
-        return [value]
-    if value is None:
-        return []
-    # engine/models/linear.py's Linear: the plain or the packed weight, and the bias.
-    return [t for t in (getattr(value, "weight", None), getattr(value, "_packed", None), getattr(value, "bias", None))
-            if isinstance(t, torch.Tensor)]  # fmt: skip
+    layers = model.layers  # type: ignore[attr-defined]
+    total = sum(size(getattr(layer, f.name)) for layer in layers for f in dataclasses.fields(layer))
+    return total + size(model.final_norm) + size(model.lm_head)  # type: ignore[attr-defined]
 
 
 if __name__ == "__main__":

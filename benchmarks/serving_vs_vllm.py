@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -29,6 +28,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_model and engine_vs_vllm, beside this script
 from bench_model import LLAMA_156M, ensure_model
 from engine_vs_vllm import REPO, TRACE, BenchError, stop_group, vllm_env
+
+sys.path.insert(0, str(REPO))
+from ops.launcher import ClusterSpec, LocalCluster
 
 WORK_DIR = REPO / ".cache" / "serving-vs-vllm"
 READY_TIMEOUT_S = 300  # vLLM compiles its model at start-up: up to a minute or two on two cores
@@ -48,10 +50,34 @@ def parse_args() -> argparse.Namespace:
     return p.parse_args()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def run_splitserve(round_: int, args: argparse.Namespace) -> dict:
+    """One colocated node on both cores, started and stopped by the project's own launcher."""
+    spec = ClusterSpec(model_dir=args.model, prefill=0, decode=0, colocated=1, threads_per_node=args.threads,
+                       grpc_port=0, http_port=0)  # fmt: skip
+    with LocalCluster(spec) as cluster:
+        return bench("splitserve", round_, f"http://{cluster.http_address}/v1", args)
+
+
+def run_vllm(round_: int, args: argparse.Namespace) -> dict:
+    """vLLM's OpenAI server in its own process group, stopped (the whole group) also on failure."""
+    with socket.socket() as probe:  # a free port for it
+        probe.bind(("127.0.0.1", 0))
+        port = int(probe.getsockname()[1])
+    command = [str(args.vllm_python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(args.model),
+               "--served-model-name", args.model.name, "--dtype", "bfloat16", "--max-model-len", str(MAX_LEN),
+               "--host", "127.0.0.1", "--port", str(port),
+               # a fixed KV cache (2 GiB, ample for the workload): by default vLLM wants most of the RAM
+               "--kv-cache-memory-bytes", str(2 * 2**30)]  # fmt: skip
+    log = WORK_DIR / f"vllm-{round_}.server.log"
+    with log.open("w") as sink:
+        proc = subprocess.Popen(command, env=vllm_env(args.vllm_python, args.threads), cwd=REPO,
+                                stdin=subprocess.DEVNULL, stdout=sink, stderr=subprocess.STDOUT,
+                                start_new_session=True)  # fmt: skip
+        try:
+            wait_ready(f"http://127.0.0.1:{port}/v1/models", proc, log)
+            return bench("vllm", round_, f"http://127.0.0.1:{port}/v1", args)
+        finally:
+            stop_group(proc)
 
 
 def wait_ready(url: str, proc: subprocess.Popen, log: Path) -> None:
@@ -69,39 +95,14 @@ def wait_ready(url: str, proc: subprocess.Popen, log: Path) -> None:
     raise BenchError(f"the server was not ready within {READY_TIMEOUT_S} s; see {log}")
 
 
-def server_command(system: str, args: argparse.Namespace, port: int) -> tuple[list[str], dict[str, str]]:
-    if system == "splitserve":
-        command = [str(REPO / ".venv" / "bin" / "splitserve"), "up", "--model", str(args.model), "--prefill", "0",
-                   "--decode", "0", "--colocated", "1", "--threads-per-node", str(args.threads),
-                   "--http-port", str(port), "--grpc-port", str(free_port())]  # fmt: skip
-        env = dict(os.environ, HF_HUB_OFFLINE="1")
-        return command, env
-    command = [str(args.vllm_python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(args.model),
-               "--served-model-name", args.model.name, "--dtype", "bfloat16", "--max-model-len", str(MAX_LEN),
-               "--host", "127.0.0.1", "--port", str(port),
-               # a fixed KV cache (2 GiB, ample for the workload): by default vLLM wants most of the RAM
-               "--kv-cache-memory-bytes", str(2 * 2**30)]  # fmt: skip
-    return command, vllm_env(args.vllm_python, args.threads)
-
-
-def run(system: str, round_: int, args: argparse.Namespace) -> dict:
-    port = free_port()
-    command, env = server_command(system, args, port)
-    log = WORK_DIR / f"{system}-{round_}.server.log"
-    out_dir = WORK_DIR / f"{system}-{round_}"
-    with log.open("w") as sink:
-        proc = subprocess.Popen(command, env=env, cwd=REPO, stdin=subprocess.DEVNULL, stdout=sink,
-                                stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
-        try:
-            wait_ready(f"http://127.0.0.1:{port}/v1/models", proc, log)
-            bench = [str(REPO / ".venv" / "bin" / "splitserve"), "bench", "--endpoint", f"http://127.0.0.1:{port}/v1",
-                     "--api", "completions", "--model", args.model.name, "--tokenizer", str(args.model),
-                     "--trace", str(args.trace), "--num-requests", str(args.num_requests),
-                     "--time-scale", str(args.time_scale), "--token-scale", str(args.token_scale),
-                     "--max-context", str(MAX_LEN), "--out", str(out_dir), "--json"]  # fmt: skip
-            done = subprocess.run(bench, capture_output=True, text=True, timeout=1800, check=False)
-        finally:
-            stop_group(proc)
+def bench(system: str, round_: int, endpoint: str, args: argparse.Namespace) -> dict:
+    """`splitserve bench` on the workload against one server; its summary."""
+    command = [sys.executable, "-m", "ops.cli", "bench", "--endpoint", endpoint, "--api", "completions",
+               "--model", args.model.name, "--tokenizer", str(args.model), "--trace", str(args.trace),
+               "--num-requests", str(args.num_requests), "--time-scale", str(args.time_scale),
+               "--token-scale", str(args.token_scale), "--max-context", str(MAX_LEN),
+               "--out", str(WORK_DIR / f"{system}-{round_}"), "--json"]  # fmt: skip
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=1800, check=False)
     if done.returncode != 0:
         raise BenchError(
             f"splitserve bench against {system} failed ({done.returncode}): {done.stderr[-2000:]}"
@@ -118,8 +119,8 @@ def main() -> int:
     ensure_model(args.model, seed=0, dtype="bfloat16", max_position_embeddings=MAX_LEN, **LLAMA_156M)
     try:
         for round_ in range(1, args.rounds + 1):
-            for system in ("splitserve", "vllm"):
-                print(json.dumps(run(system, round_, args)), flush=True)
+            for run in (run_splitserve, run_vllm):
+                print(json.dumps(run(round_, args)), flush=True)
     except BenchError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

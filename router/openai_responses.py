@@ -73,7 +73,11 @@ class ResponseBuilder:
         self.parsed = parsed
         self.tokenizer = tokenizer
         self.model = model
-        self._call_streams: dict[int, CallStream] = {}  # per stream, when the request has tools
+        # One tool-call parser per stream when the request has tools (streaming only reads them).
+        tools = parsed.tools
+        self._call_streams: dict[int, CallStream] = (
+            {i: call_stream(tools, parsed.tool_format) for i in range(parsed.streams)} if tools else {}
+        )
 
     # ---- streaming ---------------------------------------------------------------------------------------------
 
@@ -109,10 +113,7 @@ class ResponseBuilder:
         self, stream: int, text: str, finish_reason: str | None
     ) -> tuple[dict[str, Any], str | None]:
         """The delta of a chat stream with tools: content let through, tool calls as they complete."""
-        calls = self._call_streams.get(stream)
-        if calls is None:
-            assert self.parsed.tools is not None
-            calls = self._call_streams[stream] = call_stream(self.parsed.tools, self.parsed.tool_format)
+        calls = self._call_streams[stream]
         piece = calls.feed(text)
         if finish_reason is not None:
             piece += calls.finish()

@@ -40,6 +40,12 @@ class Linear:
     def packed(self) -> bool:
         return self._packed is not None
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes a product reads from memory: the weight (packed or not) and the bias."""
+        tensors = (self._packed if self._packed is not None else self.weight, self.bias)
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self._packed is not None:
             return torch.ops.mkldnn._linear_pointwise(x, self._packed, self.bias, "none", [], "")

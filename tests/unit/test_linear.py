@@ -33,3 +33,8 @@ def test_float32_and_opt_out_keep_f_linear(monkeypatch: pytest.MonkeyPatch) -> N
     assert not layer.packed
     x = torch.randn(3, 4).bfloat16()
     assert torch.equal(layer(x), F.linear(x, weight.bfloat16()))
+
+
+def test_nbytes_counts_what_a_product_reads() -> None:
+    weight, bias = torch.randn(8, 4), torch.randn(8)
+    assert Linear(weight, bias).nbytes == (8 * 4 + 8) * 4
