@@ -15,7 +15,7 @@ export HF_HUB_OFFLINE := 1
 
 .PHONY: install run test lint typecheck browser unit bench clean proto conformance bench-vllm
 
-$(STAMP): pyproject.toml engine/kernels/csrc/paged_decode_cpu.cpp
+$(STAMP): pyproject.toml $(wildcard engine/kernels/csrc/*)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || \
 		$(PY) -m pip install torch==$(TORCH_VERSION) $(if $(TORCH_INDEX_URL),--index-url $(TORCH_INDEX_URL))

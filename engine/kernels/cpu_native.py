@@ -19,7 +19,7 @@ import threading
 from pathlib import Path
 from types import ModuleType
 
-_SOURCE = Path(__file__).with_name("csrc") / "paged_decode_cpu.cpp"
+_SOURCE_DIR = Path(__file__).with_name("csrc")
 # -ffast-math: reductions (dot products, sums) vectorise only when the compiler may reassociate them, and glibc's
 # vector exp is used only under it. The kernel never makes an infinity or a NaN of its own (softmax starts from the
 # first score, not -inf), so finite-math assumptions hold for finite inputs.
@@ -58,12 +58,19 @@ def _build() -> ModuleType:
     scripts = str(Path(sys.executable).parent)
     if scripts not in os.environ.get("PATH", "").split(os.pathsep):
         os.environ["PATH"] = scripts + os.pathsep + os.environ.get("PATH", "")
-    # The source's path is in the key too: torch's build files name it, so two checkouts sharing one cache would
-    # otherwise rebuild each other's kernel over and over.
-    key = _SOURCE.read_bytes() + " ".join(_FLAGS).encode() + str(_SOURCE.resolve()).encode()
+    sources = sorted(_SOURCE_DIR.glob("*.cpp"))
+    # The sources' paths are in the key too: torch's build files name them, so two checkouts sharing one cache
+    # would otherwise rebuild each other's kernels over and over.
+    key = " ".join(_FLAGS).encode() + str(_SOURCE_DIR.resolve()).encode()
+    for path in sorted(_SOURCE_DIR.iterdir()):
+        key += path.name.encode() + path.read_bytes()
     digest = hashlib.sha256(key).hexdigest()[:12]
     return cpp_extension.load(
-        name=f"splitserve_cpu_kernels_{digest}", sources=[str(_SOURCE)], extra_cflags=_FLAGS, verbose=False
+        name=f"splitserve_cpu_kernels_{digest}",
+        sources=[str(path) for path in sources],
+        extra_cflags=_FLAGS,
+        extra_include_paths=[str(_SOURCE_DIR)],
+        verbose=False,
     )
 
 

@@ -17,11 +17,14 @@
 //   block_tables [B, max_blocks] int32, seq_lens [B] int32 (<= 0: a padding row, left zero)
 //   window       the sliding window (0: none): row b attends to [max(0, len - window), len)
 
-#include <torch/extension.h>
-
+#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <ATen/ops/empty_like.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
+
+#include "kernels.h"
+#include "vec_math.h"
 
 #if defined(__x86_64__)
 #include <immintrin.h>
@@ -36,74 +39,10 @@
 
 namespace {
 
-template <typename T>
-inline float to_float(T value) {
-  return static_cast<float>(value);
-}
-
-// bf16 is the top half of an fp32: a shift, which the compiler vectorises (c10's conversion does not inline as well).
-template <>
-inline float to_float<c10::BFloat16>(c10::BFloat16 value) {
-  uint32_t bits = static_cast<uint32_t>(value.x) << 16;
-  float out;
-  std::memcpy(&out, &bits, sizeof(out));
-  return out;
-}
-
+using splitserve::softmax_row;
+using splitserve::to_float;
 #if defined(__AVX512F__)
-// exp for x <= 0 (scores less their row's maximum), 16 lanes at once: x = k ln2 + r, exp(x) = 2^k * exp(r), with
-// exp(r) on |r| <= ln2 / 2 by Cephes' degree-6 polynomial (relative error ~1e-7, like libm's expf). Below -87 the
-// result would be subnormal; it is clamped there (e^-87 ~ 1.6e-38: nothing next to the row's maximum, whose exp is 1).
-inline __m512 exp_nonpositive(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-87.f));
-  const __m512 k = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(k, _mm512_set1_ps(0.693359375f), x);  // ln2 in two parts, for precision
-  r = _mm512_fnmadd_ps(k, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.f)));
-  return _mm512_scalef_ps(p, k);
-}
-
-// Softmax of row[0..n) in place (n >= 1).
-inline void softmax_row(float* row, int64_t n) {
-  __m512 top = _mm512_set1_ps(row[0]);
-  int64_t i = 0;
-  for (; i + 16 <= n; i += 16) top = _mm512_max_ps(top, _mm512_loadu_ps(row + i));
-  float best = _mm512_reduce_max_ps(top);
-  for (; i < n; ++i) best = std::max(best, row[i]);
-  const __m512 shift = _mm512_set1_ps(best);
-  __m512 total = _mm512_setzero_ps();
-  for (i = 0; i < n; i += 16) {
-    const __mmask16 lanes = n - i >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (n - i)) - 1);
-    const __m512 e = exp_nonpositive(_mm512_sub_ps(_mm512_maskz_loadu_ps(lanes, row + i), shift));
-    _mm512_mask_storeu_ps(row + i, lanes, e);
-    total = _mm512_add_ps(total, _mm512_maskz_mov_ps(lanes, e));
-  }
-  const __m512 inv = _mm512_set1_ps(1.f / _mm512_reduce_add_ps(total));
-  for (i = 0; i < n; i += 16) {
-    const __mmask16 lanes = n - i >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (n - i)) - 1);
-    _mm512_mask_storeu_ps(row + i, lanes, _mm512_mul_ps(_mm512_maskz_loadu_ps(lanes, row + i), inv));
-  }
-}
-#else
-// Softmax of row[0..n) in place (n >= 1).
-inline void softmax_row(float* row, int64_t n) {
-  float top = row[0];
-  for (int64_t i = 1; i < n; ++i) top = std::max(top, row[i]);
-  float total = 0.f;
-  for (int64_t i = 0; i < n; ++i) {
-    row[i] = std::exp(row[i] - top);
-    total += row[i];
-  }
-  const float inv = 1.f / total;
-  for (int64_t i = 0; i < n; ++i) row[i] *= inv;
-}
+using splitserve::bf16_to_fp32;
 #endif
 
 // One (sequence, KV head) task. D: head_dim when it is one of the common sizes (the loops then unroll and
@@ -155,10 +94,6 @@ void attend(const T* q_rows, const T* kv, const int32_t* table, int64_t start, i
 #if defined(__AVX512F__) && defined(__AVX512BF16__)
 // bf16 with head_dim 64, the common case, in AVX-512: K rows are multiplied as bf16 pairs with the bf16 query
 // (vdpbf16ps: exact products, fp32 sums) and V rows accumulate into fp32 registers held across the whole sequence.
-inline __m512 bf16_to_fp32(__m256i half) {
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(half), 16));
-}
-
 constexpr int kMaxGroup = 8;  // query heads per KV head kept in registers; larger groups take the generic path
 
 void attend_bf16_64(const c10::BFloat16* q_rows, const c10::BFloat16* kv, const int32_t* table, int64_t start,
@@ -256,9 +191,11 @@ void decode_attention(const T* query, const T* kv, const int32_t* tables, const 
   });
 }
 
-torch::Tensor paged_decode_attention(torch::Tensor query, torch::Tensor kv_layer, torch::Tensor block_tables,
-                                     torch::Tensor seq_lens, double scale, int64_t window) {
-  auto out = torch::empty_like(query);
+}  // namespace
+
+at::Tensor splitserve::paged_decode_attention(at::Tensor query, at::Tensor kv_layer, at::Tensor block_tables,
+                                     at::Tensor seq_lens, double scale, int64_t window) {
+  auto out = at::empty_like(query);
   const int64_t batch = query.size(0), heads = query.size(1), head_dim = query.size(2);
   const int64_t block_size = kv_layer.size(2), kv_heads = kv_layer.size(3);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, query.scalar_type(), "paged_decode_attention", [&] {
@@ -268,10 +205,4 @@ torch::Tensor paged_decode_attention(torch::Tensor query, torch::Tensor kv_layer
                                block_tables.size(1), window, static_cast<float>(scale), kv_layer.strides().data());
   });
   return out;
-}
-
-}  // namespace
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("paged_decode_attention", &paged_decode_attention, "paged decode attention over a CPU KV cache");
 }

@@ -1,0 +1,2 @@
+// Fused elementwise ops of the decoder (work in progress).
+#include "kernels.h"

@@ -1,0 +1,2 @@
+// Prefill attention over the paged KV cache (work in progress).
+#include "kernels.h"
