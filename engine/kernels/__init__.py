@@ -22,7 +22,15 @@ import torch
 
 from engine.kernels import cpu, cpu_native, validation
 
-__all__ = ["gather_blocks", "paged_decode_attention", "prepare", "scatter_blocks", "store_kv"]
+__all__ = [
+    "gather_blocks",
+    "paged_decode_attention",
+    "paged_prefill_attention",
+    "prefill_attention_supported",
+    "prepare",
+    "scatter_blocks",
+    "store_kv",
+]
 
 
 def prepare(device: torch.device) -> None:
@@ -71,6 +79,29 @@ def paged_decode_attention(
         )
     validation.check_paged_decode_attention(query, kv_layer, block_tables, seq_lens, scale, sliding_window)
     return cpu.paged_decode_attention(query, kv_layer, block_tables, seq_lens, scale, sliding_window)
+
+
+def prefill_attention_supported(query: torch.Tensor, kv_layer: torch.Tensor) -> bool:
+    """Whether paged_prefill_attention has a kernel for this case; else attention.py runs torch's SDPA per chunk."""
+    return not _on_cuda(kv_layer) and cpu.prefill_attention_supported(query, kv_layer)
+
+
+def paged_prefill_attention(
+    query: torch.Tensor,
+    out: torch.Tensor,
+    kv_layer: torch.Tensor,
+    block_tables: torch.Tensor,
+    chunks: torch.Tensor,
+    scale: float,
+    sliding_window: int | None = None,
+) -> None:
+    """Every prefill chunk's attention over its paged K/V in one call, written into out's rows (CPU kernel only).
+
+    chunks: [C, 3] int32 (first query row, query rows n, context length ctx); chunk c's queries sit at positions
+    ctx - n .. ctx - 1, their K/V already stored, and attend causally to positions from 0 (from p - window + 1
+    with a sliding window), reading block ids from row c of block_tables ([C, max_blocks] int32).
+    """
+    cpu.paged_prefill_attention(query, out, kv_layer, block_tables, chunks, scale, sliding_window)
 
 
 def gather_blocks(

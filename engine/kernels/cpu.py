@@ -185,3 +185,72 @@ def _attend_chunk(
     scores.masked_fill_(hidden[:, None, None, :], float("-inf"))
     probs = torch.softmax(scores, dim=-1)
     return torch.matmul(probs, values.transpose(1, 2)).view(n, num_heads, head_dim)
+
+
+def prefill_attention_supported(query: torch.Tensor, kv_layer: torch.Tensor) -> bool:
+    """Whether the C++ prefill-attention kernel serves this case (bf16, head_dim 64 or 128, an AVX-512 BF16 host)."""
+    if query.dtype != torch.bfloat16 or kv_layer.dtype != torch.bfloat16 or kv_layer.stride(-1) != 1:
+        return False
+    compiled = cpu_native.native()
+    return compiled is not None and bool(compiled.prefill_attention_supported(query.shape[-1]))
+
+
+def paged_prefill_attention(
+    query: torch.Tensor,
+    out: torch.Tensor,
+    kv_layer: torch.Tensor,
+    block_tables: torch.Tensor,
+    chunks: torch.Tensor,
+    scale: float,
+    sliding_window: int | None = None,
+) -> None:
+    """Prefill chunks' attention written into out's rows by the C++ kernel (csrc/paged_prefill_cpu.cpp).
+
+    query and out: [T, H, D] bf16 contiguous; chunks: [C, 3] int32 rows (first query row, query rows n, context
+    length ctx: the chunk's queries sit at positions ctx - n .. ctx - 1 and see keys from position 0, causally);
+    block_tables: [C, max_blocks] int32. The kernel trusts its indices, so they are checked here.
+    """
+    compiled = cpu_native.native()
+    if compiled is None or not prefill_attention_supported(query, kv_layer):
+        raise ValueError(
+            "paged_prefill_attention: no C++ kernel for this case (see prefill_attention_supported)"
+        )
+    if not (
+        query.is_contiguous()
+        and out.is_contiguous()
+        and out.shape == query.shape
+        and out.dtype == query.dtype
+    ):
+        raise ValueError("paged_prefill_attention: query and out must be contiguous [T, H, D] tensors alike")
+    if query.shape[1] % kv_layer.shape[3] or query.shape[2] != kv_layer.shape[4]:
+        raise ValueError("paged_prefill_attention: query heads/dim do not fit kv_layer's KV heads/dim")
+    if (
+        chunks.dtype != torch.int32
+        or block_tables.dtype != torch.int32
+        or chunks.shape[0] != block_tables.shape[0]
+    ):
+        raise ValueError(
+            "paged_prefill_attention: chunks [C, 3] and block_tables [C, max_blocks] must be int32"
+        )
+    if chunks.numel():
+        first, n, ctx = chunks[:, 0].long(), chunks[:, 1].long(), chunks[:, 2].long()
+        block_size = kv_layer.shape[2]
+        if bool((n < 1).any() or (ctx < n).any() or (first < 0).any() or (first + n > query.shape[0]).any()):
+            raise IndexError("paged_prefill_attention: a chunk's rows or context fall outside the batch")
+        if int(((ctx + block_size - 1) // block_size).max()) > block_tables.shape[1]:
+            raise ValueError(
+                "paged_prefill_attention: a chunk needs more blocks than block_tables has columns"
+            )
+        if int(block_tables.min()) < 0 or int(block_tables.max()) >= kv_layer.shape[0]:
+            raise IndexError(
+                f"paged_prefill_attention: block_tables name blocks outside 0..{kv_layer.shape[0] - 1}"
+            )
+    compiled.paged_prefill_attention(
+        query,
+        out,
+        kv_layer,
+        block_tables.contiguous(),
+        chunks.contiguous(),
+        float(scale),
+        sliding_window or 0,
+    )

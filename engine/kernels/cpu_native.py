@@ -23,7 +23,10 @@ _SOURCE_DIR = Path(__file__).with_name("csrc")
 # -ffast-math: reductions (dot products, sums) vectorise only when the compiler may reassociate them, and glibc's
 # vector exp is used only under it. The kernel never makes an infinity or a NaN of its own (softmax starts from the
 # first score, not -inf), so finite-math assumptions hold for finite inputs.
-_FLAGS = ["-O3", "-march=native", "-ffast-math"]
+# -fopenmp: at::parallel_for is inline in ATen's headers and runs its body on the calling thread alone unless the
+# including file is compiled with OpenMP; with it, the kernels share torch's own OpenMP runtime (libgomp) and
+# torch.set_num_threads sizes them too (measured: decode attention 2.0 -> 0.75 ms a layer on 2 cores).
+_FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp"]
 DISABLE_ENV = "SPLITSERVE_NATIVE_KERNELS"
 
 _lock = threading.Lock()
@@ -69,6 +72,7 @@ def _build() -> ModuleType:
         name=f"splitserve_cpu_kernels_{digest}",
         sources=[str(path) for path in sources],
         extra_cflags=_FLAGS,
+        extra_ldflags=["-fopenmp"],
         extra_include_paths=[str(_SOURCE_DIR)],
         verbose=False,
     )

@@ -19,7 +19,7 @@ from engine.config import ModelConfig
 from engine.errors import ModelLoadError
 from engine.loader import iter_tensors
 from engine.models.attention import AttentionBatch, paged_attention
-from engine.models.layers import RotaryEmbedding, rms_norm
+from engine.models.layers import RotaryEmbedding, add_rms_norm_, rms_norm, silu_and_mul
 from engine.models.linear import Linear
 
 LayerHook = Callable[[int], None]
@@ -114,29 +114,30 @@ class DecoderModel:
         so a transport can ship that layer while the rest of the model computes.
         """
         cfg = self.config
+        eps = cfg.rms_norm_eps
+        # h is the residual stream, updated in place: each add_rms_norm_ adds a sublayer's output to it and
+        # normalises the sum for the next sublayer (on CPU one fused kernel, engine/kernels/fused.py).
         h = F.embedding(input_ids, self.embed)
-        for i, layer in enumerate(self.layers):
-            residual = h
-            x = rms_norm(h, layer.input_norm, cfg.rms_norm_eps)
+        next_norms = [layer.input_norm for layer in self.layers[1:]] + [self.final_norm]
+        x = rms_norm(h, self.layers[0].input_norm if self.layers else self.final_norm, eps)
+        for i, (layer, next_norm) in enumerate(zip(self.layers, next_norms, strict=True)):
             qkv = layer.qkv(x)
             q, k, v = qkv.split([self._q_size, self._kv_size, self._kv_size], dim=-1)
             q = q.view(-1, cfg.num_heads, cfg.head_dim)
             k = k.view(-1, cfg.num_kv_heads, cfg.head_dim)
             v = v.reshape(-1, cfg.num_kv_heads, cfg.head_dim)
             if layer.q_norm is not None and layer.k_norm is not None:
-                q = rms_norm(q, layer.q_norm, cfg.rms_norm_eps)
-                k = rms_norm(k, layer.k_norm, cfg.rms_norm_eps)
+                q = rms_norm(q, layer.q_norm, eps)
+                k = rms_norm(k, layer.k_norm, eps)
             q, k = self.rope.apply(q, k, positions)
             kernels.store_kv(k, v, kv_caches[i], batch.slot_mapping)
             if on_layer_stored is not None:
                 on_layer_stored(i)
             attn = paged_attention(q, k, v, kv_caches[i], batch, self.scale)
-            h = residual + layer.o_proj(attn.reshape(-1, self._q_size))
-            residual = h
-            x = rms_norm(h, layer.post_norm, cfg.rms_norm_eps)
-            gate, up = layer.gate_up(x).chunk(2, dim=-1)
-            h = residual + layer.down(F.silu(gate) * up)
-        return rms_norm(h, self.final_norm, cfg.rms_norm_eps)
+            x = add_rms_norm_(h, layer.o_proj(attn.reshape(-1, self._q_size)), layer.post_norm, eps)
+            mlp_out = layer.down(silu_and_mul(layer.gate_up(x)))
+            x = add_rms_norm_(h, mlp_out, next_norm, eps)
+        return x
 
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

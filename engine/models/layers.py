@@ -1,7 +1,9 @@
-"""Building blocks of the decoder: RMSNorm and rotary position embeddings (with Llama-3 frequency scaling).
+"""Building blocks of the decoder: RMSNorm, SiLU-and-mul and rotary position embeddings (with Llama-3 scaling).
 
 Numerics follow the Hugging Face implementations step for step (norms in fp32, RoPE tables in fp32 cast to the
-activation dtype) so that float32 outputs agree with the reference to rounding.
+activation dtype) so that float32 outputs agree with the reference to rounding. On CPU, where the C++ kernels are
+built, each op runs fused (engine/kernels/fused.py, the same roundings); the torch_* versions here are the
+reference and the path for CUDA and SPLITSERVE_NATIVE_KERNELS=0.
 """
 
 from __future__ import annotations
@@ -9,12 +11,39 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 
 from engine.config import ModelConfig, RopeScaling
+from engine.kernels import fused
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """Normalise over the last dimension in fp32, then scale in the input dtype."""
+    if fused.usable(x):
+        return fused.rms_norm(x, weight, eps)
+    return torch_rms_norm(x, weight, eps)
+
+
+def add_rms_norm_(
+    residual: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float
+) -> torch.Tensor:
+    """residual += delta (in place: the decoder's residual stream), then return rms_norm(residual)."""
+    if fused.usable(residual):
+        return fused.add_rms_norm_(residual, delta, weight, eps)
+    residual.add_(delta)
+    return torch_rms_norm(residual, weight, eps)
+
+
+def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up for the fused [T, 2I] gate_up projection (gate first)."""
+    if fused.usable(gate_up):
+        return fused.silu_and_mul(gate_up)
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+def torch_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """rms_norm in torch ops: the reference for the fused kernel."""
     x32 = x.float()
     x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
     return weight * x32.to(x.dtype)
@@ -53,7 +82,15 @@ class RotaryEmbedding:
     def apply(
         self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """q: [T, H, D], k: [T, KVH, D], positions: [T] -> rotated q, k."""
+        """q: [T, H, D], k: [T, KVH, D], positions: [T] -> rotated q, k (new tensors)."""
+        if fused.usable(q):
+            return fused.rotary_embedding(q, k, positions, self.cos, self.sin)
+        return self.torch_apply(q, k, positions)
+
+    def torch_apply(
+        self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """apply in torch ops: the reference for the fused kernel."""
         cos = self.cos[positions].to(q.dtype).unsqueeze(1)
         sin = self.sin[positions].to(q.dtype).unsqueeze(1)
         return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin

@@ -201,6 +201,71 @@ def test_cpu_decode_attention_empty_batch() -> None:
     assert out.shape == (0, 4, 8)
 
 
+def _case_with_garbage_outside_ranges(
+    seq_lens: list[int], num_heads: int, num_kv_heads: int, head_dim: int, block_size: int, window: int | None
+) -> DecodeCase:
+    """A bf16 case whose cache slots outside each row's attended range (before its window, past its end) hold
+    garbage: K rows of 1000 (scores that would swamp the real ones), V rows of NaN."""
+    gen = torch.Generator().manual_seed(len(seq_lens) + num_heads + head_dim + block_size)
+    counts = [math.ceil(n / block_size) for n in seq_lens]
+    owners = torch.randperm(sum(counts) + 2, generator=gen)
+    kv_layer = torch.randn(len(owners), 2, block_size, num_kv_heads, head_dim, generator=gen).to(
+        torch.bfloat16
+    )
+    tables = torch.zeros(len(seq_lens), max(counts) + 1, dtype=torch.int32)
+    used = 0
+    for row, (length, count) in enumerate(zip(seq_lens, counts, strict=True)):
+        tables[row, :count] = owners[used : used + count]
+        used += count
+        start = max(0, length - window) if window else 0
+        for i in range(count):
+            block = kv_layer[int(tables[row, i])]
+            for outside in (
+                slice(0, max(0, start - i * block_size)),
+                slice(max(0, length - i * block_size), None),
+            ):
+                block[0, outside] = 1000.0
+                block[1, outside] = float("nan")
+    query = torch.randn(len(seq_lens), num_heads, head_dim, generator=gen).to(torch.bfloat16)
+    return DecodeCase(query, kv_layer, tables, torch.tensor(seq_lens, dtype=torch.int32))
+
+
+# bf16 with head_dim 64 or 128 takes the C++ kernel's AVX-512 path where it has one: groups of 1 to 16 query heads
+# per KV head (6 is padded to 8; 32 takes the generic path), 16- and 32-token blocks, rows cut between threads.
+@pytest.mark.parametrize(
+    ("num_heads", "num_kv_heads", "head_dim"),
+    [(16, 1, 64), (8, 4, 64), (12, 2, 64), (32, 1, 64), (16, 4, 128), (32, 2, 128), (8, 8, 128)],
+)
+@pytest.mark.parametrize("block_size", [16, 32])
+@pytest.mark.parametrize("sliding_window", [None, 37])
+@pytest.mark.parametrize("threads", [1, 3])
+def test_cpu_decode_attention_bf16_shapes_and_threads(
+    num_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    block_size: int,
+    sliding_window: int | None,
+    threads: int,
+) -> None:
+    lens = [1, 16, 17, 700, 0, 45, 300, 33]
+    case = _case_with_garbage_outside_ranges(
+        lens, num_heads, num_kv_heads, head_dim, block_size, sliding_window
+    )
+    no_nan = case.kv_layer.nan_to_num(0.0)  # the reference's masked matmuls would spread NaN (0 * NaN)
+    expected = paged_decode_attention_reference(
+        case.query, no_nan, case.block_tables, case.seq_lens, 0.125, sliding_window
+    )
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)  # the kernel splits the batch's blocks into one slice per thread
+    try:
+        actual = kernels.paged_decode_attention(*case.args(), 0.125, sliding_window)
+    finally:
+        torch.set_num_threads(previous)
+    assert torch.isfinite(actual.float()).all()  # no NaN from slots outside the attended ranges
+    _assert_close(actual, expected, torch.bfloat16)
+    assert not actual[lens.index(0)].any()
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cpu_store_kv_matches_reference(dtype: torch.dtype) -> None:
     key, value, kv_layer, slots = make_store_inputs(37, 6, 2, 16, dtype)

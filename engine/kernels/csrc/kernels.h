@@ -11,7 +11,15 @@ at::Tensor paged_decode_attention(at::Tensor query, at::Tensor kv_layer, at::Ten
                                      at::Tensor seq_lens, double scale, int64_t window);
 
 // paged_prefill_cpu.cpp
+bool prefill_attention_supported(int64_t head_dim);
+void paged_prefill_attention(at::Tensor query, at::Tensor out, at::Tensor kv_layer, at::Tensor tables,
+                             at::Tensor chunks, double scale, int64_t window);
 
 // fused_ops_cpu.cpp
+at::Tensor rms_norm(at::Tensor x, at::Tensor weight, double eps);
+at::Tensor add_rms_norm_(at::Tensor residual, at::Tensor delta, at::Tensor weight, double eps);
+at::Tensor silu_and_mul(at::Tensor gate_up);
+std::vector<at::Tensor> rotary_embedding(at::Tensor q, at::Tensor k, at::Tensor positions, at::Tensor cos,
+                                         at::Tensor sin);
 
 }  // namespace splitserve

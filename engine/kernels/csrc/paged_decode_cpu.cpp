@@ -4,11 +4,13 @@
 // and lets bmm copy it once more into its preferred layout: three passes over the whole KV of the batch per layer.
 // Here each (sequence, KV head) task reads its K rows once and its V rows once, straight from the cache blocks (one
 // table lookup per block), and the G query heads that share the KV head are served from the same reads. Scores,
-// softmax and the weighted sum of V are fp32, as in the torch version, so outputs agree with it to rounding. bf16 with
-// head_dim 64 on AVX-512 BF16 CPUs (Zen 4, Sapphire Rapids) has a hand-vectorised path; everything else a generic one
-// the compiler vectorises. Tasks run on torch's intra-op thread pool (torch.set_num_threads).
+// softmax and the weighted sum of V are fp32, as in the torch version, so outputs agree with it to rounding. bf16
+// with head_dim 64 or 128 on AVX-512 BF16 CPUs (Zen 4, Sapphire Rapids) takes a one-pass hand-vectorised kernel
+// (paged_decode_avx512.cpp); everything else this generic one, which the compiler vectorises.
 // Measured on this project's 2-core Zen 4 VM, 24 sequences of 800 tokens, 16 query and 4 KV heads of 64, bf16, one
-// layer: torch ops 33 ms, the generic path 5.6 ms, the AVX-512 path 3.6 ms.
+// layer, one thread: torch ops 33 ms, this generic path 5.6 ms, the AVX-512 kernel 1.8 ms.
+// Threads: at::parallel_for is inline in ATen's headers and runs in parallel only where this file is compiled with
+// OpenMP (-fopenmp, linking torch's own libgomp); without it, it calls the body once, on the calling thread.
 //
 // Layouts (validated by the caller, engine/kernels/__init__.py):
 //   query        [B, H, D]                         any float dtype, contiguous
@@ -24,6 +26,7 @@
 #include <c10/util/Half.h>
 
 #include "kernels.h"
+#include "paged_decode_avx512.h"
 #include "vec_math.h"
 
 #if defined(__x86_64__)
@@ -41,9 +44,6 @@ namespace {
 
 using splitserve::softmax_row;
 using splitserve::to_float;
-#if defined(__AVX512F__)
-using splitserve::bf16_to_fp32;
-#endif
 
 // One (sequence, KV head) task. D: head_dim when it is one of the common sizes (the loops then unroll and
 // vectorise fully), else 0 and head_dim at run time.
@@ -91,67 +91,15 @@ void attend(const T* q_rows, const T* kv, const int32_t* table, int64_t start, i
   for (int64_t i = 0; i < group * head_dim; ++i) out_rows[i] = static_cast<T>(acc[i]);
 }
 
-#if defined(__AVX512F__) && defined(__AVX512BF16__)
-// bf16 with head_dim 64, the common case, in AVX-512: K rows are multiplied as bf16 pairs with the bf16 query
-// (vdpbf16ps: exact products, fp32 sums) and V rows accumulate into fp32 registers held across the whole sequence.
-constexpr int kMaxGroup = 8;  // query heads per KV head kept in registers; larger groups take the generic path
-
-void attend_bf16_64(const c10::BFloat16* q_rows, const c10::BFloat16* kv, const int32_t* table, int64_t start,
-                    int64_t len, c10::BFloat16* out_rows, int64_t group, int64_t block_size, int64_t block_stride,
-                    int64_t half_stride, int64_t token_stride, int64_t head_offset, float scale,
-                    std::vector<float>& scores) {
-  const int64_t n = len - start;
-  scores.resize(group * n);
-  float* __restrict__ sc = scores.data();
-  __m512i q[kMaxGroup][2];
-  for (int64_t g = 0; g < group; ++g) {
-    q[g][0] = _mm512_loadu_si512(q_rows + g * 64);
-    q[g][1] = _mm512_loadu_si512(q_rows + g * 64 + 32);
-  }
-  const int64_t first_block = start / block_size, end_block = (len + block_size - 1) / block_size;
-  for (int64_t blk = first_block; blk < end_block; ++blk) {
-    const c10::BFloat16* base = kv + table[blk] * block_stride + head_offset;
-    const int64_t lo = std::max(start, blk * block_size), hi = std::min(len, (blk + 1) * block_size);
-    for (int64_t p = lo; p < hi; ++p) {
-      const c10::BFloat16* k = base + (p - blk * block_size) * token_stride;
-      const __m512bh k0 = (__m512bh)_mm512_loadu_si512(k), k1 = (__m512bh)_mm512_loadu_si512(k + 32);
-      for (int64_t g = 0; g < group; ++g) {
-        __m512 dot = _mm512_dpbf16_ps(_mm512_setzero_ps(), (__m512bh)q[g][0], k0);
-        dot = _mm512_dpbf16_ps(dot, (__m512bh)q[g][1], k1);
-        sc[g * n + (p - start)] = _mm512_reduce_add_ps(dot) * scale;
-      }
-    }
-  }
-  for (int64_t g = 0; g < group; ++g) softmax_row(sc + g * n, n);
-  __m512 acc[kMaxGroup][4];
-  for (int64_t g = 0; g < group; ++g)
-    for (int j = 0; j < 4; ++j) acc[g][j] = _mm512_setzero_ps();
-  for (int64_t blk = first_block; blk < end_block; ++blk) {
-    const c10::BFloat16* base = kv + table[blk] * block_stride + half_stride + head_offset;
-    const int64_t lo = std::max(start, blk * block_size), hi = std::min(len, (blk + 1) * block_size);
-    for (int64_t p = lo; p < hi; ++p) {
-      const c10::BFloat16* v = base + (p - blk * block_size) * token_stride;
-      __m512 vf[4];
-      for (int j = 0; j < 4; ++j) vf[j] = bf16_to_fp32(_mm256_loadu_si256((const __m256i*)(v + 16 * j)));
-      for (int64_t g = 0; g < group; ++g) {
-        const __m512 weight = _mm512_set1_ps(sc[g * n + (p - start)]);
-        for (int j = 0; j < 4; ++j) acc[g][j] = _mm512_fmadd_ps(weight, vf[j], acc[g][j]);
-      }
-    }
-  }
-  for (int64_t g = 0; g < group; ++g) {
-    for (int j = 0; j < 4; ++j) {
-      // fp32 -> bf16, rounding to nearest even (vcvtneps2bf16), as static_cast<c10::BFloat16> does.
-      _mm256_storeu_si256((__m256i*)(out_rows + g * 64 + 16 * j), (__m256i)_mm512_cvtneps_pbh(acc[g][j]));
-    }
-  }
-}
-#endif
-
 template <typename T>
 void decode_attention(const T* query, const T* kv, const int32_t* tables, const int32_t* lens, T* out,
                       int64_t batch, int64_t heads, int64_t kv_heads, int64_t head_dim, int64_t block_size,
                       int64_t max_blocks, int64_t window, float scale, const int64_t* strides) {
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    if (splitserve::paged_decode_bf16_avx512(query, kv, tables, lens, out, batch, heads, kv_heads, head_dim,
+                                             block_size, max_blocks, window, scale, strides))
+      return;
+  }
   const int64_t group = heads / kv_heads;
   const int64_t block_stride = strides[0], half_stride = strides[1], token_stride = strides[2];
   const int64_t head_stride = strides[3];
@@ -169,15 +117,6 @@ void decode_attention(const T* query, const T* kv, const int32_t* tables, const 
       const T* q_rows = query + (b * heads + kvh * group) * head_dim;
       const int32_t* table = tables + b * max_blocks;
       const int64_t offset = kvh * head_stride;
-#if defined(__AVX512F__) && defined(__AVX512BF16__)
-      if constexpr (std::is_same_v<T, c10::BFloat16>) {
-        if (head_dim == 64 && group <= kMaxGroup) {
-          attend_bf16_64(q_rows, kv, table, start, len, out_rows, group, block_size, block_stride, half_stride,
-                         token_stride, offset, scale, scores);
-          continue;
-        }
-      }
-#endif
 #define SPLITSERVE_ATTEND(DIM)                                                                                  \
   attend<T, DIM>(q_rows, kv, table, start, len, out_rows, group, head_dim, block_size, block_stride, half_stride, \
                  token_stride, offset, scale, q, scores, acc, row_buf)
