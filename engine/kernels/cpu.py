@@ -45,6 +45,10 @@ def store_kv(
     key: torch.Tensor, value: torch.Tensor, kv_layer: torch.Tensor, slot_mapping: torch.Tensor
 ) -> None:
     slots = slot_mapping.to(torch.int64)
+    compiled = cpu_native.native()
+    if compiled is not None and _rows_dense(key) and _rows_dense(value) and _rows_dense(kv_layer, dims=2):
+        compiled.store_kv(key, value, kv_layer, slots.contiguous())  # C++: two row copies per token
+        return
     keep = slots >= 0
     if not bool(keep.all()):  # drop padding tokens; the common case (no padding) skips the copies
         slots, key, value = slots[keep], key[keep], value[keep]
@@ -53,6 +57,16 @@ def store_kv(
     # Advanced indexing works on any kv_layer strides and raises IndexError for slots past the cache.
     kv_layer[blocks, 0, offsets] = key
     kv_layer[blocks, 1, offsets] = value
+
+
+def _rows_dense(tensor: torch.Tensor, dims: int = 2) -> bool:
+    """Whether the last `dims` dimensions are laid out densely (row-major), whatever the strides before them."""
+    expected = 1
+    for size, stride in zip(reversed(tensor.shape[-dims:]), reversed(tensor.stride()[-dims:]), strict=True):
+        if size > 1 and stride != expected:
+            return False
+        expected *= size
+    return True
 
 
 def gather_blocks(
@@ -79,20 +93,38 @@ def paged_decode_attention(
     compiled = cpu_native.native()
     if compiled is None or kv_layer.stride(-1) != 1:
         return torch_paged_decode_attention(query, kv_layer, block_tables, seq_lens, scale, sliding_window)
-    block_size = kv_layer.shape[2]
+    tables, lens = _checked_decode_indices(block_tables, seq_lens, kv_layer)
+    return compiled.paged_decode_attention(
+        query.contiguous(), kv_layer, tables, lens, float(scale), sliding_window or 0
+    )
+
+
+# The last (block_tables, seq_lens) checked, with what they were checked against: every layer of a step passes the
+# same two tensors, so the checks (~70 us of small torch ops, 8 times a step) run once per step. The entry holds the
+# tensors themselves, so their ids cannot be reused while it stands, and their versions, so an in-place edit shows.
+_last_checked: tuple | None = None
+
+
+def _checked_decode_indices(
+    block_tables: torch.Tensor, seq_lens: torch.Tensor, kv_layer: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """int32 contiguous (tables, lens) whose block ids lie inside kv_layer and fit the table's width."""
+    global _last_checked
+    num_blocks, block_size = kv_layer.shape[0], kv_layer.shape[2]
+    versions = (block_tables._version, seq_lens._version, num_blocks, block_size)
+    last = _last_checked
+    if last is not None and last[0] is block_tables and last[1] is seq_lens and last[2] == versions:
+        return last[3]
     lens = seq_lens.to(torch.int32).contiguous()
     # The kernel trusts its indices, so they are checked here, as index_select checks them for the torch ops.
     _check_table_capacity(
         (lens.to(torch.int64).clamp_min(0) + block_size - 1) // block_size, block_tables.shape[1]
     )
     tables = block_tables.to(torch.int32).contiguous()
-    if tables.numel() and (int(tables.min()) < 0 or int(tables.max()) >= kv_layer.shape[0]):
-        raise IndexError(
-            f"paged_decode_attention: block_tables name blocks outside 0..{kv_layer.shape[0] - 1}"
-        )
-    return compiled.paged_decode_attention(
-        query.contiguous(), kv_layer, tables, lens, float(scale), sliding_window or 0
-    )
+    if tables.numel() and (int(tables.min()) < 0 or int(tables.max()) >= num_blocks):
+        raise IndexError(f"paged_decode_attention: block_tables name blocks outside 0..{num_blocks - 1}")
+    _last_checked = (block_tables, seq_lens, versions, (tables, lens))
+    return tables, lens
 
 
 def torch_paged_decode_attention(

@@ -166,6 +166,12 @@ def test_cpu_decode_attention_refuses_blocks_outside_the_cache() -> None:
         kernels.paged_decode_attention(
             case.query, case.kv_layer, case.block_tables[:, :1], case.seq_lens, 1.0
         )
+    # The checks run once per step for the tensors every layer shares; an in-place edit of them is seen again.
+    tables = case.block_tables.clone()
+    kernels.paged_decode_attention(case.query, case.kv_layer, tables, case.seq_lens, 1.0)
+    tables[0, 0] = -1
+    with pytest.raises(IndexError):
+        kernels.paged_decode_attention(case.query, case.kv_layer, tables, case.seq_lens, 1.0)
 
 
 # Budgets giving one sequence per chunk, mixed chunks, and the whole batch in one chunk.
@@ -283,6 +289,23 @@ def test_cpu_store_kv_into_strided_layer_without_padding() -> None:
     store_kv_reference(key, value, expected, slots)
     kernels.store_kv(key, value, kv_layer, slots)
     assert torch.equal(kv_layer, expected)
+
+
+@pytest.mark.parametrize("native", ["1", "0"])
+def test_cpu_store_kv_rejects_slots_past_the_cache_before_writing(
+    native: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The C++ copy (and the torch fallback) raise IndexError for a slot past the cache, and write nothing."""
+    if native == "0":
+        monkeypatch.setattr(cpu_native, "native", lambda: None)
+    key, value, kv_layer, slots = make_store_inputs(12, 4, 2, 16, torch.bfloat16)
+    slots = slots.abs()
+    slots[-1] = kv_layer.shape[0] * kv_layer.shape[2]  # one past the last slot
+    before = kv_layer.clone()
+    with pytest.raises(IndexError):
+        kernels.store_kv(key, value, kv_layer, slots)
+    if native == "1":
+        assert torch.equal(kv_layer, before)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

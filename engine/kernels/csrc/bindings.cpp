@@ -6,6 +6,8 @@
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_decode_attention", &splitserve::paged_decode_attention,
         "paged decode attention over a CPU KV cache");
+  // store_kv_cpu.cpp
+  m.def("store_kv", &splitserve::store_kv, "write new K/V rows into their cache slots");
   // paged_prefill_cpu.cpp
   m.def("prefill_attention_supported", &splitserve::prefill_attention_supported,
         "whether this build has the prefill-attention kernel for a head_dim");

@@ -10,6 +10,9 @@ namespace splitserve {
 at::Tensor paged_decode_attention(at::Tensor query, at::Tensor kv_layer, at::Tensor block_tables,
                                      at::Tensor seq_lens, double scale, int64_t window);
 
+// store_kv_cpu.cpp
+void store_kv(at::Tensor key, at::Tensor value, at::Tensor kv_layer, at::Tensor slots);
+
 // paged_prefill_cpu.cpp
 bool prefill_attention_supported(int64_t head_dim);
 void paged_prefill_attention(at::Tensor query, at::Tensor out, at::Tensor kv_layer, at::Tensor tables,
