@@ -2,9 +2,10 @@
 
 Arguments are assumed to be validated already (engine.kernels does it).
 
-Decode attention runs in C++ (csrc/paged_decode_cpu.cpp, built by engine/kernels/cpu_native.py) where it could be
-built: it reads K/V in place, where the torch version below copies them three times. The torch version stays as the
-fallback; the notes below are its design.
+Decode attention, prefill attention and the K/V store run in C++ (csrc/, built by engine/kernels/cpu_native.py)
+where it could be built: decode attention reads K/V in place, where the torch version below copies them three times;
+prefill attention (bf16 only) replaces torch's SDPA per chunk in engine/models/attention.py. The torch versions stay
+as the fallback; the notes below are the design of the torch decode attention.
 
 Decode attention does not use scaled_dot_product_attention: with q_len=1 in bf16 it was measured very slow on
 CPU (32 ms/layer at batch 32 against 4.8 ms in fp32 with expanded KV heads); with the grouped [B, KVH, G, D]

@@ -1,9 +1,11 @@
 """splitserve's C++ CPU kernels (engine/kernels/csrc/), compiled for this machine on first use and cached.
 
-Decode attention in torch ops (engine/kernels/cpu.py) copies the whole batch's KV three times per layer; the C++
-kernel reads it in place (see the .cpp file). It is built with torch's cpp_extension (g++ and ninja) for the host's
-own instruction set (-march=native) into torch's extension cache (~/.cache/torch_extensions, or
-$TORCH_EXTENSIONS_DIR), keyed by a hash of the source, its path and the flags, so an edit rebuilds it and other
+One extension holds them all, one source file per kernel (each header comment has its design and figures): decode
+attention (paged_decode_cpu.cpp, paged_decode_avx512.cpp), prefill attention (paged_prefill_cpu.cpp), the decoder's
+fused elementwise ops (fused_ops_cpu.cpp: rms_norm, add + rms_norm, silu_and_mul, rotary) and the K/V store
+(store_kv_cpu.cpp); bindings.cpp binds them to Python. It is built with torch's cpp_extension (g++ and ninja, OpenMP)
+for the host's own instruction set (-march=native) into torch's extension cache (~/.cache/torch_extensions, or
+$TORCH_EXTENSIONS_DIR), keyed by a hash of the sources, their folder and the flags, so an edit rebuilds it and other
 processes reuse the build. `make install` builds it once (`main()`), so servers do not compile while
 serving. Where it cannot be built (no compiler), or with SPLITSERVE_NATIVE_KERNELS=0, the torch ops serve instead;
 the reason is logged once.
