@@ -31,6 +31,9 @@ The bf16-matmul variant (bf16 scores and probabilities) was also less accurate, 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import TypeVar
+
 import torch
 
 from engine.kernels import cpu_native
@@ -40,6 +43,8 @@ from engine.kernels import cpu_native
 # measurements above (2^17..2^19 were within noise; 2^20 and up hit the slow padded cases); a sequence longer
 # than this forms a chunk on its own.
 CHUNK_ELEMENT_BUDGET = 1 << 18
+
+_T = TypeVar("_T")
 
 
 def store_kv(
@@ -100,32 +105,56 @@ def paged_decode_attention(
     )
 
 
-# The last (block_tables, seq_lens) checked, with what they were checked against: every layer of a step passes the
-# same two tensors, so the checks (~70 us of small torch ops, 8 times a step) run once per step. The entry holds the
-# tensors themselves, so their ids cannot be reused while it stands, and their versions, so an in-place edit shows.
-_last_checked: tuple | None = None
+class _LastChecked:
+    """The index tensors a check last passed, and what it returned: every layer of a step passes the same ones.
+
+    The kernels trust their indices, so the wrappers check them, with a handful of small torch ops (~70 us); the
+    layers of a step share one block table, so this lets the checks run once per step instead of once per layer.
+    The entry holds the tensors themselves, so their ids cannot be reused while it stands, and their versions (plus
+    the sizes they were checked against), so an in-place edit or another cache is checked afresh. Inference tensors
+    (made under torch.inference_mode) keep no version, so they are checked every time.
+    """
+
+    def __init__(self) -> None:
+        self._entry: tuple[tuple[torch.Tensor, ...], tuple[int, ...], object] | None = None
+
+    def get(self, tensors: tuple[torch.Tensor, ...], sizes: tuple[int, ...], check: Callable[[], _T]) -> _T:
+        if any(t.is_inference() for t in tensors):
+            return check()
+        stamp = tuple(t._version for t in tensors) + sizes
+        entry = self._entry
+        if (
+            entry is not None
+            and entry[1] == stamp
+            and all(a is b for a, b in zip(entry[0], tensors, strict=True))
+        ):
+            return entry[2]  # type: ignore[return-value]
+        result = check()
+        self._entry = (tensors, stamp, result)
+        return result
+
+
+_decode_indices = _LastChecked()
 
 
 def _checked_decode_indices(
     block_tables: torch.Tensor, seq_lens: torch.Tensor, kv_layer: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """int32 contiguous (tables, lens) whose block ids lie inside kv_layer and fit the table's width."""
-    global _last_checked
     num_blocks, block_size = kv_layer.shape[0], kv_layer.shape[2]
-    versions = (block_tables._version, seq_lens._version, num_blocks, block_size)
-    last = _last_checked
-    if last is not None and last[0] is block_tables and last[1] is seq_lens and last[2] == versions:
-        return last[3]
-    lens = seq_lens.to(torch.int32).contiguous()
-    # The kernel trusts its indices, so they are checked here, as index_select checks them for the torch ops.
-    _check_table_capacity(
-        (lens.to(torch.int64).clamp_min(0) + block_size - 1) // block_size, block_tables.shape[1]
-    )
-    tables = block_tables.to(torch.int32).contiguous()
-    if tables.numel() and (int(tables.min()) < 0 or int(tables.max()) >= num_blocks):
-        raise IndexError(f"paged_decode_attention: block_tables name blocks outside 0..{num_blocks - 1}")
-    _last_checked = (block_tables, seq_lens, versions, (tables, lens))
-    return tables, lens
+
+    def check() -> tuple[torch.Tensor, torch.Tensor]:
+        lens = seq_lens.to(torch.int32).contiguous()
+        # The kernel trusts its indices, so they are checked here, as index_select checks them for the torch ops.
+        _check_table_capacity(
+            (lens.to(torch.int64).clamp_min(0) + block_size - 1) // block_size, block_tables.shape[1]
+        )
+        tables = block_tables.to(torch.int32).contiguous()
+        if tables.numel() and (int(tables.min()) < 0 or int(tables.max()) >= num_blocks):
+            raise IndexError(f"paged_decode_attention: block_tables name blocks outside 0..{num_blocks - 1}")
+        return tables, lens
+
+    return _decode_indices.get((block_tables, seq_lens), (num_blocks, block_size), check)
 
 
 def torch_paged_decode_attention(
@@ -221,7 +250,7 @@ def _attend_chunk(
 
 
 def prefill_attention_supported(query: torch.Tensor, kv_layer: torch.Tensor) -> bool:
-    """Whether the C++ prefill-attention kernel serves this case (bf16, head_dim 64 or 128, an AVX-512 BF16 host)."""
+    """Whether the C++ prefill-attention kernel serves this case (bf16, a head_dim the build has, AVX-512 BF16)."""
     if query.dtype != torch.bfloat16 or kv_layer.dtype != torch.bfloat16 or kv_layer.stride(-1) != 1:
         return False
     compiled = cpu_native.native()
@@ -265,6 +294,8 @@ def paged_prefill_attention(
         raise ValueError(
             "paged_prefill_attention: chunks [C, 3] and block_tables [C, max_blocks] must be int32"
         )
+    # Checked on every call (unlike decode's, once per step): the step's prefill tables are made under
+    # inference_mode, which keeps no version to tell an edit by; a step has few prefill chunks.
     if chunks.numel():
         first, n, ctx = chunks[:, 0].long(), chunks[:, 1].long(), chunks[:, 2].long()
         block_size = kv_layer.shape[2]

@@ -29,7 +29,7 @@ _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 def usable(x: torch.Tensor) -> bool:
     """Whether the fused kernels serve tensors like x: on CPU, in a supported dtype, with the extension built."""
-    return ENABLED and x.device.type == "cpu" and x.dtype in _DTYPES and _kernels() is not None
+    return ENABLED and x.device.type == "cpu" and x.dtype in _DTYPES and cpu_native.native() is not None
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -114,10 +114,6 @@ def _check_rows(name: str, x: torch.Tensor, weight: torch.Tensor) -> None:
             f"{name}: weight must be a contiguous [{x.shape[-1]}] {x.dtype} tensor, "
             f"got {tuple(weight.shape)} {weight.dtype}"
         )
-
-
-def _kernels() -> ModuleType | None:
-    return cpu_native.native()
 
 
 def _native() -> ModuleType:

@@ -172,6 +172,12 @@ def test_cpu_decode_attention_refuses_blocks_outside_the_cache() -> None:
     tables[0, 0] = -1
     with pytest.raises(IndexError):
         kernels.paged_decode_attention(case.query, case.kv_layer, tables, case.seq_lens, 1.0)
+    with torch.inference_mode():  # inference tensors keep no version: checked on every call
+        tables = case.block_tables.clone()
+        kernels.paged_decode_attention(case.query, case.kv_layer, tables, case.seq_lens, 1.0)
+        tables[0, 0] = case.kv_layer.shape[0]
+        with pytest.raises(IndexError):
+            kernels.paged_decode_attention(case.query, case.kv_layer, tables, case.seq_lens, 1.0)
 
 
 # Budgets giving one sequence per chunk, mixed chunks, and the whole batch in one chunk.
