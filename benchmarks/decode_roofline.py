@@ -103,6 +103,7 @@ def main() -> int:
     print(json.dumps({
         "device": torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else "cpu",
         "shape": args.shape, "dtype": args.dtype, "threads": args.threads,
+        "cuda_graphs": engine.runner.decode_graphs is not None,
         "weight_bytes": weights, "step_bytes": step_bytes, "bandwidth_gb_s": round(bandwidth / 1e9, 1),
         "ms_per_token": round(per_token * 1e3, 3), "roofline_ms_per_token": round(roofline * 1e3, 3),
         "share_of_roofline": round(roofline / per_token, 3),

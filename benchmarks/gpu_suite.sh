@@ -5,7 +5,8 @@
 #
 # 1. the `gpu` tests (Triton kernels compiled for the device, the whole engine in bf16 against transformers);
 # 2. the engine benchmark on a ~1.1B Llama in bf16 against transformers `generate`, same device and run;
-# 3. batch-1 decode per token against the HBM roofline (bandwidth measured on the device);
+# 3. batch-1 decode per token against the HBM roofline (bandwidth measured on the device), with the decode step
+#    replayed as a CUDA graph (the default) and eagerly (SPLITSERVE_CUDA_GRAPHS=0);
 # 4. KV transfer throughput over the torch.distributed and NIXL backends (host memory: the benchmark does not
 #    register VRAM yet).
 # Each step has its own time limit and the suite goes on when one fails; the report says which. Nothing here changes
@@ -49,8 +50,10 @@ step() {  # step NAME SECONDS COMMAND...: run it with a limit, keep its output, 
 } >"$REPORT"
 
 step gpu-tests 150 "$PY" -m pytest -q -p no:cacheprovider -m gpu tests/gpu
-step engine-1b-vs-transformers 150 "$PY" benchmarks/engine_throughput.py --device cuda --shape 1b --dtype bfloat16 \
+step engine-1b-vs-transformers 140 "$PY" benchmarks/engine_throughput.py --device cuda --shape 1b --dtype bfloat16 \
   --requests 64 --budget 4096
 step decode-roofline-1b 75 "$PY" benchmarks/decode_roofline.py --device cuda --shape 1b --tokens 256
+step decode-roofline-1b-eager 45 env SPLITSERVE_CUDA_GRAPHS=0 "$PY" benchmarks/decode_roofline.py --device cuda \
+  --shape 1b --tokens 128
 step kv-transfer 60 "$PY" benchmarks/kv_transfer.py --sizes-mib 64 256 --layers 32 --repeats 3
 echo "report: $REPORT (logs in $LOGS)"

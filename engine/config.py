@@ -180,6 +180,7 @@ class EngineConfig:
     max_num_seqs: int = 64  # requests in one step
     max_model_len: int | None = None  # None: the model's max_position_embeddings
     enable_prefix_caching: bool = True
+    cuda_graphs: bool = True  # replay decode steps as CUDA graphs on GPUs (engine/decode_graphs.py)
     seed: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
 

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from engine import decode_graphs
 from engine.block_manager import BlockManager
 from engine.config import EngineConfig, EngineRole, ModelConfig
 from engine.devices import resolve_device, resolve_dtype
@@ -91,6 +92,8 @@ class LLMEngine:
         self.scheduler = Scheduler(self.blocks, self.config.max_num_batched_tokens, self.config.max_num_seqs)
         # A lone sequence must always fit in the pool, or preemption could never make room for it.
         self.max_seq_tokens = min(self.max_model_len, num_blocks * self.config.block_size)
+        if decode_graphs.enabled(device, self.config.cuda_graphs):
+            self.runner.enable_decode_graphs(self.config.max_num_seqs, self.max_seq_tokens)
         self.eos_token_ids = set(self.model_config.eos_token_ids) | self.tokenizer.eos_token_ids
         limit = "context" if self.max_seq_tokens == self.max_model_len else "KV cache capacity"
         self.intake = RequestIntake(

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from engine import kernels
+from engine.decode_graphs import Capture, DecodeGraphs, cuda_capture
 from engine.models.attention import AttentionBatch, PrefillChunk
 from engine.models.decoder import DecoderModel, LayerHook
 from engine.prompt_logprobs import PromptRows, compute, rows_of_chunk
@@ -53,6 +54,15 @@ class ModelRunner:
             )
             for _ in range(cfg.num_layers)
         ]
+        self.decode_graphs: DecodeGraphs | None = None
+
+    def enable_decode_graphs(
+        self, max_batch: int, max_seq_tokens: int, capture: Capture = cuda_capture
+    ) -> None:
+        """Capture the decode step for every batch bucket up to max_batch (engine/decode_graphs.py)."""
+        self.decode_graphs = DecodeGraphs(
+            self.model, self.kv_caches, self.block_size, max_batch, max_seq_tokens, capture
+        )
 
     @staticmethod
     def bytes_per_block(model: DecoderModel, block_size: int) -> int:
@@ -63,6 +73,15 @@ class ModelRunner:
     def run(self, sched: SchedulerOutput, on_layer_stored: LayerHook | None = None) -> StepLogits:
         """Compute the step: fp32 logits for each chunk that completes its sequence, and any prompt logprobs."""
         inputs = self.prepare(sched)
+        graphs = self.decode_graphs
+        if (
+            graphs is not None
+            and on_layer_stored is None
+            and not inputs.prompt_rows
+            and graphs.serves(inputs.attention, inputs.input_ids.numel())
+        ):
+            logits = graphs.run(inputs.input_ids, inputs.positions, inputs.attention)
+            return StepLogits(sample=logits.index_select(0, inputs.sample_rows), prompt_logprobs=[])
         hidden = self.model.forward(
             inputs.input_ids, inputs.positions, inputs.attention, self.kv_caches, on_layer_stored
         )
