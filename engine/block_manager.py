@@ -1,6 +1,8 @@
 """The paged KV pool's bookkeeping: reference-counted blocks and a prefix cache keyed by a hash chain of token ids.
 
-A full block's key is hash(parent block's key, its token ids), so equal keys mean equal whole prefixes. A block is
+A full block's key is block_key(parent block's key, its token ids) (engine/prefix_hash.py, the same in every process
+of a cluster), so equal keys mean equal whole prefixes. Each key the cache starts or stops offering goes to
+`events` (engine/kv_events.py), which a node publishes so that routers send requests where their prefix is. A block is
 registered only once its KV has been computed, so a request can never reuse a block another request is still filling.
 Freed blocks keep their contents and key until they are handed out again, least recently freed first; a sequence frees
 its blocks tail first so that shared prefixes are the last to be evicted.
@@ -11,9 +13,9 @@ from __future__ import annotations
 from collections import OrderedDict
 from dataclasses import dataclass
 
+from engine.kv_events import KVEventLog
+from engine.prefix_hash import ROOT_KEY, block_key
 from engine.sequence import Sequence
-
-_ROOT_HASH = 0x5EED
 
 
 @dataclass(slots=True)
@@ -33,6 +35,7 @@ class BlockManager:
         self._cached: dict[int, int] = {}  # key -> block id
         self._free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
         self.stats = PrefixCacheStats()
+        self.events = KVEventLog()
 
     @property
     def num_free_blocks(self) -> int:
@@ -54,11 +57,11 @@ class BlockManager:
         if not self._looks_up(seq):
             return
         max_blocks = (seq.num_tokens - 1) // self.block_size
-        key = _ROOT_HASH
+        key = ROOT_KEY
         hits: list[int] = []
         for i in range(max_blocks):
             tokens = tuple(seq.token_slice(i * self.block_size, (i + 1) * self.block_size))
-            key = hash((key, tokens))
+            key = block_key(key, tokens)
             block = self._cached.get(key)
             if block is None or self._block_tokens[block] != tokens:
                 break
@@ -97,16 +100,18 @@ class BlockManager:
         full = min(seq.num_computed_tokens // self.block_size, len(seq.block_ids))
         if full <= seq.num_hashed_blocks:
             return
-        key = _ROOT_HASH
+        key = ROOT_KEY
         if seq.num_hashed_blocks:
-            key = self._block_key[seq.block_ids[seq.num_hashed_blocks - 1]] or _ROOT_HASH
+            key = self._block_key[seq.block_ids[seq.num_hashed_blocks - 1]] or ROOT_KEY
         for i in range(seq.num_hashed_blocks, full):
             tokens = tuple(seq.token_slice(i * self.block_size, (i + 1) * self.block_size))
-            key = hash((key, tokens))
+            key = block_key(key, tokens)
             block = seq.block_ids[i]
             self._block_key[block] = key
             self._block_tokens[block] = tokens
-            self._cached.setdefault(key, block)
+            if key not in self._cached:
+                self._cached[key] = block
+                self.events.stored(key)
         seq.num_hashed_blocks = full
 
     def free(self, seq: Sequence) -> None:
@@ -130,5 +135,6 @@ class BlockManager:
         key = self._block_key[block]
         if key is not None and self._cached.get(key) == block:
             del self._cached[key]
+            self.events.removed(key)
         self._block_key[block] = None
         self._block_tokens[block] = None

@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from typing import TYPE_CHECKING
 
 import grpc
@@ -98,13 +98,15 @@ class Attempts:
         placement: Placement,
         relay: Relay,
         trace: Span,
+        cached: Mapping[str, int] | None = None,
     ) -> AsyncIterator[pb.GenerateResponse]:
+        """cached: per node, the prompt tokens its prefix cache holds (what it will not compute) where known."""
         prefill, decode = self._node(placement.prefill), self._node(placement.decode)
         prefill_id, decode_id = prefill.info.node_id, decode.info.node_id
         sampling = once_delivered(sampling, relay)
         decode_stub = self.clients.decode(decode.info.address)
         blocks = -(-(len(prompt) + len(relay.delivered)) // decode.info.block_size)
-        self.tracker.picked(prefill_id, rid, len(prompt), 0)
+        self.tracker.picked(prefill_id, rid, max(len(prompt) - (cached or {}).get(prefill_id, 0), 1), 0)
         self.tracker.picked(decode_id, rid, 0, blocks)
         reserved = False
         prefill_stub = None  # set once Prefill is called: a release asks the prefill node first
@@ -209,10 +211,12 @@ class Attempts:
         placement: Placement,
         relay: Relay,
         trace: Span,
+        cached: Mapping[str, int] | None = None,
     ) -> AsyncIterator[pb.GenerateResponse]:
         node = self._node(placement.colocated)
         node_id = node.info.node_id
-        self.tracker.picked(node_id, rid, len(prompt), -(-len(prompt) // node.info.block_size))
+        work = max(len(prompt) - (cached or {}).get(node_id, 0), 1)
+        self.tracker.picked(node_id, rid, work, -(-len(prompt) // node.info.block_size))
         forwarded = pb.GenerateRequest(request_id=rid, token_ids=pb.TokenIds(ids=prompt), sampling=sampling)
         call = tracing.start_span("Generate", trace, {"splitserve.node_id": node_id})
         stream = self.clients.colocated(node.info.address).Generate(

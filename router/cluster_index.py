@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,7 +21,7 @@ from router.load_tracker import LoadTracker
 ROLES = ("prefill", "decode", "colocated")
 
 
-_INT_COLUMNS = ("pending_tokens", "running", "free_blocks", "block_size")
+_INT_COLUMNS = ("pending_tokens", "running", "free_blocks", "block_size", "cached_tokens")
 _FLOAT_COLUMNS = (
     "cost_per_s",
     "idle_power_w",
@@ -46,6 +46,9 @@ class RoleArrays:
     running: np.ndarray  # int64
     free_blocks: np.ndarray  # int64
     block_size: np.ndarray  # int64
+    # int64, per request: leading tokens of this request's prompt whose KV the node holds in its prefix cache (from
+    # the nodes' KV events, router/kv_index.py; 0 where unknown). Policies subtract them from the work to do.
+    cached_tokens: np.ndarray
     usable: np.ndarray  # bool: not draining and not excluded for this request
     # float64 columns, from the node's registration (machine type, PerfSummary) and load report (power_w):
     cost_per_s: np.ndarray  # USD per second of the whole machine
@@ -91,6 +94,7 @@ class RoleArrays:
         out.pending_tokens = self.pending_tokens.copy()
         out.running = self.running.copy()
         out.free_blocks = self.free_blocks.copy()
+        out.cached_tokens = self.cached_tokens.copy()
         out.usable = self.usable.copy()
         return out
 
@@ -123,9 +127,19 @@ class ClusterIndex:
         }
         self._reported_at = {s.info.node_id: (s.load.timestamp if s.load else 0.0) for s in states}
 
-    def for_request(self, tracker: LoadTracker, exclude: Iterable[str] = ()) -> dict[str, RoleArrays]:
-        """Per-role arrays corrected by the tracker's unreported picks, with excluded nodes marked unusable."""
+    def for_request(
+        self,
+        tracker: LoadTracker,
+        exclude: Iterable[str] = (),
+        cached_tokens: Mapping[str, int] | None = None,
+    ) -> dict[str, RoleArrays]:
+        """Per-role arrays corrected by the tracker's unreported picks, with excluded nodes marked unusable and
+        cached_tokens (node id -> prompt tokens it holds) filled in."""
         out = {role: arrays.copy() for role, arrays in self._base.items()}
+        for node_id, tokens in (cached_tokens or {}).items():
+            role, i = self._where.get(node_id, ("", -1))
+            if i >= 0:
+                out[role].cached_tokens[i] = tokens
         reported_at = self._reported_at
         for node_id, (tokens, blocks, count) in tracker.unreported(lambda n: reported_at.get(n, 0.0)).items():
             role, i = self._where.get(node_id, ("", -1))

@@ -36,6 +36,7 @@ LOCAL_STALL_TBT_FACTOR = 5.0
 
 class CostPolicy:
     name = "cost"
+    kv_aware = True  # prices a prefix-cache hit (placement_model.to_compute)
 
     def __init__(
         self, ttft_slo_s: float | None = None, tbt_slo_s: float | None = None, local_prefill: bool = True
@@ -53,13 +54,14 @@ class CostPolicy:
         prompt, output = request.prompt_tokens, max(1, request.expected_output_tokens)
         prefill, decode, colocated = roles["prefill"], roles["decode"], roles["colocated"]
 
-        p_ttft, d_tbt = pm.predicted_ttft(prefill, prompt), pm.predicted_tbt(decode)
-        p_cost, d_cost = pm.prefill_cost(prefill, prompt), pm.decode_cost(decode, output)
+        p_work, c_work = pm.to_compute(prefill, prompt), pm.to_compute(colocated, prompt)
+        p_ttft, d_tbt = pm.predicted_ttft(prefill, p_work), pm.predicted_tbt(decode)
+        p_cost, d_cost = pm.prefill_cost(prefill, p_work), pm.decode_cost(decode, output)
         p_usable = prefill.usable
         d_usable = decode.usable & pm.fits_kv(decode, prompt)
         c_usable = colocated.usable & pm.fits_kv(colocated, prompt)
-        c_ttft, c_tbt = pm.predicted_ttft(colocated, prompt), pm.predicted_tbt(colocated)
-        c_cost = pm.prefill_cost(colocated, prompt) + pm.decode_cost(colocated, output)
+        c_ttft, c_tbt = pm.predicted_ttft(colocated, c_work), pm.predicted_tbt(colocated)
+        c_cost = pm.prefill_cost(colocated, c_work) + pm.decode_cost(colocated, output)
 
         # (cost, kind rank, latency, placement) of the best feasible option of each kind
         options: list[tuple[float, int, float, Placement]] = []
@@ -94,8 +96,9 @@ class CostPolicy:
         ttft_limit: float | None,
         tbt_limit: float | None,
     ) -> tuple[float, int, float, Placement] | None:
-        compute = pm.prompt_seconds(decode, prompt)
-        ttft = pm.predicted_ttft(decode, prompt)
+        work = pm.to_compute(decode, prompt)
+        compute = pm.prompt_seconds(decode, work)
+        ttft = pm.predicted_ttft(decode, work)
         stall_ok = decode.running == 0
         if tbt_limit is not None:
             stall_ok = stall_ok | (compute + d_tbt <= LOCAL_STALL_TBT_FACTOR * tbt_limit)

@@ -41,6 +41,8 @@ from router.attempts import Attempts, RetryElsewhere
 from router.cluster_index import ClusterIndex, RoleArrays
 from router.config import RouterConfig
 from router.errors import RouterError
+from router.kv_index import KVIndex
+from router.kv_policy import lookup_cached_tokens
 from router.load_tracker import LoadTracker
 from router.metrics import RequestTimer, RouterMetrics
 from router.node_clients import NodeClients
@@ -66,6 +68,7 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
         self.clients = NodeClients()
         self.tracker = LoadTracker()
         self.index = ClusterIndex()
+        self.kv_index: KVIndex | None = None  # set by the server when the policy reads cached prefixes
         self.metrics = RouterMetrics(view)
         self.outputs = OutputLengthEstimate()
         self.requests = RequestLog()  # what the ops dashboard shows of recent requests
@@ -191,7 +194,8 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
                 tbt_slo_s=self.config.tbt_slo_s,
             )
             self.index.update(self.view.nodes())
-            placement, roles = self._place(wanted, failed, kept_prefill)
+            cached = self._cached_tokens(prompt + relay.delivered)
+            placement, roles = self._place(wanted, failed, kept_prefill, cached)
             if placement is None:
                 reasons.append(_pools_summary(roles))
                 break
@@ -204,9 +208,13 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
             record.placed(timer.route, _nodes_of(placement))
             try:
                 if placement.disaggregated:
-                    stream = self.attempts.via_pair(attempt_id, prompt, sampling, placement, relay, span)
+                    stream = self.attempts.via_pair(
+                        attempt_id, prompt, sampling, placement, relay, span, cached
+                    )
                 else:
-                    stream = self.attempts.via_colocated(attempt_id, prompt, sampling, placement, relay, span)
+                    stream = self.attempts.via_colocated(
+                        attempt_id, prompt, sampling, placement, relay, span, cached
+                    )
                 async for msg in stream:
                     yield msg
                 self.outputs.observe(len(relay.delivered))
@@ -228,17 +236,24 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
         self.metrics.request_failed(self.config.model_name, grpc.StatusCode.UNAVAILABLE)
         raise RouterError(grpc.StatusCode.UNAVAILABLE, f"no node could serve the request{detail}")
 
+    def _cached_tokens(self, context: list[int]) -> dict[str, int]:
+        """Per node, the leading context tokens in its prefix cache (only for policies that weigh them)."""
+        if self.kv_index is None or not getattr(self.policy, "kv_aware", False):
+            return {}
+        block_sizes = {state.info.block_size for state in self.view.nodes()}
+        return lookup_cached_tokens(self.kv_index, context, block_sizes)
+
     def _place(
-        self, wanted: PlacementRequest, failed: set[str], kept_prefill: str | None
+        self, wanted: PlacementRequest, failed: set[str], kept_prefill: str | None, cached: dict[str, int]
     ) -> tuple[Placement | None, dict[str, RoleArrays]]:
         """A placement avoiding the failed nodes; on `kept_prefill` (with another decode node) when it can take it."""
         if kept_prefill is not None and self.view.get(kept_prefill) is not None:
             others = {s.info.node_id for s in self.view.nodes("prefill")} - {kept_prefill}
-            roles = self.index.for_request(self.tracker, exclude=failed | others)
+            roles = self.index.for_request(self.tracker, exclude=failed | others, cached_tokens=cached)
             placement = self.policy.place(wanted, roles)
             if placement is not None and placement.disaggregated:
                 return placement, roles
-        roles = self.index.for_request(self.tracker, exclude=failed)
+        roles = self.index.for_request(self.tracker, exclude=failed, cached_tokens=cached)
         return self.policy.place(wanted, roles), roles
 
 

@@ -53,6 +53,10 @@ class MixedPool:
         self._borrowed: dict[str, str] = {}  # node id -> the pool that lent it ("prefill" or "decode")
 
     @property
+    def kv_aware(self) -> bool:
+        return getattr(self.inner, "kv_aware", False)
+
+    @property
     def borrowed(self) -> dict[str, str]:
         """Nodes currently lent to the other phase, by the pool they come from."""
         return dict(self._borrowed)

@@ -5,6 +5,10 @@ role's RoleArrays and returns one value per node, so a decision over a pool of 1
 operations. The inputs are what nodes register (machine type: $/h, idle and maximum power; PerfSummary: latency as
 two straight lines) and what they report (queued prompt tokens, running requests, power draw).
 
+Prompt work is what a node would compute: the prompt less the leading tokens it already holds in its prefix cache
+(RoleArrays.cached_tokens, filled per request from the nodes' KV events; `to_compute`), so every policy prices a
+cache hit as the time and energy it saves.
+
 A node that registered no performance model (all PerfSummary terms 0) predicts zero latency: it is never ruled
 out by an SLO, and costs are then compared by price alone. That keeps a cluster without profiles placeable.
 """
@@ -19,13 +23,18 @@ from router.cluster_index import RoleArrays
 MAX_BATCH_PROMPT_TOKENS = 2048
 
 
-def prompt_seconds(arrays: RoleArrays, prompt_tokens: int) -> np.ndarray:
+def to_compute(arrays: RoleArrays, prompt_tokens: int) -> np.ndarray:
+    """Prompt tokens each node would compute: those past its cached prefix (engines always compute the last one)."""
+    return np.maximum(prompt_tokens - arrays.cached_tokens, 1)
+
+
+def prompt_seconds(arrays: RoleArrays, prompt_tokens: int | np.ndarray) -> np.ndarray:
     """Compute time of this prompt on each node, as its share of the batch it would join (no queueing)."""
     batches = -(-prompt_tokens // MAX_BATCH_PROMPT_TOKENS)
     return arrays.prompt_fixed_s * batches + arrays.prompt_per_token_s * prompt_tokens
 
 
-def predicted_ttft(arrays: RoleArrays, prompt_tokens: int) -> np.ndarray:
+def predicted_ttft(arrays: RoleArrays, prompt_tokens: int | np.ndarray) -> np.ndarray:
     """Queueing plus compute: the queued prompt tokens run first, in batches of MAX_BATCH_PROMPT_TOKENS."""
     total = arrays.pending_tokens + prompt_tokens
     batches = -(-total // MAX_BATCH_PROMPT_TOKENS)
@@ -37,7 +46,7 @@ def predicted_tbt(arrays: RoleArrays) -> np.ndarray:
     return arrays.token_fixed_s + arrays.token_per_seq_s * (arrays.running + 1)
 
 
-def prefill_cost(arrays: RoleArrays, prompt_tokens: int) -> np.ndarray:
+def prefill_cost(arrays: RoleArrays, prompt_tokens: int | np.ndarray) -> np.ndarray:
     """USD of machine time the prompt uses on each node."""
     return arrays.cost_per_s * prompt_seconds(arrays, prompt_tokens)
 
@@ -53,7 +62,7 @@ def decode_energy(arrays: RoleArrays, output_tokens: int) -> np.ndarray:
     return arrays.max_power_w * output_tokens * predicted_tbt(arrays) / (arrays.running + 1)
 
 
-def prefill_energy(arrays: RoleArrays, prompt_tokens: int) -> np.ndarray:
+def prefill_energy(arrays: RoleArrays, prompt_tokens: int | np.ndarray) -> np.ndarray:
     return arrays.max_power_w * prompt_seconds(arrays, prompt_tokens)
 
 

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from typing import Any
 
 from router.cost_policy import CostPolicy
+from router.kv_policy import KVAware
 from router.mixed_pool import MixedPool
 from router.policy import JoinShortestQueue, PlacementPolicy
 from router.power_policy import PowerPolicy
@@ -21,7 +22,13 @@ def policy_names() -> list[str]:
 
 
 def _factories() -> dict[str, Callable[..., PlacementPolicy]]:
-    return {"jsq": JoinShortestQueue, "cost": CostPolicy, "power": PowerPolicy, "mixed": _mixed_pool}
+    return {
+        "jsq": JoinShortestQueue,
+        "kv": KVAware,
+        "cost": CostPolicy,
+        "power": PowerPolicy,
+        "mixed": _mixed_pool,
+    }
 
 
 def _mixed_pool(inner: str = "jsq", **options: Any) -> MixedPool:
@@ -62,7 +69,8 @@ def add_policy_arguments(group: argparse._ActionsContainer) -> None:
     group.add_argument(
         "--policy",
         default="jsq",
-        help="jsq (default), cost, power or mixed (Splitwise's mixed pool around --policy-option inner=NAME)",
+        help="jsq (default), kv (where the prompt's KV is cached), cost, power or mixed (Splitwise's mixed pool "
+        "around --policy-option inner=NAME)",
     )
     group.add_argument(
         "--policy-option",

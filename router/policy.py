@@ -55,6 +55,8 @@ class Placement:
 
 class PlacementPolicy(Protocol):
     name: str
+    # Whether place() reads RoleArrays.cached_tokens: the router then looks each prompt up in its KV index
+    # (router/kv_index.py). A policy without the attribute is taken as not reading them.
 
     def place(self, request: PlacementRequest, roles: dict[str, RoleArrays]) -> Placement | None:
         """Pick usable nodes for a request; None if nothing fits."""
@@ -65,6 +67,7 @@ class JoinShortestQueue:
     """Splitwise's default: prefill by fewest pending prompt tokens, decode by most free KV blocks."""
 
     name = "jsq"
+    kv_aware = False
 
     def place(self, request: PlacementRequest, roles: dict[str, RoleArrays]) -> Placement | None:
         prefill, decode = roles["prefill"], roles["decode"]

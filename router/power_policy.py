@@ -30,6 +30,7 @@ if TYPE_CHECKING:
 
 class PowerPolicy:
     name = "power"
+    kv_aware = True  # prices a prefix-cache hit (placement_model.to_compute)
 
     def __init__(
         self, budget_w: float, ttft_slo_s: float | None = None, tbt_slo_s: float | None = None
@@ -65,10 +66,11 @@ class _Candidates:
         self.d_usable = d.usable & pm.fits_kv(d, prompt)
         self.c_usable = c.usable & pm.fits_kv(c, prompt)
         self.p_added, self.d_added, self.c_added = pm.added_power(p), pm.added_power(d), pm.added_power(c)
-        self.p_energy, self.d_energy = pm.prefill_energy(p, prompt), pm.decode_energy(d, output)
-        self.c_energy = pm.prefill_energy(c, prompt) + pm.decode_energy(c, output)
-        self.p_ttft, self.d_tbt = pm.predicted_ttft(p, prompt), pm.predicted_tbt(d)
-        self.c_ttft, self.c_tbt = pm.predicted_ttft(c, prompt), pm.predicted_tbt(c)
+        p_work, c_work = pm.to_compute(p, prompt), pm.to_compute(c, prompt)
+        self.p_energy, self.d_energy = pm.prefill_energy(p, p_work), pm.decode_energy(d, output)
+        self.c_energy = pm.prefill_energy(c, c_work) + pm.decode_energy(c, output)
+        self.p_ttft, self.d_tbt = pm.predicted_ttft(p, p_work), pm.predicted_tbt(d)
+        self.c_ttft, self.c_tbt = pm.predicted_ttft(c, c_work), pm.predicted_tbt(c)
 
     def within_budget(
         self, headroom: float, ttft_limit: float | None, tbt_limit: float | None

@@ -32,6 +32,7 @@ from router.dashboard.app import add_dashboard
 from router.dashboard.snapshot import DashboardSource
 from router.http_runner import JsonErrorAppRunner
 from router.inference import InferenceService
+from router.kv_index import KVIndex
 from router.openai_http import BODY_TIMEOUT_S, create_app
 from router.policies import create_policy
 from router.policy import PlacementPolicy
@@ -113,6 +114,13 @@ async def run_router(options: RouterOptions) -> int:
         view,
         options.placement_policy(),
     )
+    policy_reads_kv = getattr(service.policy, "kv_aware", False)
+    if policy_reads_kv:  # the policy weighs cached prefixes: follow the nodes' KV events
+        service.kv_index = KVIndex(options.redis_url)
+        if not await asyncio.to_thread(service.kv_index.start, 2.0):
+            print(
+                "splitserve router: KV index not synced yet; placing without it until it is", file=sys.stderr
+            )
     service.clients.cluster_token = options.cluster_token or os.environ.get(TOKEN_ENV) or None
     # Registered like the generated add_InferenceServicer_to_server, but undecodable bytes get INVALID_ARGUMENT.
     add_checked_servicer(inference_pb2_grpc.add_InferenceServicer_to_server, service, server)
@@ -144,6 +152,8 @@ async def run_router(options: RouterOptions) -> int:
     await service.clients.close()
     service.encoder.close()
     view.stop()
+    if service.kv_index is not None:
+        service.kv_index.stop()
     tracing.shutdown()  # exports the spans still buffered
     print(json.dumps({"event": "stopped", "role": "router"}), flush=True)
     return 0

@@ -8,7 +8,8 @@ A node's process life:
    (cluster/node/metrics.py) and gRPC with health and reflection (a port it cannot bind: one line, exit 2). With a
    cluster token every other gRPC call needs it (cluster/auth.py), and so do KV peers.
 3. Register in Redis (address, KV capacity, transport descriptor, machine type with its cost, power and latency
-   model) and publish load (with the meter's power reading) at least every 100 ms. While one engine step or the
+   model) and publish load (with the meter's power reading) at least every 100 ms, and the prefix-cache keys the
+   engine gained and lost (KV events) every 100 ms. While one engine step or the
    event loop is stuck longer than `--stall-timeout-s` (cluster/node/progress_watch.py), the registration is
    withdrawn, so routers move the node's requests elsewhere; it is registered again when the node makes progress.
 4. Print one JSON line `{"event": "ready", ...}` on stdout (gRPC and metrics addresses): launchers (`splitserve
@@ -51,6 +52,7 @@ from cluster.node.progress_watch import ProgressWatch
 from cluster.power.node_power import PowerSettings, resolve_settings, start_node_power
 from cluster.power.powercap import PowerCapError
 from cluster.state import LoadPublisher, LoadReport, NodeInfo, NodeRegistration, Role
+from cluster.state.kv_events import KVEventPublisher
 from engine.async_engine import AsyncEngine
 from engine.config import EngineConfig, EngineRole
 from engine.engine import LLMEngine
@@ -183,6 +185,9 @@ async def run_node(options: NodeOptions, service_names: list[str], attach: Attac
     ticker = asyncio.create_task(progress.tick_forever())
     publisher = LoadPublisher(registration, current_load, stalled=progress.stalled)
     publisher.start()
+    # The prefix-cache keys this node holds, for routers that place by them (cluster/state/kv_events.py).
+    kv_events = KVEventPublisher(options.redis_url, node_id, engine.blocks.events)
+    kv_events.start()
     ready = {"role": options.role, "node_id": node_id, "address": address, "metrics_address": metrics_address}
     _say({"event": "ready", **ready})
 
@@ -205,6 +210,7 @@ async def run_node(options: NodeOptions, service_names: list[str], attach: Attac
     while not fatal and time.monotonic() - started < options.drain_timeout_s and _busy(async_engine, service):
         await asyncio.sleep(IDLE_POLL_S)
     publisher.stop()
+    kv_events.stop()
     ticker.cancel()
     _deregister(registration)
     await server.stop(grace=1.0)

@@ -86,3 +86,48 @@ def test_tail_blocks_are_evicted_before_shared_heads() -> None:
     fresh = seq([8, 8])
     assert bm.ensure_capacity(fresh, 2)
     assert fresh.block_ids == [tail] and head != tail
+
+
+def test_cache_keys_are_the_cluster_wide_hash_chain() -> None:
+    """Routers hash prompts with engine/prefix_hash.py to find these keys: both must agree, in every process."""
+    from engine.prefix_hash import ROOT_KEY, block_key, chain
+
+    bm = BlockManager(num_blocks=8, block_size=4)
+    s = computed(bm, seq(list(range(10))))
+    keys = list(chain(list(range(10)), 4))
+    assert len(keys) == 2
+    assert keys[0] == block_key(ROOT_KEY, [0, 1, 2, 3]) and keys[1] == block_key(keys[0], [4, 5, 6, 7])
+    assert sorted(bm.events.snapshot()) == sorted(keys)
+    assert bm._cached == {keys[0]: s.block_ids[0], keys[1]: s.block_ids[1]}
+    # The function is part of the cluster's wire format (KV events in Redis): pinned, so a change is deliberate.
+    assert block_key(ROOT_KEY, [1, 2, 3]) == block_key(ROOT_KEY, (1, 2, 3)) == 0x3750CCE79E1EC52
+    assert 0 <= block_key(2**63 - 1, [2**31 - 1] * 16) < 2**63
+
+
+def test_events_report_stored_and_evicted_keys_once_per_drain() -> None:
+    from engine.prefix_hash import chain
+
+    bm = BlockManager(num_blocks=3, block_size=4)
+    a = computed(bm, seq(list(range(8)), "a"))  # 2 full blocks
+    first = bm.events.drain()
+    assert sorted(first.stored) == sorted(chain(list(range(8)), 4)) and first.removed == []
+    assert bm.events.drain().stored == []  # drained
+    bm.free(a)  # freed blocks keep their keys: still offered
+    assert bm.events.drain() == type(first)([], [])
+    b = computed(bm, seq(list(range(100, 112)), "b"))  # 3 blocks: takes the free one, then evicts a's two
+    batch = bm.events.drain()
+    assert sorted(batch.removed) == sorted(chain(list(range(8)), 4))
+    assert sorted(batch.stored) == sorted(chain(list(range(100, 112)), 4))
+    assert sorted(bm.events.snapshot()) == sorted(chain(list(range(100, 112)), 4))
+    bm.free(b)
+
+
+def test_only_the_last_change_of_a_key_between_drains_is_reported() -> None:
+    bm = BlockManager(num_blocks=1, block_size=4)
+    a = computed(bm, seq([1, 2, 3, 4], "a"))
+    bm.free(a)
+    computed(bm, seq([5, 6, 7, 8], "b"))  # evicts a's key before anyone drained
+    batch = bm.events.drain()
+    from engine.prefix_hash import chain
+
+    assert batch.stored == list(chain([5, 6, 7, 8], 4)) and batch.removed == [next(chain([1, 2, 3, 4], 4))]

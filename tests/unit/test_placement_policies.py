@@ -48,6 +48,7 @@ class N:
     power_w: float | None = None  # None: idle power
     usable: bool = True
     perf: bool = True
+    cached: int = 0  # leading prompt tokens in the node's prefix cache
 
     @property
     def type(self):
@@ -70,6 +71,7 @@ def arrays(nodes: list[N]) -> RoleArrays:
         free_blocks=[n.free_tokens for n in nodes],
         block_size=[1] * len(nodes),
         usable=[n.usable for n in nodes],
+        cached_tokens=[n.cached for n in nodes],
         cost_per_s=[n.type.cost_per_hour / 3600 for n in nodes],
         idle_power_w=[n.type.idle_power_w for n in nodes],
         max_power_w=[n.type.max_power_w for n in nodes],
@@ -352,3 +354,71 @@ def test_mixed_pool_wraps_any_policy_by_name() -> None:
         create_policy("mixed", inner="mixed")
     with pytest.raises(ValueError, match="unknown placement policy"):
         create_policy("mixed", inner="cheapest")
+
+
+# ---- kv: where the prompt's KV is cached ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("perf", [True, False])
+def test_kv_prefers_the_nodes_holding_the_prefix_at_equal_load(perf: bool) -> None:
+    state = roles(
+        prefill=[N("p0", perf=perf), N("p1", perf=perf, cached=800)],
+        decode=[N("d0", perf=perf), N("d1", perf=perf, cached=900), N("d2", perf=perf)],
+    )
+    assert create_policy("kv").place(request(prompt=1000), state) == Placement(prefill="p1", decode="d1")
+
+
+@pytest.mark.parametrize("perf", [True, False])
+def test_kv_weighs_a_hit_against_the_queue_in_front_of_it(perf: bool) -> None:
+    policy = create_policy("kv")
+    # 800 cached tokens are worth 800 queued ones: behind 5,000 they lose, behind 500 they win.
+    long_queue = roles(
+        prefill=[N("p0", perf=perf), N("p1", perf=perf, cached=800, pending=5000)], decode=[N("d0")]
+    )
+    assert policy.place(request(prompt=1000), long_queue) == Placement(prefill="p0", decode="d0")
+    short_queue = roles(
+        prefill=[N("p0", perf=perf), N("p1", perf=perf, cached=800, pending=500)], decode=[N("d0")]
+    )
+    assert policy.place(request(prompt=1000), short_queue) == Placement(prefill="p1", decode="d0")
+
+
+def test_kv_picks_the_lowest_predicted_ttft_over_uncached_work() -> None:
+    """Brute force over random states: the chosen prefill node has the lowest TTFT on what it would compute."""
+    rng = random.Random(5)
+    policy = create_policy("kv")
+    for _ in range(200):
+        prefill = [
+            N(f"p{i}", machine=rng.choice(list(HARDWARE)), pending=rng.randrange(0, 6000),
+              cached=rng.randrange(0, 3000), usable=rng.random() > 0.2)
+            for i in range(rng.randrange(1, 6))
+        ]  # fmt: skip
+        prompt = rng.randrange(1, 3000)
+        placement = policy.place(request(prompt=prompt), roles(prefill=prefill, decode=[N("d0")]))
+        usable = [n for n in prefill if n.usable]
+        if not usable:
+            assert placement is None
+            continue
+        assert placement is not None
+        best = min(ttft_of(n, max(prompt - n.cached, 1)) for n in usable)
+        chosen = next(n for n in prefill if n.name == placement.prefill)
+        assert ttft_of(chosen, max(prompt - chosen.cached, 1)) <= best * (1 + 1e-9)
+
+
+def test_kv_without_a_pair_takes_the_colocated_node_with_least_to_compute() -> None:
+    state = roles(colocated=[N("c0", pending=100), N("c1", cached=600, pending=300)])
+    assert create_policy("kv").place(request(prompt=1000), state) == Placement(colocated="c1")
+
+
+def test_cost_and_power_price_a_cached_prefix_and_say_they_read_it() -> None:
+    state = roles(prefill=[N("p0"), N("p1", cached=3000)], decode=[N("d0")])
+    assert CostPolicy(local_prefill=False).place(request(prompt=4000), state) == Placement(
+        prefill="p1", decode="d0"
+    )
+    assert PowerPolicy(budget_w=1e9).place(request(prompt=4000), state) == Placement(
+        prefill="p1", decode="d0"
+    )
+    kinds = {name: getattr(create_policy(name, **opts), "kv_aware", False) for name, opts in
+             [("jsq", {}), ("kv", {}), ("cost", {}), ("power", {"budget_w": 1.0}), ("mixed", {"inner": "kv"}),
+              ("mixed", {})]}  # fmt: skip
+    assert kinds == {"jsq": False, "kv": True, "cost": True, "power": True, "mixed": False}
+    assert create_policy("mixed", inner="kv").kv_aware

@@ -1,0 +1,66 @@
+"""`kv`: send a request where its prompt's KV already is, unless that node's queue costs more than the hit saves.
+
+Every node's prefix cache is known to the router through KV events (router/kv_index.py); per request the router
+fills RoleArrays.cached_tokens with the leading prompt tokens each node holds (`lookup_cached_tokens`). Then:
+- prefill node: the lowest predicted TTFT from the node's latency line over what it would actually compute,
+      ttft_i = prompt_fixed_s_i * batches + prompt_per_token_s_i * (queued_i + prompt - cached_i)
+  (router/placement_model.py), so a hit of C tokens is worth C tokens of queue. Nodes without a registered latency
+  model predict 0 for all; they are ordered by the same sum in tokens, then by running requests.
+- decode node: among those with room for the request's KV, the one holding the longest prefix of the prompt (the
+  previous turn of a conversation decoded there), then JSQ's order (most free blocks, fewest running).
+- no pair: the colocated node with the fewest tokens to compute (queue plus uncached prompt).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING
+
+from engine.prefix_hash import chain
+from router import placement_model as pm
+from router.policy import Placement, PlacementRequest
+
+if TYPE_CHECKING:
+    from router.cluster_index import RoleArrays
+    from router.kv_index import KVIndex
+
+
+class KVAware:
+    name = "kv"
+    kv_aware = True
+
+    def place(self, request: PlacementRequest, roles: dict[str, RoleArrays]) -> Placement | None:
+        prompt = request.prompt_tokens
+        prefill, decode, colocated = roles["prefill"], roles["decode"], roles["colocated"]
+        p_work = pm.to_compute(prefill, prompt)
+        p = pm.pick(
+            prefill,
+            prefill.usable,
+            pm.predicted_ttft(prefill, p_work),
+            prefill.pending_tokens + p_work,
+            prefill.running,
+        )
+        d_fits = decode.usable & pm.fits_kv(decode, prompt)
+        d = pm.pick(decode, d_fits, -decode.cached_tokens, *pm.room_keys(decode))
+        if p is not None and d is not None:
+            return Placement(prefill=prefill.node_ids[p], decode=decode.node_ids[d])
+        c_work = pm.to_compute(colocated, prompt)
+        c = pm.pick(
+            colocated,
+            colocated.usable,
+            pm.predicted_ttft(colocated, c_work),
+            colocated.pending_tokens + c_work,
+            colocated.running,
+        )
+        return Placement(colocated=colocated.node_ids[c]) if c is not None else None
+
+
+def lookup_cached_tokens(index: KVIndex, prompt: Sequence[int], block_sizes: Iterable[int]) -> dict[str, int]:
+    """Per node, the leading tokens of prompt whose KV it offers. An engine always computes a prompt's last token,
+    so at most (len - 1) // block_size blocks count, as in its own lookup (engine/block_manager.py)."""
+    found: dict[str, int] = {}
+    for block_size in set(block_sizes):
+        keys = list(chain(prompt, block_size, max_blocks=(len(prompt) - 1) // block_size))
+        for node, blocks in index.cached_blocks(keys).items():
+            found[node] = max(found.get(node, 0), blocks * block_size)
+    return found

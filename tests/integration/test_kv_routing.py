@@ -1,0 +1,92 @@
+"""KV-aware routing on a live cluster: turn 2 of a conversation goes where turn 1's prompt is cached.
+
+2 prefill + 2 decode nodes, `--policy kv`. Each node publishes the prefix-cache keys it holds (KV events through
+Redis); the router hashes each prompt the same way and sends it to the prefill node that computes the least. Turn 2
+of a conversation (turn 1's prompt and output plus a new message) must land on the prefill node that computed turn
+1, which then computes only what it lacks: the usage's cached_prompt_tokens counts turn 1's full prompt blocks. After
+the caches were forced to evict turn 1 (unrelated traffic through small KV pools), the same requests still return
+exactly the single engine's tokens: a stale index costs a recompute, never a wrong token.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from pathlib import Path
+
+import pytest
+import redis
+
+from cluster.state.kv_events import encode_key, kv_set_key
+from engine.config import EngineConfig
+from engine.engine import LLMEngine
+from engine.prefix_hash import chain
+from engine.sampling_params import SamplingParams
+from ops.launcher import ClusterSpec, LocalCluster
+from tests.integration.cluster_client import generate_many
+
+pytestmark = pytest.mark.timeout(300)
+MAX_TOKENS = 24
+BLOCK = 16  # the nodes' default block size
+SAMPLING = {"max_tokens": MAX_TOKENS, "temperature": 0.0, "ignore_eos": True}
+
+
+def single_engine_tokens(model: Path, prompts: list[list[int]]) -> list[list[int]]:
+    params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True)
+    engine = LLMEngine(model, EngineConfig(num_kv_blocks=1024))
+    return [c.token_ids for c in engine.generate(prompts, params)]
+
+
+def holders(client: redis.Redis, prefill_ids: list[str], key: int) -> list[str]:
+    return [node for node in prefill_ids if client.sismember(kv_set_key(node), encode_key(key))]
+
+
+def wait_until(predicate, timeout_s: float) -> bool:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def test_turn_two_reuses_turn_ones_prefix_and_eviction_costs_only_a_recompute(llama_dir: Path) -> None:
+    rng = random.Random(11)
+    turn1 = [[rng.randrange(3, 1000) for _ in range(rng.randrange(40, 90))] for _ in range(4)]
+    out1 = single_engine_tokens(llama_dir, turn1)
+    turn2 = [p + o + [rng.randrange(3, 1000) for _ in range(20)] for p, o in zip(turn1, out1, strict=True)]
+    out2 = single_engine_tokens(llama_dir, turn2)
+
+    # 1 MiB of KV per node: 128 blocks of this model, so unrelated traffic evicts turn 1 quickly.
+    spec = ClusterSpec(model_dir=llama_dir, prefill=2, decode=2, grpc_port=0, http_port=0,
+                       node_args=["--kv-cache-mb", "1"], router_args=["--policy", "kv"])  # fmt: skip
+    with LocalCluster(spec) as cluster:
+        client = redis.Redis.from_url(cluster.redis_url)
+        prefill_ids = [p.node_id for p in cluster.by_role("prefill")]
+        first = generate_many(cluster.router_address, turn1, **SAMPLING)
+        assert [r.token_ids for r in first] == out1
+        last_keys = [list(chain(p, BLOCK))[-1] for p in turn1]
+        # Each turn-1 prompt's blocks are published by the one prefill node that computed it.
+        assert wait_until(lambda: all(holders(client, prefill_ids, k) for k in last_keys), 10.0)
+        time.sleep(0.3)  # the router hears the same announcement; give its subscriber a moment
+
+        # One turn at a time, as conversations' turns come: with all four at once, a node holding two of them
+        # rightly sends the second elsewhere when its queue outweighs the hit (router/kv_policy.py).
+        second = [generate_many(cluster.router_address, [prompt], **SAMPLING)[0] for prompt in turn2]
+        assert [r.token_ids for r in second] == out2
+        reused = [r.usage.cached_prompt_tokens if r.usage else -1 for r in second]
+        assert reused == [len(p) // BLOCK * BLOCK for p in turn1]
+
+        # Unrelated prompts until no prefill node holds any turn-1 block any more (bounded rounds).
+        first_keys = [next(chain(p, BLOCK)) for p in turn1]
+        rounds = 0
+        while any(holders(client, prefill_ids, k) for k in first_keys):
+            rounds += 1
+            assert rounds <= 20, "turn 1's blocks were never evicted"
+            noise = [[rng.randrange(3, 1000) for _ in range(250)] for _ in range(4)]
+            generate_many(cluster.router_address, noise, max_tokens=1, temperature=0.0)
+        assert rounds > 0
+        again = generate_many(cluster.router_address, turn2, **SAMPLING)
+        assert [r.token_ids for r in again] == out2
+        # The router may still believe the old index for a moment; the engine found nothing and recomputed.
+        assert [r.usage.cached_prompt_tokens if r.usage else -1 for r in again] == [0] * len(turn2)
