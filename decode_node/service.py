@@ -110,7 +110,9 @@ class DecodeNodeService(cluster_pb2_grpc.DecodeNodeServicer):
         try:
             params = sampling_from_proto(request.sampling)
             await self.engine.prepare(params)  # compiles an output constraint off the engine thread
-            blocks = await self.engine.call(lambda e: e.reserve(rid, prompt, params, prior))
+            blocks, cached = await self.engine.call(
+                lambda e: (e.reserve(rid, prompt, params, prior), e.cached_blocks(rid))
+            )
         except EngineError as exc:
             self._expiry.pop(rid, None)
             self._kv_done.pop(rid, None)
@@ -119,8 +121,9 @@ class DecodeNodeService(cluster_pb2_grpc.DecodeNodeServicer):
             span.end()
             await abort_with(context, exc)
         span.set_attribute("splitserve.blocks", len(blocks))
+        span.set_attribute("splitserve.cached_blocks", cached)
         span.end()
-        return cpb.ReserveResponse(block_ids=blocks, block_size=self.block_size)
+        return cpb.ReserveResponse(block_ids=blocks, block_size=self.block_size, cached_blocks=cached)
 
     async def Decode(
         self, request: cpb.DecodeRequest, context: grpc.aio.ServicerContext

@@ -180,21 +180,32 @@ class LLMEngine:
     ) -> list[int]:
         """Hold blocks for a prompt (and any prior output) whose KV will be written from outside.
 
-        Raises ResourceExhaustedError if the pool is short.
+        The leading blocks this engine's prefix cache already holds for these tokens are shared, not reserved anew
+        (`cached_blocks(request_id)` says how many; the writer skips them); the block of the last token is always
+        fresh. Raises ResourceExhaustedError if the pool is short.
         """
         if self.config.role == EngineRole.PREFILL:
             raise InvalidRequestError("reserve is not available on an engine in the prefill role")
         seq = self._new_sequence(request_id, list(prompt_token_ids), params or SamplingParams(), prior_output)
         seq.prompt_logprobs = None  # the prompt is computed elsewhere: its prefill engine reports them
+        self.blocks.admit_with_prefix_cache(seq)
         if not self.blocks.ensure_capacity(seq, seq.num_tokens):
+            shared = len(seq.block_ids)
+            self.blocks.free(seq)  # the cached blocks it shared
             raise ResourceExhaustedError(
-                f"need {self.blocks.blocks_for(seq.num_tokens)} KV blocks for {request_id!r}, "
+                f"need {self.blocks.blocks_for(seq.num_tokens) - shared} KV blocks for {request_id!r}, "
                 f"{self.blocks.num_free_blocks} free"
             )
+        self.blocks.record_admission(seq)
         seq.status = SequenceStatus.RESERVED
         self._seqs[request_id] = seq
         self._held[request_id] = seq
         return list(seq.block_ids)
+
+    def cached_blocks(self, request_id: str) -> int:
+        """How many leading blocks of a reserved request were shared from the prefix cache (0 if unknown)."""
+        seq = self._held.get(request_id)
+        return 0 if seq is None else seq.num_cached_prompt_tokens // self.config.block_size
 
     def admit(self, request_id: str, first_token_id: int, first_logprob: TokenLogprob | None = None) -> None:
         """The prompt's KV is in the reserved blocks: start generating after the prefill engine's first token."""
@@ -283,6 +294,8 @@ class LLMEngine:
             waiting_requests=len(self.scheduler.waiting),
             free_kv_blocks=self.blocks.num_free_blocks,
             total_kv_blocks=self.blocks.num_blocks,
+            prefix_queried_blocks=self.blocks.stats.queried_blocks,
+            prefix_hit_blocks=self.blocks.stats.hit_blocks,
         )
 
     def stats(self) -> EngineStats:

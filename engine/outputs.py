@@ -107,6 +107,9 @@ class EngineLoad:
     waiting_requests: int
     free_kv_blocks: int
     total_kv_blocks: int
+    # Prefix cache, cumulative: full prompt blocks looked up at admission (or reservation), and those found.
+    prefix_queried_blocks: int = 0
+    prefix_hit_blocks: int = 0
 
 
 @dataclass(slots=True)

@@ -9,7 +9,8 @@ A request's life cycle on this node:
    Prompts shorter than `one_piece_below` tokens skip this: their whole KV goes in step 3, in one write per layer
    (Splitwise sends prompts under 512 tokens in one piece: per-layer writes would cost more than they hide).
 3. The first token is sampled. Whatever step 2 did not send (blocks served from the prefix cache, or the whole KV
-   of a short prompt) is sent now. When every write has completed (bounded by the request's deadline),
+   of a short prompt) is sent now. Blocks the decode node holds already (its own prefix cache, `decode_cached_blocks`:
+   the previous turn of a conversation decoded there) are never sent. When every write has completed (bounded by the request's deadline),
    `kv-done:<request id>` is sent, the blocks are released, and the first token goes back to the router with this
    node's charges (cluster/power/accounting.py: its share of the steps that computed the prompt, and the transfer wait).
 4. On a failed or late transfer, or when the router cancels, the request is aborted here and its blocks freed; the
@@ -78,6 +79,7 @@ class _Target:
     peer: object
     dst_blocks: list[int]
     layer_wise: bool  # stream each layer as it is computed, or send everything once the prompt is done
+    skip: int = 0  # leading blocks the decode node holds already (its prefix cache): never written
     handles: list[object] = field(default_factory=list)
     error: str | None = None
     span: Span = (
@@ -137,6 +139,11 @@ class PrefillNodeService(cluster_pb2_grpc.PrefillNodeServicer):
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"{len(request.decode_block_ids)} decode blocks reserved, the prompt needs {needed}",
             )
+        if request.decode_cached_blocks >= needed:  # the last block always travels: kv-done rides on it
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"decode_cached_blocks {request.decode_cached_blocks} must be below the prompt's {needed} blocks",
+            )
         self.in_flight += 1
         started, started_ns = time.monotonic(), time.time_ns()
         span = tracing.span_from_grpc(
@@ -148,7 +155,12 @@ class PrefillNodeService(cluster_pb2_grpc.PrefillNodeServicer):
             peer = await self._connect(request.decode_transport_descriptor)
             layer_wise = len(prompt) + len(prior) >= self.one_piece_below
             target = _Target(
-                peer, list(request.decode_block_ids), layer_wise, span=span, call=asyncio.current_task()
+                peer,
+                list(request.decode_block_ids[:needed]),
+                layer_wise,
+                skip=request.decode_cached_blocks,
+                span=span,
+                call=asyncio.current_task(),
             )
             if rid in self._refused:  # the router gave up on it and told the decode node nothing was written
                 raise TransferFailed("the request was aborted before its transfer started", "prefill")
@@ -270,7 +282,10 @@ class PrefillNodeService(cluster_pb2_grpc.PrefillNodeServicer):
             if target is None or target.error is not None or not target.layer_wise:
                 continue
             first = w.start // self.block_size
-            self._write(target, layer, w.block_ids, target.dst_blocks[first : first + len(w.block_ids)])
+            drop = max(0, target.skip - first)  # blocks the decode node holds already
+            if drop < len(w.block_ids):
+                dst = target.dst_blocks[first + drop : first + len(w.block_ids)]
+                self._write(target, layer, w.block_ids[drop:], dst)
 
     def _write(
         self, target: _Target, layer: int, src: list[int], dst: list[int], notify: bytes | None = None
@@ -291,25 +306,30 @@ class PrefillNodeService(cluster_pb2_grpc.PrefillNodeServicer):
 
     async def _complete_transfer(self, rid: str, out: RequestOutput, kv: KVHandoff, deadline: float) -> None:
         target = self._targets[rid]
-        # Layer-wise: only prefix-cache hits remain (an earlier request computed them; the hook never saw them).
-        # One piece: every block.
+        # Layer-wise: only this node's prefix-cache hits remain (an earlier request computed them; the hook never
+        # saw them). One piece: every block. Either way not the blocks the decode node holds already.
         unsent = (
             len(kv.block_ids)
             if not target.layer_wise
             else -(-out.num_cached_prompt_tokens // self.block_size)
         )
-        if unsent:
+        if unsent > target.skip:
+            src, dst = kv.block_ids[target.skip : unsent], target.dst_blocks[target.skip : unsent]
 
             def send_unsent(_engine: object) -> None:
                 for layer in range(len(kv.kv_layers)):
-                    self._write(target, layer, kv.block_ids[:unsent], target.dst_blocks[:unsent])
+                    self._write(target, layer, src, dst)
 
             await self.engine.call(send_unsent)
         await self._wait(target, deadline)
-        # Every write landed: the notification rides on a rewrite of one block, so it arrives after the data.
-        last = len(kv.kv_layers) - 1
+        # Every write landed: the notification rides on a rewrite of one block, so it arrives after the data. The
+        # last block: the decode node never shares it (a shared cached block must not be written, even with the
+        # same values, while other requests read it).
+        last, tail = len(kv.kv_layers) - 1, len(target.dst_blocks) - 1  # dst_blocks: the prompt's blocks
         await self.engine.call(
-            lambda _e: self._write(target, last, kv.block_ids[:1], target.dst_blocks[:1], kv_done(rid))
+            lambda _e: self._write(
+                target, last, kv.block_ids[tail : tail + 1], target.dst_blocks[tail:], kv_done(rid)
+            )
         )
         target.done_sent = target.error is None
         await self._wait(target, deadline)

@@ -106,6 +106,7 @@ class Attempts:
         sampling = once_delivered(sampling, relay)
         decode_stub = self.clients.decode(decode.info.address)
         blocks = -(-(len(prompt) + len(relay.delivered)) // decode.info.block_size)
+        blocks -= (cached or {}).get(decode_id, 0) // decode.info.block_size  # shared from its prefix cache
         self.tracker.picked(prefill_id, rid, max(len(prompt) - (cached or {}).get(prefill_id, 0), 1), 0)
         self.tracker.picked(decode_id, rid, 0, blocks)
         reserved = False
@@ -144,6 +145,7 @@ class Attempts:
                                 decode_node_id=decode_id,
                                 decode_transport_descriptor=decode.info.transport,
                                 decode_block_ids=reply.block_ids,
+                                decode_cached_blocks=reply.cached_blocks,
                                 deadline_seconds=self.config.prefill_deadline_s,
                                 prior_output_token_ids=relay.delivered,
                             ),

@@ -6,8 +6,9 @@ fills RoleArrays.cached_tokens with the leading prompt tokens each node holds (`
       ttft_i = prompt_fixed_s_i * batches + prompt_per_token_s_i * (queued_i + prompt - cached_i)
   (router/placement_model.py), so a hit of C tokens is worth C tokens of queue. Nodes without a registered latency
   model predict 0 for all; they are ordered by the same sum in tokens, then by running requests.
-- decode node: among those with room for the request's KV, the one holding the longest prefix of the prompt (the
-  previous turn of a conversation decoded there), then JSQ's order (most free blocks, fewest running).
+- decode node: among those with room for the KV it lacks, the one holding the longest prefix of the prompt (the
+  previous turn of a conversation decoded there: it shares those blocks and receives only the rest), then JSQ's
+  order (most free blocks, fewest running).
 - no pair: the colocated node with the fewest tokens to compute (queue plus uncached prompt).
 """
 
@@ -15,6 +16,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING
+
+import numpy as np
 
 from engine.prefix_hash import chain
 from router import placement_model as pm
@@ -40,7 +43,7 @@ class KVAware:
             prefill.pending_tokens + p_work,
             prefill.running,
         )
-        d_fits = decode.usable & pm.fits_kv(decode, prompt)
+        d_fits = decode.usable & pm.fits_kv(decode, np.maximum(prompt - decode.cached_tokens, 1))
         d = pm.pick(decode, d_fits, -decode.cached_tokens, *pm.room_keys(decode))
         if p is not None and d is not None:
             return Placement(prefill=prefill.node_ids[p], decode=decode.node_ids[d])

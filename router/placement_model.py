@@ -74,7 +74,7 @@ def added_power(arrays: RoleArrays) -> np.ndarray:
     return np.maximum(arrays.max_power_w - arrays.power_w, 0.0)
 
 
-def fits_kv(arrays: RoleArrays, tokens: int) -> np.ndarray:
+def fits_kv(arrays: RoleArrays, tokens: int | np.ndarray) -> np.ndarray:
     return arrays.free_blocks * arrays.block_size >= tokens
 
 

@@ -3,7 +3,8 @@
 Every metric carries {role, node, machine_type}, so one Prometheus job can scrape every node of a cluster:
 - splitserve:queued_prompt_tokens, splitserve:running_requests, splitserve:waiting_requests,
   splitserve:kv_blocks_used, splitserve:kv_blocks_free (gauges) and splitserve:preemptions_total (counter): read
-  from the engine's load snapshot when scraped. The snapshot is refreshed by the engine thread after every step, so
+  from the engine's load snapshot when scraped; splitserve:prefix_cache_queried_blocks_total and
+  splitserve:prefix_cache_hit_blocks_total (counters) give the prefix cache's hit rate. The snapshot is refreshed by the engine thread after every step, so
   a scrape never waits for the engine and the engine never does work for a scrape.
 - splitserve:node_power_watts{source}: the node's power meter, read when scraped (NVML "measured" or "modeled").
 - Prefill nodes: splitserve:kv_transfer_seconds, a histogram of each request's KV transfer from its first write
@@ -135,6 +136,15 @@ class _EngineLoadCollector:
         # stats() reads plain counters and list lengths: safe from this thread, and it takes no engine step.
         preemptions.add_metric(labels, self.engine.engine.stats().num_preemptions)
         yield preemptions
+        for name, doc, value in (
+            ("splitserve:prefix_cache_queried_blocks", "Full prompt blocks looked up in the prefix cache",
+             load.prefix_queried_blocks),
+            ("splitserve:prefix_cache_hit_blocks", "Of those, blocks the prefix cache held (not recomputed or "
+             "received again)", load.prefix_hit_blocks),
+        ):  # fmt: skip
+            counter = CounterMetricFamily(name, doc, labels=LABELS)
+            counter.add_metric(labels, value)
+            yield counter
 
 
 class _PowerCollector:

@@ -177,6 +177,8 @@ async def run_node(options: NodeOptions, service_names: list[str], attach: Attac
             running_requests=load.running_requests,
             free_kv_blocks=load.free_kv_blocks,
             total_kv_blocks=load.total_kv_blocks,
+            prefix_queried_blocks=load.prefix_queried_blocks,
+            prefix_hit_blocks=load.prefix_hit_blocks,
             draining=draining,
             **power.load_fields(),
         )

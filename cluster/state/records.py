@@ -176,12 +176,16 @@ class LoadReport:
     draining: bool = False  # the node finishes what it has and takes nothing new
     power_w: float = 0.0  # whole-machine power draw now, W
     power_source: str = "modeled"  # "measured" (NVML) or "modeled" (the machine type's power model)
+    # The node's prefix cache since it started: full prompt blocks looked up, and those it held (its hit rate).
+    prefix_queried_blocks: int = 0
+    prefix_hit_blocks: int = 0
 
     def __post_init__(self) -> None:
         _check_node_id(self.node_id)
         _check(_is_finite_non_negative(self.power_w), f"power_w must be >= 0, not {self.power_w!r}")
         _check(self.power_source in ("measured", "modeled"), f"bad power_source {self.power_source!r}")
-        for name in ("queued_prompt_tokens", "running_requests", "free_kv_blocks", "total_kv_blocks"):
+        counts = ("queued_prompt_tokens", "running_requests", "free_kv_blocks", "total_kv_blocks")
+        for name in (*counts, "prefix_queried_blocks", "prefix_hit_blocks"):
             _check(_is_count(getattr(self, name)), f"{name} must be an int >= 0, not {getattr(self, name)!r}")
         _check(self.free_kv_blocks <= self.total_kv_blocks, "free_kv_blocks exceeds total_kv_blocks")
         _check(_is_time(self.timestamp), f"timestamp must be unix seconds, not {self.timestamp!r}")

@@ -34,6 +34,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     load.add_argument("--input-len", type=int, default=128)
     load.add_argument("--output-len", type=int, default=64)
     load.add_argument("--seed", type=int, default=0)
+    chat = parser.add_argument_group("multi-turn conversations (ops/bench/conversations.py)")
+    chat.add_argument(
+        "--turns",
+        type=int,
+        default=1,
+        help="group every N requests into a conversation: each turn resends the earlier turns and answers",
+    )
+    chat.add_argument(
+        "--think-time", type=float, default=0.0, help="seconds between a turn's answer and the next"
+    )
+    chat.add_argument(
+        "--system-prompt-len", type=int, default=0, help="tokens of a system prompt every conversation shares"
+    )
     slo = parser.add_argument_group("service-level objectives")
     slo.add_argument("--slo-ttft", type=float, default=None, help="seconds; with --slo-tpot gives goodput")
     slo.add_argument("--slo-tpot", type=float, default=None, help="seconds per output token")

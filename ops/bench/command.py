@@ -21,10 +21,12 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from ops.bench import report
+from ops.bench.conversations import run_conversations
 from ops.bench.drivers import Driver, GrpcDriver, OpenAIDriver
 from ops.bench.metrics import RequestTiming, json_safe, request_samples, summarize
 from ops.bench.progress import Progress
@@ -50,12 +52,13 @@ def main(args: argparse.Namespace) -> int:
     _check_inputs(args)
     workload = _workload(args)
     baseline = _baseline(args.baseline)
-    prompts = _prompt_builder(args.tokenizer, args.seed).build_many(
-        [r.prompt_tokens for r in workload.requests]
-    )
+    builder = _prompt_builder(args.tokenizer, args.seed)
+    prompts = builder.build_many([r.prompt_tokens for r in workload.requests])
+    # Conversations: one system prompt shared by all, built under an index no request uses.
+    system = builder.build(args.system_prompt_len, len(prompts)) if args.system_prompt_len else None
     model = _model_name(args)  # after the checks above: it asks an HTTP endpoint for its model
     out = args.out or Path("bench-results") / time.strftime("%Y%m%d-%H%M%S")
-    timings, duration = asyncio.run(_run(args, workload, prompts, model))
+    timings, duration = asyncio.run(_run(args, workload, prompts, model, system, builder.encode))
     _hide(args.api_key, timings)
     slos = GoodputSlos(args.slo_ttft, args.slo_tpot) if args.slo_ttft or args.slo_tpot else None
     summary = summarize(timings, duration_s=duration, slos=slos, baseline=baseline)
@@ -99,6 +102,10 @@ def _check_inputs(args: argparse.Namespace) -> None:
             raise UserError(f"--tokenizer {tokenizer}: no tokenizer.json in this directory")
     else:
         require_file(tokenizer, "--tokenizer")
+    if args.turns < 1:
+        raise UserError(f"--turns {args.turns}: give 1 or more")
+    if args.think_time < 0 or args.system_prompt_len < 0:
+        raise UserError("--think-time and --system-prompt-len must be >= 0")
     require_file(args.trace, "--trace")
     require_file(args.baseline, "--baseline")
     require_reachable(args.endpoint, "--endpoint")
@@ -157,19 +164,38 @@ def _make_workload(args: argparse.Namespace) -> Workload:
 
 
 async def _run(
-    args: argparse.Namespace, workload: Workload, prompts: list[BuiltPrompt], model: str | None
+    args: argparse.Namespace,
+    workload: Workload,
+    prompts: list[BuiltPrompt],
+    model: str | None,
+    system: BuiltPrompt | None,
+    encode: Callable[[str], list[int]],
 ) -> tuple[list[RequestTiming], float]:
     driver = _driver(args, model)  # in the event loop: its connections belong to it
     try:
         with Progress(len(prompts)) as progress:
             started = time.perf_counter()
-            timings = await run_workload(
-                workload,
-                prompts,
-                driver,
-                request_timeout_s=args.timeout,
-                on_done=lambda t: progress.request_done(failed=t.error is not None),
-            )
+
+            def done(timing: RequestTiming) -> None:
+                progress.request_done(failed=timing.error is not None)
+
+            if args.turns > 1 or system is not None:
+                timings = await run_conversations(
+                    workload,
+                    prompts,
+                    driver,
+                    turns=args.turns,
+                    think_s=args.think_time,
+                    system=system,
+                    max_context=args.max_context,
+                    request_timeout_s=args.timeout,
+                    on_done=done,
+                    encode=encode,
+                )
+            else:
+                timings = await run_workload(
+                    workload, prompts, driver, request_timeout_s=args.timeout, on_done=done
+                )
             return timings, time.perf_counter() - started
     finally:
         await driver.close()

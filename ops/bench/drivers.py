@@ -59,6 +59,8 @@ class OpenAIDriver:
         )
         usage_tokens: int | None = None
         server_ttft: float | None = None
+        cached: int | None = None
+        texts: list[str] = []
         try:
             timeout = aiohttp.ClientTimeout(total=timeout_s)
             async with self._session.post(self.url, json=body, timeout=timeout) as response:
@@ -78,9 +80,11 @@ class OpenAIDriver:
                         first_content = now
                     if text:
                         chunk_times.append(now)
+                        texts.append(text)
                     if event.get("usage"):
                         usage_tokens = event["usage"].get("completion_tokens")
                         server_ttft = event["usage"].get("server_ttft_s")
+                        cached = (event["usage"].get("prompt_tokens_details") or {}).get("cached_tokens")
         except (aiohttp.ClientError, TimeoutError, json.JSONDecodeError) as exc:
             return _failed(start, prompt, f"{type(exc).__name__}: {exc}")
         # SSE carries text, not tokens: one token per text chunk, the usage count's remainder on the last chunk.
@@ -98,6 +102,8 @@ class OpenAIDriver:
             output_tokens=tokens,
             error=None if token_times else "empty: no output token",
             server_ttft=server_ttft,
+            cached_prompt_tokens=cached,
+            output_text="".join(texts),
         )
 
     async def close(self) -> None:
@@ -119,12 +125,18 @@ class GrpcDriver:
         request = pb.GenerateRequest(token_ids=pb.TokenIds(ids=prompt.token_ids), sampling=sampling)
         start = time.perf_counter()
         token_times: list[float] = []
+        token_ids: list[int] = []
+        texts: list[str] = []
         server_ttft = None
+        cached = None
         try:
             async for msg in self._stub.Generate(request, timeout=timeout_s, metadata=self._metadata):
                 token_times += [time.perf_counter()] * len(msg.token_ids)
+                token_ids += msg.token_ids
+                texts.append(msg.text)
                 if msg.finish_reason:
                     server_ttft = msg.usage.ttft_seconds
+                    cached = msg.usage.cached_prompt_tokens
         except grpc.aio.AioRpcError as exc:
             return _failed(start, prompt, f"grpc_{exc.code().name.lower()}: {exc.details()}")
         return RequestTiming(
@@ -136,6 +148,9 @@ class GrpcDriver:
             output_tokens=len(token_times),
             error=None if token_times else "empty: no output token",
             server_ttft=server_ttft,
+            cached_prompt_tokens=cached,
+            output_token_ids=token_ids,
+            output_text="".join(texts),
         )
 
     async def close(self) -> None:

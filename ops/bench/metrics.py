@@ -73,6 +73,11 @@ class RequestTiming:
     server_ttft: float | None = (
         None  # TTFT the server measured, where it reports one (splitserve's gRPC does)
     )
+    # Prompt tokens the server served from its prefix cache, where it reports them (usage cached tokens).
+    cached_prompt_tokens: int | None = None
+    # The answer itself, which a multi-turn conversation sends back as context (ops/bench/conversations.py).
+    output_token_ids: list[int] = field(default_factory=list)  # gRPC only
+    output_text: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,6 +100,8 @@ class Summary:
     goodput: Goodput | None = None
     slo_check: SloCheck | None = None
     percentile_method: str = field(default="linear")
+    # Of total_prompt_tokens, those the server reported as served from its prefix cache (None: it reported none).
+    cached_prompt_tokens: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -125,6 +132,9 @@ class Summary:
                 goodput=Goodput.from_dict(data["goodput"]) if data.get("goodput") else None,
                 slo_check=SloCheck.from_dict(data["slo_check"]) if data.get("slo_check") else None,
                 percentile_method=str(data.get("percentile_method", "linear")),
+                cached_prompt_tokens=(
+                    None if data.get("cached_prompt_tokens") is None else int(data["cached_prompt_tokens"])
+                ),
             )
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise ValueError(f"not a bench summary: {exc}") from None
@@ -228,7 +238,13 @@ def summarize(
         server_ttft_s=Stats.of(_present(s.server_ttft_s for s in done)),
         goodput=compute_goodput(samples, slos, duration_s) if slos is not None else None,
         slo_check=splitwise_slo_check(samples, baseline) if baseline is not None else None,
+        cached_prompt_tokens=_sum_reported(t.cached_prompt_tokens for t in done_timings),
     )
+
+
+def _sum_reported(values: Iterable[int | None]) -> int | None:
+    reported = [v for v in values if v is not None]
+    return sum(reported) if reported else None
 
 
 def _present(values: Iterable[float | None]) -> list[float]:

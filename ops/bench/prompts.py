@@ -76,6 +76,10 @@ class PromptBuilder:
         """How many word-like token ids prompts are sampled from."""
         return len(self._candidates)
 
+    def encode(self, text: str) -> list[int]:
+        """text's token ids, without special tokens (as prompts are counted)."""
+        return list(self._tokenizer.encode(text, add_special_tokens=False).ids)
+
     def build(self, num_tokens: int, index: int) -> BuiltPrompt:
         """A prompt whose encoding (no special tokens) has `num_tokens` ids, deterministic per (seed, index)."""
         return self.build_many([num_tokens], first_index=index)[0]

@@ -161,6 +161,8 @@ def _rows(a: Summary, b: Summary) -> list[Row]:
         ("prompt tokens", a.total_prompt_tokens, b.total_prompt_tokens),
         ("output tokens", a.total_output_tokens, b.total_output_tokens),
     ]
+    if a.cached_prompt_tokens is not None or b.cached_prompt_tokens is not None:
+        rows.append(("prompt tokens from cache", a.cached_prompt_tokens, b.cached_prompt_tokens))
     for label, name in _LATENCIES:
         sa: Stats = getattr(a, name)
         sb: Stats = getattr(b, name)

@@ -81,6 +81,7 @@ def _node(state: NodeState, now: float, borrowed: dict[str, str]) -> dict[str, A
         "kv_used_blocks": 0,
         "kv_total_blocks": info.kv_capacity_blocks,
         "report_age_s": None,
+        "prefix_hit_rate": None,  # of the full prompt blocks looked up since the node started (None: none yet)
     }
     if load is not None:
         node.update(
@@ -91,6 +92,9 @@ def _node(state: NodeState, now: float, borrowed: dict[str, str]) -> dict[str, A
             kv_used_blocks=load.total_kv_blocks - load.free_kv_blocks,
             kv_total_blocks=load.total_kv_blocks,
             report_age_s=max(0.0, now - load.timestamp),
+            prefix_hit_rate=(
+                load.prefix_hit_blocks / load.prefix_queried_blocks if load.prefix_queried_blocks else None
+            ),
         )
     return node
 

@@ -70,6 +70,33 @@ def test_trace_slice_completes_and_client_ttft_agrees_with_the_server(
         assert server - 0.010 <= client <= server + 0.5, (client, server)
 
 
+@pytest.mark.parametrize("transport", ["http", "grpc"])
+def test_conversations_resend_each_turn_and_the_server_reuses_the_prefix(
+    transport: str, cluster: LocalCluster, llama_dir: Path, tmp_path: Path
+) -> None:
+    endpoint = (
+        f"http://{cluster.http_address}/v1" if transport == "http" else f"grpc://{cluster.router_address}"
+    )
+    # 3 conversations of 3 turns: 32 shared system tokens, 20-token messages, 8-token answers.
+    result = bench("--endpoint", endpoint, *KEY, "--tokenizer", str(llama_dir), "--concurrency", "3",
+                   "--num-requests", "9", "--input-len", "20", "--output-len", "8", "--turns", "3",
+                   "--system-prompt-len", "32", "--json", "--out", str(tmp_path))  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    summary = json.loads(result.stdout)
+    assert summary["completed"] == 9 and summary["failed"] == 0
+    with (tmp_path / "requests.csv").open() as f:
+        lengths = [int(row["prompt_tokens"]) for row in csv.DictReader(f)]
+    for conversation in range(3):
+        first, second, third = lengths[3 * conversation : 3 * conversation + 3]
+        assert abs(first - 52) <= 2  # system + message (the prompt builder is within a token of a length)
+        # Each turn resends the previous prompt and its 8-token answer, then a new message (~20 tokens). Over
+        # HTTP the answer comes back as text, and the random model's text may re-encode into more tokens.
+        most = 30 if transport == "grpc" else 60
+        assert 26 <= second - first <= most and 26 <= third - second <= most, lengths
+    # Every conversation shares the system prompt's full blocks, and later turns their own earlier ones.
+    assert summary["cached_prompt_tokens"] >= 6 * 32 + 6 * 16, summary["cached_prompt_tokens"]
+
+
 def test_compare_prints_two_runs_side_by_side(cluster: LocalCluster, llama_dir: Path, tmp_path: Path) -> None:
     for name, endpoint in (
         ("http", f"http://{cluster.http_address}/v1"),

@@ -119,6 +119,15 @@ def test_state_shows_every_node_and_a_request_split_by_phase(cluster: LocalClust
     assert record["transfer_seconds"] > 0
     assert call(cluster, "GET", "/dashboard/api/requests/no-such-request")[0] == 404
 
+    # The same prompt again: its prefill node holds it now, and its card's prefix-cache hit rate says so.
+    client(cluster).completions.create(
+        model=llama_dir.name, prompt=prompt(LAYER_WISE_PROMPT), max_tokens=2, extra_body={"ignore_eos": True}
+    )
+    deadline = time.monotonic() + 10
+    while not any((n["prefix_hit_rate"] or 0) > 0 for n in state(cluster)["nodes"] if n["pool"] == "prefill"):
+        assert time.monotonic() < deadline, "no prefill node reports a prefix-cache hit"
+        time.sleep(0.05)
+
 
 def test_actions_need_the_api_key(cluster: LocalCluster) -> None:
     decode = cluster.by_role("decode")[0].node_id

@@ -1,17 +1,21 @@
-"""KV-aware routing on a live cluster: turn 2 of a conversation goes where turn 1's prompt is cached.
+"""KV-aware routing on a live cluster: turn 2 of a conversation goes where turn 1's KV is cached.
 
 2 prefill + 2 decode nodes, `--policy kv`. Each node publishes the prefix-cache keys it holds (KV events through
 Redis); the router hashes each prompt the same way and sends it to the prefill node that computes the least. Turn 2
 of a conversation (turn 1's prompt and output plus a new message) must land on the prefill node that computed turn
-1, which then computes only what it lacks: the usage's cached_prompt_tokens counts turn 1's full prompt blocks. After
+1, which then computes only what it lacks: the usage's cached_prompt_tokens counts turn 1's full prompt blocks. It
+must also land on the decode node that decoded turn 1, which holds turn 1's prompt and output: that node shares
+those blocks and the prefill node sends only the rest (the request log's transfer bytes count them). After
 the caches were forced to evict turn 1 (unrelated traffic through small KV pools), the same requests still return
 exactly the single engine's tokens: a stale index costs a recompute, never a wrong token.
 """
 
 from __future__ import annotations
 
+import json
 import random
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -29,6 +33,21 @@ pytestmark = pytest.mark.timeout(300)
 MAX_TOKENS = 24
 BLOCK = 16  # the nodes' default block size
 SAMPLING = {"max_tokens": MAX_TOKENS, "temperature": 0.0, "ignore_eos": True}
+
+
+LAYERS = 2  # the tiny model's
+
+
+def blocks(prompt: list[int]) -> int:
+    return -(-len(prompt) // BLOCK)
+
+
+def recent_requests(cluster: LocalCluster, n: int) -> list[dict]:
+    """The router's last n requests (its dashboard API)."""
+    address = cluster.by_role("router")[0].ready["http_address"]
+    with urllib.request.urlopen(f"http://{address}/dashboard/api/state", timeout=10) as reply:
+        recent = json.load(reply)["requests"]["recent"]
+    return recent[:n]
 
 
 def single_engine_tokens(model: Path, prompts: list[list[int]]) -> list[list[int]]:
@@ -77,14 +96,32 @@ def test_turn_two_reuses_turn_ones_prefix_and_eviction_costs_only_a_recompute(ll
         reused = [r.usage.cached_prompt_tokens if r.usage else -1 for r in second]
         assert reused == [len(p) // BLOCK * BLOCK for p in turn1]
 
+        # The 8 requests so far, by prompt length (distinct here; turn 1's ran concurrently, in any order).
+        by_length = {r["prompt_tokens"]: r for r in recent_requests(cluster, 8)}
+        assert sorted(by_length) == sorted(len(p) for p in turn1 + turn2)
+        first_records = [by_length[len(p)] for p in turn1]
+        second_records = [by_length[len(p)] for p in turn2]
+        # One transfer writes each block once per layer, plus one block of the last layer again (kv-done rides on
+        # it): turn 1 gives the bytes of one block of one layer.
+        layer_block = first_records[0]["transfer_bytes"] // (blocks(turn1[0]) * LAYERS + 1)
+        assert [r["transfer_bytes"] for r in first_records] == [
+            (blocks(p) * LAYERS + 1) * layer_block for p in turn1
+        ]
+        for t1, t2, p1, p2 in zip(first_records, second_records, turn1, turn2, strict=True):
+            assert t2["nodes"] == t1["nodes"]  # both turns on the same prefill and decode nodes
+            # The decode node computed turn 1's prompt and all but the last output token: those full blocks stay.
+            held = (len(p1) + MAX_TOKENS - 1) // BLOCK
+            assert t2["transfer_bytes"] == ((blocks(p2) - held) * LAYERS + 1) * layer_block
+
         # Unrelated prompts until no prefill node holds any turn-1 block any more (bounded rounds).
         first_keys = [next(chain(p, BLOCK)) for p in turn1]
         rounds = 0
         while any(holders(client, prefill_ids, k) for k in first_keys):
             rounds += 1
-            assert rounds <= 20, "turn 1's blocks were never evicted"
-            noise = [[rng.randrange(3, 1000) for _ in range(250)] for _ in range(4)]
-            generate_many(cluster.router_address, noise, max_tokens=1, temperature=0.0)
+            assert rounds <= 30, "turn 1's blocks were never evicted"
+            # Decoded to their end (max_tokens 2), so that no reservation outlives its round in the small pools.
+            noise = [[rng.randrange(3, 1000) for _ in range(250)] for _ in range(3)]
+            generate_many(cluster.router_address, noise, max_tokens=2, temperature=0.0, ignore_eos=True)
         assert rounds > 0
         again = generate_many(cluster.router_address, turn2, **SAMPLING)
         assert [r.token_ids for r in again] == out2

@@ -69,9 +69,9 @@ def cluster(llama_dir: Path) -> Iterator[LocalCluster]:
 def traffic(cluster: LocalCluster, llama_dir: Path) -> Traffic:
     """Served requests over both endpoints, and one the decode node refuses (a bad temperature)."""
     tokens = 0
-    for prompt_len, max_tokens in GRPC_REQUESTS:
+    for i, (prompt_len, max_tokens) in enumerate(GRPC_REQUESTS):
         result = asyncio.run(
-            generate(cluster.router_address, prompt(prompt_len), max_tokens=max_tokens, ignore_eos=True)
+            generate(cluster.router_address, prompt(prompt_len, i), max_tokens=max_tokens, ignore_eos=True)
         )
         assert len(result.token_ids) == max_tokens
         tokens += len(result.token_ids)
@@ -80,14 +80,14 @@ def traffic(cluster: LocalCluster, llama_dir: Path) -> Traffic:
     )
     (whole_len, whole_max), (streamed_len, streamed_max) = HTTP_REQUESTS
     whole = client.completions.create(
-        model=llama_dir.name, prompt=prompt(whole_len), max_tokens=whole_max, extra_body={"ignore_eos": True}
+        model=llama_dir.name, prompt=prompt(whole_len, 10), max_tokens=whole_max, extra_body={"ignore_eos": True}
     )
     assert whole.usage is not None
     tokens += whole.usage.completion_tokens
     chunks = list(
         client.completions.create(
             model=llama_dir.name,
-            prompt=prompt(streamed_len),
+            prompt=prompt(streamed_len, 11),
             max_tokens=streamed_max,
             stream=True,
             stream_options={"include_usage": True},
@@ -104,8 +104,10 @@ def traffic(cluster: LocalCluster, llama_dir: Path) -> Traffic:
     return Traffic(requests=len(lengths), tokens=tokens, prompt_tokens=lengths)
 
 
-def prompt(length: int) -> list[int]:
-    return [3 + i % 500 for i in range(length)]
+def prompt(length: int, first: int = 0) -> list[int]:
+    """Prompts with different `first` share no prefix: every block of each crosses to the decode node (one that
+    holds a prompt's first blocks already receives only the rest)."""
+    return [3 + (first * 37 + i) % 500 for i in range(length)]
 
 
 def scrape(address: str) -> list[Sample]:

@@ -22,15 +22,17 @@ class ReserveRequest(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_inference_pb2.SamplingParameters, _Mapping]] = ..., hold_seconds: _Optional[float] = ..., prior_output_token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class ReserveResponse(_message.Message):
-    __slots__ = ("block_ids", "block_size")
+    __slots__ = ("block_ids", "block_size", "cached_blocks")
     BLOCK_IDS_FIELD_NUMBER: _ClassVar[int]
     BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
+    CACHED_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     block_ids: _containers.RepeatedScalarFieldContainer[int]
     block_size: int
-    def __init__(self, block_ids: _Optional[_Iterable[int]] = ..., block_size: _Optional[int] = ...) -> None: ...
+    cached_blocks: int
+    def __init__(self, block_ids: _Optional[_Iterable[int]] = ..., block_size: _Optional[int] = ..., cached_blocks: _Optional[int] = ...) -> None: ...
 
 class PrefillRequest(_message.Message):
-    __slots__ = ("request_id", "prompt_token_ids", "sampling", "decode_node_id", "decode_transport_descriptor", "decode_block_ids", "deadline_seconds", "prior_output_token_ids")
+    __slots__ = ("request_id", "prompt_token_ids", "sampling", "decode_node_id", "decode_transport_descriptor", "decode_block_ids", "deadline_seconds", "prior_output_token_ids", "decode_cached_blocks")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
@@ -39,6 +41,7 @@ class PrefillRequest(_message.Message):
     DECODE_BLOCK_IDS_FIELD_NUMBER: _ClassVar[int]
     DEADLINE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     PRIOR_OUTPUT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    DECODE_CACHED_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
     sampling: _inference_pb2.SamplingParameters
@@ -47,7 +50,8 @@ class PrefillRequest(_message.Message):
     decode_block_ids: _containers.RepeatedScalarFieldContainer[int]
     deadline_seconds: float
     prior_output_token_ids: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_inference_pb2.SamplingParameters, _Mapping]] = ..., decode_node_id: _Optional[str] = ..., decode_transport_descriptor: _Optional[bytes] = ..., decode_block_ids: _Optional[_Iterable[int]] = ..., deadline_seconds: _Optional[float] = ..., prior_output_token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
+    decode_cached_blocks: int
+    def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_inference_pb2.SamplingParameters, _Mapping]] = ..., decode_node_id: _Optional[str] = ..., decode_transport_descriptor: _Optional[bytes] = ..., decode_block_ids: _Optional[_Iterable[int]] = ..., deadline_seconds: _Optional[float] = ..., prior_output_token_ids: _Optional[_Iterable[int]] = ..., decode_cached_blocks: _Optional[int] = ...) -> None: ...
 
 class PrefillResponse(_message.Message):
     __slots__ = ("first_token", "cached_prompt_tokens", "compute_seconds", "transfer_wait_seconds", "finish_reason", "first_text", "charges", "kv_transfer_seconds", "kv_transfer_bytes", "queue_seconds", "prompt_logprobs")

@@ -101,7 +101,8 @@ function makeCard(node) {
   const dl = el("dl");
   const fields = { health };
   for (const [key, label] of [
-    ["load", "queue / running"], ["kv", "KV blocks used"], ["power", "power"], ["cost", "$ / hour"],
+    ["load", "queue / running"], ["kv", "KV blocks used"], ["hits", "prefix cache hits"], ["power", "power"],
+    ["cost", "$ / hour"],
     ["address", "address"],
   ]) {
     const dd = el("dd");
@@ -146,6 +147,7 @@ function updateCard(card, node) {
   const used = node.kv_total_blocks ? node.kv_used_blocks / node.kv_total_blocks : 0;
   f.kv.textContent = `${fmt(node.kv_used_blocks)} / ${fmt(node.kv_total_blocks)} (${fmt(used * 100, 0)}%)`;
   f.kvFill.style.width = `${Math.min(100, used * 100)}%`;
+  f.hits.textContent = node.prefix_hit_rate == null ? "-" : `${fmt(node.prefix_hit_rate * 100, 0)}% of blocks`;
   f.power.textContent = `${fmt(node.power_w, 0)} W of ${fmt(node.max_power_w, 0)} (${node.power_source || "-"})`;
   f.cost.textContent = fmt(node.cost_per_hour, 2);
   f.address.textContent = node.address;
