@@ -80,7 +80,10 @@ def traffic(cluster: LocalCluster, llama_dir: Path) -> Traffic:
     )
     (whole_len, whole_max), (streamed_len, streamed_max) = HTTP_REQUESTS
     whole = client.completions.create(
-        model=llama_dir.name, prompt=prompt(whole_len, 10), max_tokens=whole_max, extra_body={"ignore_eos": True}
+        model=llama_dir.name,
+        prompt=prompt(whole_len, 10),
+        max_tokens=whole_max,
+        extra_body={"ignore_eos": True},
     )
     assert whole.usage is not None
     tokens += whole.usage.completion_tokens
