@@ -1,12 +1,18 @@
 """Multi-turn conversations through `jsq` and `kv` placement on the same cluster shape, alternating, in one run.
 
+Four setups: `splitwise` (jsq, nodes without prefix caches: every prompt recomputed and resent, as Splitwise and
+most disaggregated peers' transfers do), `jsq` (blind placement, but each node's own prefix cache, decode nodes
+included, still used when the request happens to land on it), `kv` (placement by where the KV is) and `kv-local`
+(kv, and a decode node holding a conversation computes a later turn's new message itself when it is at most 256
+tokens: no prefill hop, no transfer).
+
 2 prefill + 2 decode nodes (one torch thread each) on the 8-layer 4k-context Llama of the cluster benchmarks. The
 workload is `splitserve bench --turns`: conversations whose turns resend the earlier turns and answers plus a new
 message (lengths from the Azure conversation trace, scaled), all sharing a system prompt, sent over gRPC at the
-trace's pace. Each policy gets a fresh cluster per round (caches start empty), rounds alternate jsq, kv, jsq, kv...
+trace's pace. Each setup gets a fresh cluster per round (caches start empty); rounds alternate the setups.
 Per run it prints TTFT p50/p99, output throughput, the prompt tokens the prefill nodes computed (prompt tokens less
 those served from a prefix cache, as the usage reports them) and the KV bytes the prefill nodes wrote into decode
-nodes (their splitserve:kv_transfer_bytes_total), then kv's ratios against jsq.
+nodes (their splitserve:kv_transfer_bytes_total), then each baseline's figures over kv's.
 
     python benchmarks/kv_routing.py [--conversations 24] [--turns 4] [--rounds 2] [--time-scale 1]
 
@@ -47,9 +53,18 @@ def transferred_bytes(cluster: LocalCluster) -> float:
     return total
 
 
-def run(policy: str, args: argparse.Namespace, out: Path) -> dict[str, float]:
-    spec = ClusterSpec(model_dir=args.model, prefill=2, decode=2, grpc_port=0, http_port=0,
-                       kv_backend=args.kv_backend, router_args=["--policy", policy])  # fmt: skip
+SETUPS = {  # name -> (router flags, extra node flags)
+    "splitwise": (["--policy", "jsq"], ["--no-prefix-caching"]),
+    "jsq": (["--policy", "jsq"], []),
+    "kv": (["--policy", "kv"], []),
+    "kv-local": (["--policy", "kv", "--policy-option", "local_prefill_tokens=256"], []),
+}
+
+
+def run(setup: str, args: argparse.Namespace, out: Path) -> dict[str, float]:
+    router_args, node_args = SETUPS[setup]
+    spec = ClusterSpec(model_dir=args.model, prefill=2, decode=2, grpc_port=0, http_port=0, kv_backend=args.kv_backend,
+                       node_args=node_args, router_args=router_args)  # fmt: skip
     with LocalCluster(spec) as cluster:
         command = [
             sys.executable, "-m", "ops.cli", "bench", "--endpoint", f"grpc://{cluster.router_address}",
@@ -93,26 +108,27 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=REPO / "bench-results" / "kv-routing")
     args = parser.parse_args()
     ensure_model(args.model, seed=0, **LLAMA_8L_4K)
-    results: dict[str, list[dict[str, float]]] = {"jsq": [], "kv": []}
+    results: dict[str, list[dict[str, float]]] = {setup: [] for setup in SETUPS}
     for round_ in range(1, args.rounds + 1):
-        for policy in ("jsq", "kv"):
-            figures = run(policy, args, args.out / f"{policy}-{round_}")
-            results[policy].append(figures)
+        for setup in SETUPS:
+            figures = run(setup, args, args.out / f"{setup}-{round_}")
+            results[setup].append(figures)
             print(
-                json.dumps(
-                    {"round": round_, "policy": policy, **{k: round(v, 1) for k, v in figures.items()}}
-                )
+                json.dumps({"round": round_, "setup": setup, **{k: round(v, 1) for k, v in figures.items()}})
             )
     median = {p: {k: statistics.median(r[k] for r in runs) for k in runs[0]} for p, runs in results.items()}
+    kv = median["kv"]
     ratios = {
-        "ttft_p50_jsq_over_kv": median["jsq"]["ttft_p50_ms"] / median["kv"]["ttft_p50_ms"],
-        "ttft_p99_jsq_over_kv": median["jsq"]["ttft_p99_ms"] / median["kv"]["ttft_p99_ms"],
-        "kv_bytes_saved": 1 - median["kv"]["kv_bytes_transferred"] / median["jsq"]["kv_bytes_transferred"],
-        "prefill_tokens_saved": 1
-        - median["kv"]["prefill_tokens_computed"] / median["jsq"]["prefill_tokens_computed"],
-        "throughput_kv_over_jsq": median["kv"]["output_tok_s"] / median["jsq"]["output_tok_s"],
+        f"{base}_over_kv": {
+            "ttft_p50": median[base]["ttft_p50_ms"] / kv["ttft_p50_ms"],
+            "ttft_p99": median[base]["ttft_p99_ms"] / kv["ttft_p99_ms"],
+            "kv_bytes": median[base]["kv_bytes_transferred"] / max(kv["kv_bytes_transferred"], 1.0),
+            "prefill_tokens": median[base]["prefill_tokens_computed"] / max(kv["prefill_tokens_computed"], 1),
+            "output_tok_s": median[base]["output_tok_s"] / kv["output_tok_s"],
+        }
+        for base in ("splitwise", "jsq")
     }
-    print(json.dumps({"median": median, "ratios": {k: round(v, 3) for k, v in ratios.items()}}))
+    print(json.dumps({"median": median, "ratios": ratios}, default=lambda v: round(v, 3)))
     return 0
 
 

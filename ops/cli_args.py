@@ -36,6 +36,11 @@ def add_node_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-batched-tokens", type=positive_int, default=512)
     parser.add_argument("--max-seqs", type=positive_int, default=64)
     parser.add_argument(
+        "--no-prefix-caching",
+        action="store_true",
+        help="recompute (prefill) and receive (decode) every prompt block, as Splitwise does",
+    )
+    parser.add_argument(
         "--machine-type", default="cpu", help="a name from the machine catalog: cost, power (default: cpu)"
     )
     parser.add_argument(

@@ -59,6 +59,7 @@ def node_command(args: argparse.Namespace) -> int:
         kv_cache_memory_mb=args.kv_cache_mb,
         max_num_batched_tokens=args.max_batched_tokens,
         max_num_seqs=args.max_seqs,
+        prefix_caching=not args.no_prefix_caching,
         machine_type=args.machine_type,
         power=power,
         drain_timeout_s=args.drain_timeout,

@@ -10,6 +10,10 @@ fills RoleArrays.cached_tokens with the leading prompt tokens each node holds (`
   previous turn of a conversation decoded there: it shares those blocks and receives only the rest), then JSQ's
   order (most free blocks, fewest running).
 - no pair: the colocated node with the fewest tokens to compute (queue plus uncached prompt).
+Option `local_prefill_tokens=N` (0, off, by default): a decode node that holds the prompt's prefix computes the rest
+itself when that is at most N tokens and less than any prefill node would compute: a conversation's later turns then
+stay on the decode node that holds all of it (the prefill nodes lack the earlier answers), with no transfer at all.
+N bounds the stall of that node's running batch, like Dynamo's maximum local prefill length.
 """
 
 from __future__ import annotations
@@ -32,6 +36,15 @@ class KVAware:
     name = "kv"
     kv_aware = True
 
+    def __init__(self, local_prefill_tokens: int = 0) -> None:
+        if (
+            isinstance(local_prefill_tokens, bool)
+            or not isinstance(local_prefill_tokens, int)
+            or local_prefill_tokens < 0
+        ):
+            raise ValueError(f"local_prefill_tokens must be an integer >= 0, got {local_prefill_tokens!r}")
+        self.local_prefill_tokens = local_prefill_tokens
+
     def place(self, request: PlacementRequest, roles: dict[str, RoleArrays]) -> Placement | None:
         prompt = request.prompt_tokens
         prefill, decode, colocated = roles["prefill"], roles["decode"], roles["colocated"]
@@ -45,6 +58,9 @@ class KVAware:
         )
         d_fits = decode.usable & pm.fits_kv(decode, np.maximum(prompt - decode.cached_tokens, 1))
         d = pm.pick(decode, d_fits, -decode.cached_tokens, *pm.room_keys(decode))
+        local = self._local_prefill(decode, prompt, p_work[p] if p is not None else None)
+        if local is not None:
+            return local
         if p is not None and d is not None:
             return Placement(prefill=prefill.node_ids[p], decode=decode.node_ids[d])
         c_work = pm.to_compute(colocated, prompt)
@@ -56,6 +72,19 @@ class KVAware:
             colocated.running,
         )
         return Placement(colocated=colocated.node_ids[c]) if c is not None else None
+
+    def _local_prefill(self, decode: RoleArrays, prompt: int, remote_work: int | None) -> Placement | None:
+        """A decode node holding the prompt's prefix computes the rest itself: no prefill hop, no transfer. Only
+        when that rest is at most local_prefill_tokens (its running batch stalls for as long) and less than the
+        best prefill node would compute (a turn whose earlier answers were decoded there)."""
+        if not self.local_prefill_tokens:
+            return None
+        work = pm.to_compute(decode, prompt)
+        allowed = decode.usable & (work <= self.local_prefill_tokens) & pm.fits_kv(decode, work)
+        if remote_work is not None:
+            allowed &= work < remote_work
+        j = pm.pick(decode, allowed, work, *pm.room_keys(decode))
+        return None if j is None else Placement(colocated=decode.node_ids[j], borrowed=True)
 
 
 def lookup_cached_tokens(index: KVIndex, prompt: Sequence[int], block_sizes: Iterable[int]) -> dict[str, int]:

@@ -100,6 +100,7 @@ class Relay:
             record.output_tokens = len(self.delivered)
         if msg.finish_reason != pb.FINISH_REASON_UNSPECIFIED:
             self.charge(msg.usage.charges)  # the finishing node's share
+            self.cached = max(self.cached, msg.usage.cached_prompt_tokens)  # a node serving the whole request
             c = self.charges
             msg.usage.CopyFrom(
                 pb.Usage(

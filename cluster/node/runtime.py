@@ -76,6 +76,7 @@ class NodeOptions:
     kv_cache_memory_mb: int = 256
     max_num_batched_tokens: int = 512
     max_num_seqs: int = 64
+    prefix_caching: bool = True  # share cached prompt blocks (and publish them as KV events)
     block_size: int = 16
     machine_type: str = "cpu"
     power: PowerSettings | None = None  # machine type, perf model and power cap; None: machine_type, no cap
@@ -247,6 +248,7 @@ def _engine_config(options: NodeOptions) -> EngineConfig:
         kv_cache_memory_bytes=options.kv_cache_memory_mb * 1024 * 1024,
         max_num_batched_tokens=options.max_num_batched_tokens,
         max_num_seqs=options.max_num_seqs,
+        enable_prefix_caching=options.prefix_caching,
     )
 
 

@@ -72,6 +72,8 @@ class WholeRequestService(inference_pb2_grpc.InferenceServicer):
                 msg = output_to_proto(out)
                 if out.finished and self.charges is not None:
                     msg.usage.CopyFrom(charged_usage(self.charges.take(rid)))
+                if out.finished:  # the router reports the prompt tokens this node's prefix cache served
+                    msg.usage.cached_prompt_tokens = out.num_cached_prompt_tokens
                 yield msg
         except EngineError as exc:  # the request failed inside the engine (alone): say why, with its status
             tracing.mark_failed(span, str(exc))

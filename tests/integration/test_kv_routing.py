@@ -127,3 +127,45 @@ def test_turn_two_reuses_turn_ones_prefix_and_eviction_costs_only_a_recompute(ll
         assert [r.token_ids for r in again] == out2
         # The router may still believe the old index for a moment; the engine found nothing and recomputed.
         assert [r.usage.cached_prompt_tokens if r.usage else -1 for r in again] == [0] * len(turn2)
+
+
+def test_without_prefix_caching_every_block_is_recomputed_and_resent(llama_dir: Path) -> None:
+    """`--no-prefix-caching`, Splitwise's behaviour and the baseline of benchmarks/kv_routing.py."""
+    prompt = list(range(10, 90))  # 5 blocks
+    spec = ClusterSpec(model_dir=llama_dir, prefill=1, decode=1, grpc_port=0, http_port=0,
+                       node_args=["--no-prefix-caching"], router_args=["--policy", "kv"])  # fmt: skip
+    with LocalCluster(spec) as cluster:
+        results = [generate_many(cluster.router_address, [prompt], **SAMPLING)[0] for _ in range(2)]
+        assert results[0].token_ids == results[1].token_ids
+        assert [r.usage.cached_prompt_tokens if r.usage else -1 for r in results] == [0, 0]
+        records = recent_requests(cluster, 2)
+        assert records[0]["transfer_bytes"] == records[1]["transfer_bytes"] > 0
+        client = redis.Redis.from_url(cluster.redis_url)
+        for node in cluster.by_role("prefill") + cluster.by_role("decode"):
+            assert client.scard(kv_set_key(node.node_id)) == 0  # nothing offered, nothing published
+
+
+def test_local_prefill_runs_a_later_turn_on_the_decode_node_that_holds_it(llama_dir: Path) -> None:
+    """`--policy-option local_prefill_tokens=64`: turn 2's new message is computed by the decode node holding turn 1's
+    prompt and answer, with no prefill hop and no transfer; its tokens equal a single engine's."""
+    rng = random.Random(3)
+    turn1 = [rng.randrange(3, 1000) for _ in range(70)]
+    out1 = single_engine_tokens(llama_dir, [turn1])[0]
+    turn2 = turn1 + out1 + [rng.randrange(3, 1000) for _ in range(20)]
+    out2 = single_engine_tokens(llama_dir, [turn2])[0]
+    spec = ClusterSpec(model_dir=llama_dir, prefill=1, decode=1, grpc_port=0, http_port=0,
+                       router_args=["--policy", "kv", "--policy-option", "local_prefill_tokens=64"])  # fmt: skip
+    with LocalCluster(spec) as cluster:
+        decode_id = cluster.by_role("decode")[0].node_id
+        first = generate_many(cluster.router_address, [turn1], **SAMPLING)[0]
+        assert first.token_ids == out1
+        held = (len(turn1) + MAX_TOKENS - 1) // BLOCK  # the decode node's full blocks of turn 1
+        client = redis.Redis.from_url(cluster.redis_url)
+        last_key = list(chain(turn2, BLOCK, max_blocks=held))[-1]
+        assert wait_until(lambda: client.sismember(kv_set_key(decode_id), encode_key(last_key)), 10.0)
+        time.sleep(0.3)  # the router hears the same announcement
+        second = generate_many(cluster.router_address, [turn2], **SAMPLING)[0]
+        assert second.token_ids == out2
+        assert second.usage is not None and second.usage.cached_prompt_tokens == held * BLOCK
+        record = recent_requests(cluster, 1)[0]
+        assert record["nodes"] == {"borrowed": decode_id} and record["transfer_bytes"] == 0

@@ -422,3 +422,17 @@ def test_cost_and_power_price_a_cached_prefix_and_say_they_read_it() -> None:
               ("mixed", {})]}  # fmt: skip
     assert kinds == {"jsq": False, "kv": True, "cost": True, "power": True, "mixed": False}
     assert create_policy("mixed", inner="kv").kv_aware
+
+
+def test_kv_local_prefill_keeps_a_conversation_on_the_decode_node_that_holds_it() -> None:
+    # The prefill node holds 600 of the 1,000 prompt tokens, the decode node d1 900 (the earlier answers too).
+    state = roles(prefill=[N("p0", cached=600)], decode=[N("d0"), N("d1", cached=900)])
+    assert create_policy("kv").place(request(prompt=1000), state) == Placement(prefill="p0", decode="d1")
+    local = create_policy("kv", local_prefill_tokens=256)
+    assert local.place(request(prompt=1000), state) == Placement(colocated="d1", borrowed=True)
+    # Not when the rest is longer than the limit, nor when a prefill node would compute as little.
+    assert local.place(request(prompt=1200), state) == Placement(prefill="p0", decode="d1")
+    even = roles(prefill=[N("p0", cached=900)], decode=[N("d1", cached=900)])
+    assert local.place(request(prompt=1000), even) == Placement(prefill="p0", decode="d1")
+    with pytest.raises(ValueError, match="local_prefill_tokens"):
+        create_policy("kv", local_prefill_tokens=-1)
