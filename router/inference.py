@@ -192,6 +192,7 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
                 expected_output_tokens=self.outputs.expected(max_tokens - len(relay.delivered)),
                 ttft_slo_s=self.config.ttft_slo_s,
                 tbt_slo_s=self.config.tbt_slo_s,
+                resuming=bool(relay.delivered),
             )
             self.index.update(self.view.nodes())
             cached = self._cached_tokens(prompt + relay.delivered)

@@ -48,29 +48,17 @@ class KVAware:
     def place(self, request: PlacementRequest, roles: dict[str, RoleArrays]) -> Placement | None:
         prompt = request.prompt_tokens
         prefill, decode, colocated = roles["prefill"], roles["decode"], roles["colocated"]
-        p_work = pm.to_compute(prefill, prompt)
-        p = pm.pick(
-            prefill,
-            prefill.usable,
-            pm.predicted_ttft(prefill, p_work),
-            prefill.pending_tokens + p_work,
-            prefill.running,
-        )
+        p = _soonest(prefill, prompt)
         d_fits = decode.usable & pm.fits_kv(decode, np.maximum(prompt - decode.cached_tokens, 1))
         d = pm.pick(decode, d_fits, -decode.cached_tokens, *pm.room_keys(decode))
-        local = self._local_prefill(decode, prompt, p_work[p] if p is not None else None)
-        if local is not None:
-            return local
+        if not request.resuming:  # a resumed stream continues on a pair only
+            remote_work = int(pm.to_compute(prefill, prompt)[p]) if p is not None else None
+            local = self._local_prefill(decode, prompt, remote_work)
+            if local is not None:
+                return local
         if p is not None and d is not None:
             return Placement(prefill=prefill.node_ids[p], decode=decode.node_ids[d])
-        c_work = pm.to_compute(colocated, prompt)
-        c = pm.pick(
-            colocated,
-            colocated.usable,
-            pm.predicted_ttft(colocated, c_work),
-            colocated.pending_tokens + c_work,
-            colocated.running,
-        )
+        c = _soonest(colocated, prompt)
         return Placement(colocated=colocated.node_ids[c]) if c is not None else None
 
     def _local_prefill(self, decode: RoleArrays, prompt: int, remote_work: int | None) -> Placement | None:
@@ -85,6 +73,14 @@ class KVAware:
             allowed &= work < remote_work
         j = pm.pick(decode, allowed, work, *pm.room_keys(decode))
         return None if j is None else Placement(colocated=decode.node_ids[j], borrowed=True)
+
+
+def _soonest(arrays: RoleArrays, prompt: int) -> int | None:
+    """The usable node predicted to finish computing the prompt first: latency line over queue plus uncached work,
+    then (no latency lines) those tokens, then fewest running."""
+    work = pm.to_compute(arrays, prompt)
+    ttft = pm.predicted_ttft(arrays, work)
+    return pm.pick(arrays, arrays.usable, ttft, arrays.pending_tokens + work, arrays.running)
 
 
 def lookup_cached_tokens(index: KVIndex, prompt: Sequence[int], block_sizes: Iterable[int]) -> dict[str, int]:

@@ -36,6 +36,8 @@ class PlacementRequest:
     # Latency targets for this request (None: none). cost/power policies keep predictions within them.
     ttft_slo_s: float | None = None
     tbt_slo_s: float | None = None
+    # Tokens were delivered already (its decode node died): only a (prefill, decode) pair can resume the stream.
+    resuming: bool = False
 
 
 @dataclass(frozen=True, slots=True)

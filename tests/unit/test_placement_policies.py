@@ -430,6 +430,8 @@ def test_kv_local_prefill_keeps_a_conversation_on_the_decode_node_that_holds_it(
     assert create_policy("kv").place(request(prompt=1000), state) == Placement(prefill="p0", decode="d1")
     local = create_policy("kv", local_prefill_tokens=256)
     assert local.place(request(prompt=1000), state) == Placement(colocated="d1", borrowed=True)
+    resumed = PlacementRequest(1000, 1128, 128, resuming=True)  # only a pair can continue a delivered stream
+    assert local.place(resumed, state) == Placement(prefill="p0", decode="d1")
     # Not when the rest is longer than the limit, nor when a prefill node would compute as little.
     assert local.place(request(prompt=1200), state) == Placement(prefill="p0", decode="d1")
     even = roles(prefill=[N("p0", cached=900)], decode=[N("d1", cached=900)])
