@@ -28,7 +28,7 @@ from cluster.state.kv_events import (
     kv_seq_key,
     kv_set_key,
 )
-from cluster.state.records import InvalidRecord, connect
+from cluster.state.records import InvalidRecord, connect, follow
 
 logger = logging.getLogger(__name__)
 
@@ -118,23 +118,11 @@ class KVIndex:
         pubsub = self._client.pubsub(ignore_subscribe_messages=True)
         try:
             pubsub.subscribe(KV_EVENTS_CHANNEL)
-            self._check_all()
-            self._synced.set()
-            next_check = time.monotonic() + self._check_s
-            while not self._stopping.is_set():
-                message = pubsub.get_message(timeout=min(max(next_check - time.monotonic(), 0.0), 0.1))
-                for _ in range(10_000):  # drain what is queued, but keep the check on time under a flood
-                    if message is None:
-                        break
-                    self._on_message(message["data"])
-                    message = pubsub.get_message(timeout=0.0)
-                if time.monotonic() >= next_check:
-                    self._check_all()
-                    next_check = time.monotonic() + self._check_s
+            follow(pubsub, self._stopping, self._on_message, self._check_all, self._check_s)
         finally:
             pubsub.close()
 
-    def _on_message(self, data: bytes) -> None:
+    def _on_message(self, channel: bytes, data: bytes) -> None:
         try:
             message = decode_message(data)
         except InvalidRecord as exc:
@@ -165,6 +153,7 @@ class KVIndex:
         for node, seq in live.items():
             if self._seq.get(node) != seq:
                 self._read_node(node)
+        self._synced.set()
 
     def _read_node(self, node: str) -> None:
         pipe = self._client.pipeline(transaction=True)

@@ -44,6 +44,7 @@ import base64
 import dataclasses
 import json
 import re
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -320,6 +321,30 @@ def decode_event(data: bytes | str) -> Event:
     if any(x is not None and x.node_id != event.node_id for x in (info, load)):
         raise InvalidRecord("event node_id disagrees with its payload")
     return event
+
+
+def follow(
+    pubsub: redis.client.PubSub,
+    stopping: threading.Event,
+    on_message: Callable[[bytes, bytes], None],
+    sync: Callable[[], None],
+    period_s: float,
+) -> None:
+    """A subscriber's loop: sync() now (the caller subscribed first, so nothing published after it is missed) and
+    every period_s, and on_message(channel, data) for each message in between, until stopping is set. A flood is
+    drained in bounded bites so the periodic sync stays on time."""
+    sync()
+    next_sync = time.monotonic() + period_s
+    while not stopping.is_set():
+        message = pubsub.get_message(timeout=min(max(next_sync - time.monotonic(), 0.0), 0.1))
+        for _ in range(10_000):
+            if message is None:
+                break
+            on_message(message["channel"], message["data"])
+            message = pubsub.get_message(timeout=0.0)
+        if time.monotonic() >= next_sync:
+            sync()
+            next_sync = time.monotonic() + period_s
 
 
 def connect(redis_url: str, *, timeout_s: float = DEFAULT_TIMEOUT_S) -> redis.Redis:

@@ -30,6 +30,7 @@ from cluster.state.records import (
     decode_event,
     decode_load,
     decode_node,
+    follow,
     node_key,
 )
 
@@ -193,19 +194,7 @@ class ClusterView:
         pubsub = self._client.pubsub(ignore_subscribe_messages=True)
         try:
             pubsub.subscribe(EVENTS_CHANNEL, self._expired_channel)
-            self._resync()
-            next_resync = time.monotonic() + self._resync_s
-            while not self._stopping.is_set():
-                wait = min(max(next_resync - time.monotonic(), 0.0), 0.1)
-                message = pubsub.get_message(timeout=wait)
-                for _ in range(10_000):  # drain what is queued, but keep the resync on time under a flood
-                    if message is None:
-                        break
-                    self._on_message(message["channel"], message["data"])
-                    message = pubsub.get_message(timeout=0.0)
-                if time.monotonic() >= next_resync:
-                    self._resync()
-                    next_resync = time.monotonic() + self._resync_s
+            follow(pubsub, self._stopping, self._on_message, self._resync, self._resync_s)
         finally:
             pubsub.close()
 
