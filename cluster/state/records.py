@@ -14,6 +14,7 @@ Key layout (bump the version in the prefix for any incompatible change of the en
                               new at each registration, so a view refetches a NodeInfo only when it changed.
     splitserve:v1:events      pub/sub channel of JSON `Event`s: register (with the NodeInfo), load (with the report),
                               deregister
+    splitserve:v1:kv:<id>, kvseq:<id>, kv-events: the node's prefix-cache keys (cluster/state/kv_events.py)
 
 A node is live exactly while its node key exists. Node side, in order:
   1. `register(info)`: SET the node key with the TTL, HSET the index, PUBLISH register; one MULTI.
