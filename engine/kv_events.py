@@ -22,6 +22,8 @@ class KVEventLog:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._changes: dict[int, bool] = {}  # key -> offered after its last change
+        # The keys offered now: the block manager's own cache index says the same, but it belongs to the engine
+        # thread; this copy, under the lock, is what the publisher's thread may read (snapshot) at any time.
         self._offered: set[int] = set()
 
     def stored(self, key: int) -> None:

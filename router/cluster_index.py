@@ -107,6 +107,7 @@ class ClusterIndex:
         self._base: dict[str, RoleArrays] = {role: _arrays([]) for role in ROLES}
         self._where: dict[str, tuple[str, int]] = {}  # node id -> (role, position)
         self._reported_at: dict[str, float] = {}  # node id -> timestamp of the load report the arrays hold
+        self.block_sizes: frozenset[int] = frozenset()  # the distinct KV block sizes of the nodes indexed
 
     def update(self, states: Sequence[NodeState]) -> None:
         """Adopt a new view snapshot (the view hands out a new tuple after any change), rate-limited."""
@@ -126,6 +127,7 @@ class ClusterIndex:
             for i, node_id in enumerate(arrays.node_ids)
         }
         self._reported_at = {s.info.node_id: (s.load.timestamp if s.load else 0.0) for s in states}
+        self.block_sizes = frozenset(s.info.block_size for s in states)
 
     def for_request(
         self,

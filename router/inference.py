@@ -241,8 +241,7 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
         """Per node, the leading context tokens in its prefix cache (only for policies that weigh them)."""
         if self.kv_index is None or not getattr(self.policy, "kv_aware", False):
             return {}
-        block_sizes = {state.info.block_size for state in self.view.nodes()}
-        return lookup_cached_tokens(self.kv_index, context, block_sizes)
+        return lookup_cached_tokens(self.kv_index, context, self.index.block_sizes)
 
     def _place(
         self, wanted: PlacementRequest, failed: set[str], kept_prefill: str | None, cached: dict[str, int]
