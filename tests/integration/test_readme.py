@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import re
 import shutil
 import signal
@@ -88,10 +89,30 @@ def shrunk(text: str) -> str:
     return text
 
 
+HANDED_OUT_PORTS: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """A free port below the kernel's ephemeral range.
+
+    A port the kernel handed out for port 0 lies in the ephemeral range, where the clusters' own processes (nodes
+    that bind port 0, Redis, every outgoing connection) take ports while the test's router is still starting: a CI
+    run lost its router port that way. Below the range only an explicit bind can take a port.
+    """
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.randrange(20000, low) if low > 20000 else rng.randrange(1024, 20000)
+        if port in HANDED_OUT_PORTS:  # handed out but not bound yet
+            continue
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        HANDED_OUT_PORTS.add(port)
+        return port
+    raise AssertionError("no free port below the ephemeral range after 200 tries")
 
 
 @pytest.fixture(scope="module")
