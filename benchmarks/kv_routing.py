@@ -1,18 +1,20 @@
 """Multi-turn conversations through `jsq` and `kv` placement on the same cluster shape, alternating, in one run.
 
-Four setups: `splitwise` (jsq, nodes without prefix caches: every prompt recomputed and resent, as Splitwise and
+Five setups: `splitwise` (jsq, nodes without prefix caches: every prompt recomputed and resent, as Splitwise and
 most disaggregated peers' transfers do), `jsq` (blind placement, but each node's own prefix cache, decode nodes
-included, still used when the request happens to land on it), `kv` (placement by where the KV is) and `kv-local`
-(kv, and a decode node holding a conversation computes a later turn's new message itself when it is at most 256
-tokens: no prefill hop, no transfer).
+included, still used when the request happens to land on it), `kv` (placement by where the KV is), `kv-nopull`
+(kv with `--no-prefix-pull`: a prefill node computes the earlier answers it lacks instead of copying them from the
+decode node that holds them) and `kv-local` (kv, and a decode node holding a conversation computes a later turn's
+new message itself when it is at most 256 tokens: no prefill hop, no transfer).
 
 2 prefill + 2 decode nodes (one torch thread each) on the 8-layer 4k-context Llama of the cluster benchmarks. The
 workload is `splitserve bench --turns`: conversations whose turns resend the earlier turns and answers plus a new
 message (lengths from the Azure conversation trace, scaled), all sharing a system prompt, sent over gRPC at the
 trace's pace. Each setup gets a fresh cluster per round (caches start empty); rounds alternate the setups.
 Per run it prints TTFT p50/p99, output throughput, the prompt tokens the prefill nodes computed (prompt tokens less
-those served from a prefix cache, as the usage reports them) and the KV bytes the prefill nodes wrote into decode
-nodes (their splitserve:kv_transfer_bytes_total), then each baseline's figures over kv's.
+those served from a prefix cache, as the usage reports them) and the KV bytes that crossed between nodes: those the
+prefill nodes wrote into decode nodes plus those decode nodes wrote back into prefill nodes (the prefill nodes'
+splitserve:kv_transfer_bytes_total and splitserve:kv_imported_bytes_total), then each baseline's figures over kv's.
 
     python benchmarks/kv_routing.py [--conversations 24] [--turns 4] [--rounds 2] [--time-scale 1]
 
@@ -42,21 +44,25 @@ from ops.launcher import ClusterSpec, LocalCluster  # noqa: E402
 TRACE = REPO.parent / "shared" / "data" / "azure-llm-inference-2023" / "conv.csv"
 
 
-def transferred_bytes(cluster: LocalCluster) -> float:
-    """KV bytes every prefill node wrote into decode nodes, from their Prometheus metrics."""
-    total = 0.0
+def transferred_bytes(cluster: LocalCluster) -> tuple[float, float]:
+    """KV bytes the prefill nodes wrote into decode nodes, and decode nodes wrote back into prefill nodes (prefix
+    pulls), from the prefill nodes' Prometheus metrics."""
+    sent, pulled = 0.0, 0.0
     for node in cluster.by_role("prefill"):
         with urllib.request.urlopen(f"http://{node.metrics_address}/metrics", timeout=10) as reply:
             for line in reply.read().decode().splitlines():
                 if line.startswith("splitserve:kv_transfer_bytes_total"):
-                    total += float(line.rsplit(None, 1)[1])
-    return total
+                    sent += float(line.rsplit(None, 1)[1])
+                elif line.startswith("splitserve:kv_imported_bytes_total"):
+                    pulled += float(line.rsplit(None, 1)[1])
+    return sent, pulled
 
 
 SETUPS = {  # name -> (router flags, extra node flags)
     "splitwise": (["--policy", "jsq"], ["--no-prefix-caching"]),
     "jsq": (["--policy", "jsq"], []),
     "kv": (["--policy", "kv"], []),
+    "kv-nopull": (["--policy", "kv", "--no-prefix-pull"], []),
     "kv-local": (["--policy", "kv", "--policy-option", "local_prefill_tokens=256"], []),
 }
 
@@ -78,7 +84,7 @@ def run(setup: str, args: argparse.Namespace, out: Path) -> dict[str, float]:
             command, check=True, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}
         )
         summary = json.loads(done.stdout)
-        moved = transferred_bytes(cluster)
+        sent, pulled = transferred_bytes(cluster)
     cached = summary.get("cached_prompt_tokens") or 0
     return {
         "completed": summary["completed"],
@@ -87,7 +93,8 @@ def run(setup: str, args: argparse.Namespace, out: Path) -> dict[str, float]:
         "output_tok_s": summary["output_throughput"],
         "prompt_tokens": summary["total_prompt_tokens"],
         "prefill_tokens_computed": summary["total_prompt_tokens"] - cached,
-        "kv_bytes_transferred": moved,
+        "kv_bytes_transferred": sent + pulled,
+        "kv_bytes_pulled_back": pulled,
     }
 
 
@@ -126,7 +133,7 @@ def main() -> int:
             "prefill_tokens": median[base]["prefill_tokens_computed"] / max(kv["prefill_tokens_computed"], 1),
             "output_tok_s": median[base]["output_tok_s"] / kv["output_tok_s"],
         }
-        for base in ("splitwise", "jsq")
+        for base in ("splitwise", "jsq", "kv-nopull")
     }
     print(json.dumps({"median": median, "ratios": ratios}, default=lambda v: round(v, 3)))
     return 0

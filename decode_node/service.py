@@ -18,6 +18,8 @@ A request's life cycle on this node:
    can land later), or else after the transport's per-write deadline. An Abort with `no_kv_writes` (the router
    knows no write was issued: Prefill never started) frees at once, and an Abort that arrives before its Reserve
    makes that Reserve fail (ABORTED), so a Reserve the router cancelled on its way holds nothing.
+SendPrefix (decode_node/prefix_export.py): while a reservation waits for its KV, its prefill node may ask for the
+blocks this node's prefix cache shared into it, so that it need not compute them itself.
 While draining (SIGTERM), Reserve answers UNAVAILABLE and admitted requests run to completion.
 """
 
@@ -36,6 +38,7 @@ from cluster.node.recent_ids import RecentIds
 from cluster.power.accounting import ledger_of
 from cluster.proto_convert import charged_usage, output_to_proto
 from cluster.sampling_proto import sampling_from_proto
+from decode_node.prefix_export import PrefixExport, PrefixSendFailed
 from engine.async_engine import AsyncEngine
 from engine.errors import EngineError
 from kvtransfer.notifications import parse_kv_done, parse_kv_fence
@@ -68,6 +71,7 @@ class DecodeNodeService(cluster_pb2_grpc.DecodeNodeServicer):
         self.quarantine_s = float(getattr(transport, "transfer_timeout_s", QUARANTINE_S))
         self._tasks: list[asyncio.Task[None]] = []
         self.charges = ledger_of(engine)
+        self.prefix_export = PrefixExport(engine, transport)
 
     @property
     def pending_work(self) -> int:
@@ -184,6 +188,20 @@ class DecodeNodeService(cluster_pb2_grpc.DecodeNodeServicer):
             span.end()
             if self.charges is not None:
                 self.charges.discard(rid)
+
+    async def SendPrefix(
+        self, request: cpb.SendPrefixRequest, context: grpc.aio.ServicerContext
+    ) -> cpb.SendPrefixResponse:
+        rid = request.request_id
+        if rid not in self._kv_done:  # unknown, expired, admitted or dropped: its blocks are not ours to lend
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"no reservation awaiting KV for request {rid!r}")
+        try:
+            sent = await self.prefix_export.send(request)
+        except EngineError as exc:
+            await abort_with(context, exc)
+        except PrefixSendFailed as exc:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"prefix blocks for {rid!r} not sent: {exc}")
+        return cpb.SendPrefixResponse(bytes=sent)
 
     async def Abort(self, request: cpb.AbortRequest, context: grpc.aio.ServicerContext) -> cpb.AbortResponse:
         rid = request.request_id

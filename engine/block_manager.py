@@ -84,13 +84,10 @@ class BlockManager:
         missing = self.blocks_for(num_tokens) - len(seq.block_ids)
         if missing <= 0:
             return True
-        if missing > len(self._free):
+        taken = self.take_free(missing)
+        if taken is None:
             return False
-        for _ in range(missing):
-            block, _ = self._free.popitem(last=False)
-            self._forget_key(block)
-            self._ref_counts[block] = 1
-            seq.block_ids.append(block)
+        seq.block_ids.extend(taken)
         return True
 
     def register_computed_blocks(self, seq: Sequence) -> None:
@@ -114,12 +111,62 @@ class BlockManager:
                 self.events.stored(key)
         seq.num_hashed_blocks = full
 
-    def free(self, seq: Sequence) -> None:
-        """Drop seq's references, tail first; blocks nobody references become reusable (their cache entry stays)."""
-        for block in reversed(seq.block_ids):
+    # ---- blocks filled from outside (engine/prefix_import.py) ------------------------------------------------------
+
+    def prefix_keys(
+        self, token_ids: list[int], num_blocks: int
+    ) -> tuple[list[int], list[tuple[int, ...]], int]:
+        """The keys and tokens of the first num_blocks full blocks of token_ids, and how many of them, from the
+        first on, this cache holds."""
+        key, keys, tokens, cached = ROOT_KEY, [], [], 0
+        for i in range(min(num_blocks, len(token_ids) // self.block_size)):
+            block_tokens = tuple(token_ids[i * self.block_size : (i + 1) * self.block_size])
+            key = block_key(key, block_tokens)
+            keys.append(key)
+            tokens.append(block_tokens)
+            block = self._cached.get(key)
+            if cached == i and block is not None and self._block_tokens[block] == block_tokens:
+                cached += 1
+        return keys, tokens, cached
+
+    def take_free(self, count: int) -> list[int] | None:
+        """count blocks nobody uses, each referenced once, their old cache entries dropped; None if too few."""
+        if count > len(self._free):
+            return None
+        taken = []
+        for _ in range(count):
+            block, _ = self._free.popitem(last=False)
+            self._forget_key(block)
+            self._ref_counts[block] = 1
+            taken.append(block)
+        return taken
+
+    def publish(self, block_ids: list[int], keys: list[int], tokens: list[tuple[int, ...]]) -> None:
+        """Offer blocks whose KV is in place (written from outside) under their keys, as computed blocks are."""
+        if not self.enable_prefix_caching:
+            return
+        for block, key, block_tokens in zip(block_ids, keys, tokens, strict=True):
+            self._block_key[block] = key
+            self._block_tokens[block] = block_tokens
+            if key not in self._cached:
+                self._cached[key] = block
+                self.events.stored(key)
+
+    def pin(self, block_ids: list[int]) -> None:
+        """One more reference to each block: nobody can take them over until unpin()."""
+        for block in block_ids:
+            self._acquire(block)
+
+    def unpin(self, block_ids: list[int]) -> None:
+        """Drop one reference to each block, tail first (like free())."""
+        for block in reversed(block_ids):
             self._ref_counts[block] -= 1
             if self._ref_counts[block] == 0:
                 self._free[block] = None
+
+    def free(self, seq: Sequence) -> None:
+        """Drop seq's references, tail first; blocks nobody references become reusable (their cache entry stays)."""
+        self.unpin(seq.block_ids)
         seq.block_ids = []
         seq.num_hashed_blocks = 0
 

@@ -49,6 +49,7 @@ from engine.outputs import (
     KVLayerWrite,
     RequestOutput,
 )
+from engine.prefix_import import PrefixImport
 from engine.prompt_logprobs import record as record_prompt_logprobs
 from engine.prompt_logprobs import take_for_output
 from engine.request_intake import RequestIntake
@@ -101,6 +102,9 @@ class LLMEngine:
         )
         self._seqs: dict[str, Sequence] = {}
         self._held: dict[str, Sequence] = {}  # RESERVED or PREFILLED: blocks held outside the scheduler
+        self.prefix_imports: dict[
+            str, PrefixImport
+        ] = {}  # blocks being written from outside (prefix_import.py)
         self._pending: list[RequestOutput] = []
         self._admitted = 0
         self._preemptions = 0
@@ -201,6 +205,11 @@ class LLMEngine:
         self._seqs[request_id] = seq
         self._held[request_id] = seq
         return list(seq.block_ids)
+
+    def reserved_sequence(self, request_id: str) -> Sequence | None:
+        """A reserved request's sequence (None if request_id holds no reservation)."""
+        seq = self._held.get(request_id)
+        return seq if seq is not None and seq.status == SequenceStatus.RESERVED else None
 
     def cached_blocks(self, request_id: str) -> int:
         """How many leading blocks of a reserved request were shared from the prefix cache (0 if unknown)."""

@@ -7,12 +7,16 @@ A prefill node that stops a transfer before its end (the router cancelled it, it
 passed) sends `kv-fence:<request id>` instead, after its last write of that request: a transport delivers one
 peer's writes in order, so once the decode node has the fence no write of that request can still land, and the
 blocks it had reserved can go to another request at once instead of after a quarantine.
+
+The other way round, a decode node that sent a prefill node prefix blocks it lacked (DecodeNode.SendPrefix) sends
+`kv-prefix:<request id>` after every write of them completed.
 """
 
 from __future__ import annotations
 
 KV_DONE_PREFIX = b"kv-done:"
 KV_FENCE_PREFIX = b"kv-fence:"
+KV_PREFIX_PREFIX = b"kv-prefix:"
 
 
 def kv_done(request_id: str) -> bytes:
@@ -21,6 +25,15 @@ def kv_done(request_id: str) -> bytes:
 
 def kv_fence(request_id: str) -> bytes:
     return KV_FENCE_PREFIX + request_id.encode()
+
+
+def kv_prefix(request_id: str) -> bytes:
+    return KV_PREFIX_PREFIX + request_id.encode()
+
+
+def parse_kv_prefix(payload: bytes) -> str | None:
+    """The request id of a kv-prefix notification, or None for any other payload."""
+    return _request_id(payload, KV_PREFIX_PREFIX)
 
 
 def parse_kv_done(payload: bytes) -> str | None:

@@ -150,6 +150,11 @@ def add_placement_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--slo-tbt-ms", type=float, default=None, help="TBT target placement must predict within"
     )
+    group.add_argument(
+        "--no-prefix-pull", dest="prefix_pull", action="store_false",
+        help="prefill nodes compute prompt blocks they lack even when the chosen decode node caches them "
+        "(by default it writes them back: prefill_node/prefix_pull.py)",
+    )  # fmt: skip
 
 
 def add_admission_args(parser: argparse.ArgumentParser) -> None:
@@ -205,7 +210,7 @@ def placement_flags(args: argparse.Namespace) -> list[str]:
     for name in ("slo_ttft_ms", "slo_tbt_ms"):
         if getattr(args, name) is not None:
             flags += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
-    return flags
+    return flags if args.prefix_pull else [*flags, "--no-prefix-pull"]
 
 
 def add_redis_url_arg(parser: argparse.ArgumentParser) -> None:

@@ -99,6 +99,7 @@ def router_command(args: argparse.Namespace) -> int:
             api_key=args.api_key,
             policy=args.policy,
             policy_options=parse_policy_options(args.policy_option),
+            prefix_pull=args.prefix_pull,
             ttft_slo_s=None if args.slo_ttft_ms is None else args.slo_ttft_ms / 1000.0,
             tbt_slo_s=None if args.slo_tbt_ms is None else args.slo_tbt_ms / 1000.0,
             otlp_endpoint=cli_args.otlp_endpoint(args),

@@ -25,7 +25,9 @@ INFERENCE_SERVICE = "splitserve.v1.Inference"
 def serve(options: NodeOptions) -> int:
     def attach(engine: AsyncEngine, transport: Any, server: grpc.aio.Server) -> PrefillNodeService:
         block_size = engine.engine.config.block_size
-        service = PrefillNodeService(engine, transport, block_size, options.one_piece_below)
+        service = PrefillNodeService(
+            engine, transport, block_size, options.one_piece_below, options.cluster_token
+        )
         add_checked_servicer(cluster_pb2_grpc.add_PrefillNodeServicer_to_server, service, server)
         whole = WholeRequestService(engine, keep_local=True, accepting=lambda: service.accepting)
         add_checked_servicer(inference_pb2_grpc.add_InferenceServicer_to_server, whole, server)

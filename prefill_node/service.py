@@ -3,7 +3,8 @@
 A request's life cycle on this node:
 1. Prefill arrives from the router with the prompt, the chosen decode node's transport descriptor and the block ids
    that node reserved. The engine validates the request (INVALID_ARGUMENT); the transport connects to the decode
-   node (once per peer; UNAVAILABLE if it cannot).
+   node (once per peer; UNAVAILABLE if it cannot). When the decode node's prefix cache holds more of the prompt
+   than this node's, those blocks are copied from there instead of computed (prefill_node/prefix_pull.py).
 2. The engine computes the prompt in chunks. Right after each layer's KV of a chunk is stored, the layer hook issues
    a one-sided write of those blocks into the matching reserved blocks, so transfer overlaps the remaining layers.
    Prompts shorter than `one_piece_below` tokens skip this: their whole KV goes in step 3, in one write per layer
@@ -54,6 +55,7 @@ from engine.errors import EngineError
 from engine.sequence import FinishReason
 from kvtransfer.base import TransferState
 from kvtransfer.notifications import kv_done, kv_fence
+from prefill_node.prefix_pull import DEFAULT_QUARANTINE_S, PrefixPull
 from splitserve.v1 import cluster_pb2 as cpb
 from splitserve.v1 import cluster_pb2_grpc
 from splitserve.v1 import inference_pb2 as pb
@@ -96,7 +98,14 @@ class _Target:
 
 
 class PrefillNodeService(cluster_pb2_grpc.PrefillNodeServicer):
-    def __init__(self, engine: AsyncEngine, transport, block_size: int, one_piece_below: int = 512) -> None:
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        transport,
+        block_size: int,
+        one_piece_below: int = 512,
+        cluster_token: str | None = None,
+    ) -> None:
         self.engine = engine
         self.one_piece_below = one_piece_below
         self.transport = transport
@@ -116,6 +125,14 @@ class PrefillNodeService(cluster_pb2_grpc.PrefillNodeServicer):
         # Told (seconds, bytes) of each completed transfer; the node's metrics (cluster/node/metrics.py) set it.
         self.on_kv_transfer: Callable[[float, int], None] | None = None
         engine.engine.set_kv_layer_hook(self._on_layer_stored)
+        quarantine_s = float(getattr(transport, "transfer_timeout_s", DEFAULT_QUARANTINE_S))
+        self.prefix_pull = PrefixPull(engine, transport, cluster_token, quarantine_s)
+
+    async def start(self) -> None:
+        await self.prefix_pull.start()
+
+    async def stop(self) -> None:
+        await self.prefix_pull.stop()
 
     @property
     def pending_work(self) -> int:
@@ -166,6 +183,7 @@ class PrefillNodeService(cluster_pb2_grpc.PrefillNodeServicer):
                 raise TransferFailed("the request was aborted before its transfer started", "prefill")
             self._targets[rid] = target
             self._started.add(rid)
+            pulled = await self.prefix_pull.pull(rid, prompt + prior, request, deadline)
             stream = await self.engine.generate(rid, prompt, params, prior or None)
             try:
                 out = await asyncio.wait_for(_last_output(stream), max(0.0, deadline - time.monotonic()))
@@ -195,6 +213,8 @@ class PrefillNodeService(cluster_pb2_grpc.PrefillNodeServicer):
                 kv_transfer_bytes=target.bytes_written,
                 queue_seconds=_queued_s(target, started_ns),
                 prompt_logprobs=prompt_logprobs_to_proto(out),
+                imported_blocks=pulled.blocks,
+                imported_bytes=pulled.bytes,
             )
         except EngineError as exc:
             tracing.mark_failed(span, str(exc))

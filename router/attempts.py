@@ -28,10 +28,10 @@ from opentelemetry.trace import Span
 
 from cluster import tracing
 from cluster.failed_side import failed_side_of
+from cluster.node_clients import NodeClients
 from cluster.state import ClusterView, NodeState
 from router.liveness import Liveness, NodeLost, NodeWatch
 from router.load_tracker import LoadTracker
-from router.node_clients import NodeClients
 from router.policy import Placement
 from router.relay import Relay
 from splitserve.v1 import cluster_pb2 as cpb
@@ -146,6 +146,7 @@ class Attempts:
                                 decode_transport_descriptor=decode.info.transport,
                                 decode_block_ids=reply.block_ids,
                                 decode_cached_blocks=reply.cached_blocks,
+                                decode_address=self._pull_from(decode, reply.cached_blocks),
                                 deadline_seconds=self.config.prefill_deadline_s,
                                 prior_output_token_ids=relay.delivered,
                             ),
@@ -246,6 +247,10 @@ class Attempts:
             stream.cancel()
             call.end()
             self.tracker.done(node_id, rid)
+
+    def _pull_from(self, decode: NodeState, cached_blocks: int) -> str:
+        """The decode node's address when the prefill node may ask it for the cached blocks it lacks; else ""."""
+        return decode.info.address if self.config.prefix_pull and cached_blocks else ""
 
     async def _call(self, live: Liveness, node: NodeState, call, timeout_s: float, decode_peer=None):
         """Await a unary RPC while the attempt's nodes stay in the view, at most timeout_s; node failures become

@@ -20,6 +20,8 @@ class RouterConfig:
     # Latency targets handed to placement (cost and power policies keep predictions within them); None: none.
     ttft_slo_s: float | None = None
     tbt_slo_s: float | None = None
+    # A prefill node may copy the prompt blocks the chosen decode node caches and it lacks, instead of computing them.
+    prefix_pull: bool = True
     # Load shedding (router/admission.py) and tokenizing off the event loop (router/prompt_encoder.py).
     max_concurrent_requests: int = DEFAULT_MAX_ACTIVE
     max_queued_requests: int = DEFAULT_MAX_QUEUED

@@ -31,6 +31,7 @@ from opentelemetry.context import Context
 from opentelemetry.trace import Span
 
 from cluster import tracing
+from cluster.node_clients import NodeClients
 from cluster.state import ClusterView
 from engine.tokenizer import Tokenizer
 from router.admission import (
@@ -45,7 +46,6 @@ from router.kv_index import KVIndex
 from router.kv_policy import lookup_cached_tokens
 from router.load_tracker import LoadTracker
 from router.metrics import RequestTimer, RouterMetrics
-from router.node_clients import NodeClients
 from router.policy import Placement, PlacementPolicy, PlacementRequest
 from router.prompt_encoder import EncoderBusy, PromptEncoder, PromptTooLong
 from router.relay import OutputLengthEstimate, Relay
@@ -193,6 +193,7 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
                 ttft_slo_s=self.config.ttft_slo_s,
                 tbt_slo_s=self.config.tbt_slo_s,
                 resuming=bool(relay.delivered),
+                prefix_pull=self.config.prefix_pull,
             )
             self.index.update(self.view.nodes())
             cached = self._cached_tokens(prompt + relay.delivered)

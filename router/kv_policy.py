@@ -8,7 +8,10 @@ fills RoleArrays.cached_tokens with the leading prompt tokens each node holds (`
   model predict 0 for all; they are ordered by the same sum in tokens, then by running requests.
 - decode node: among those with room for the KV it lacks, the one holding the longest prefix of the prompt (the
   previous turn of a conversation decoded there: it shares those blocks and receives only the rest), then JSQ's
-  order (most free blocks, fewest running).
+  order (most free blocks, fewest running). It is chosen first: with prefix pulls (PlacementRequest.prefix_pull,
+  prefill_node/prefix_pull.py) the prefill node copies what that node holds instead of computing it, so cached_i
+  above is the longer of the prefill node's prefix and the decode node's (the copy is priced at nothing: a block
+  crosses the network in far less time than it takes to compute).
 - no pair: the colocated node with the fewest tokens to compute (queue plus uncached prompt).
 Option `local_prefill_tokens=N` (0, off, by default): a decode node that holds the prompt's prefix computes the rest
 itself when that is at most N tokens and less than any prefill node would compute: a conversation's later turns then
@@ -48,10 +51,13 @@ class KVAware:
     def place(self, request: PlacementRequest, roles: dict[str, RoleArrays]) -> Placement | None:
         prompt = request.prompt_tokens
         prefill, decode, colocated = roles["prefill"], roles["decode"], roles["colocated"]
-        p = _soonest(prefill, prompt)
         d_fits = decode.usable & pm.fits_kv(decode, np.maximum(prompt - decode.cached_tokens, 1))
         d = pm.pick(decode, d_fits, -decode.cached_tokens, *pm.room_keys(decode))
+        pulled = int(decode.cached_tokens[d]) if d is not None and request.prefix_pull else 0
+        p = _soonest(prefill, prompt, pulled)
         if not request.resuming:  # a resumed stream continues on a pair only
+            # What that prefill node would compute from its own cache: a pull makes it compute no more than the
+            # decode node would, but costs a transfer each way, which local prefill does not.
             remote_work = int(pm.to_compute(prefill, prompt)[p]) if p is not None else None
             local = self._local_prefill(decode, prompt, remote_work)
             if local is not None:
@@ -75,10 +81,11 @@ class KVAware:
         return None if j is None else Placement(colocated=decode.node_ids[j], borrowed=True)
 
 
-def _soonest(arrays: RoleArrays, prompt: int) -> int | None:
-    """The usable node predicted to finish computing the prompt first: latency line over queue plus uncached work,
-    then (no latency lines) those tokens, then fewest running."""
-    work = pm.to_compute(arrays, prompt)
+def _soonest(arrays: RoleArrays, prompt: int, pulled: int = 0) -> int | None:
+    """The usable node predicted to finish computing the prompt first: latency line over queue plus uncached work
+    (what it can pull from the decode node counts as cached), then (no latency lines) those tokens, then fewest
+    running."""
+    work = pm.to_compute(arrays, prompt, pulled)
     ttft = pm.predicted_ttft(arrays, work)
     return pm.pick(arrays, arrays.usable, ttft, arrays.pending_tokens + work, arrays.running)
 

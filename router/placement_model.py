@@ -23,9 +23,10 @@ from router.cluster_index import RoleArrays
 MAX_BATCH_PROMPT_TOKENS = 2048
 
 
-def to_compute(arrays: RoleArrays, prompt_tokens: int) -> np.ndarray:
-    """Prompt tokens each node would compute: those past its cached prefix (engines always compute the last one)."""
-    return np.maximum(prompt_tokens - arrays.cached_tokens, 1)
+def to_compute(arrays: RoleArrays, prompt_tokens: int, pulled: int = 0) -> np.ndarray:
+    """Prompt tokens each node would compute: those past its cached prefix, or past the `pulled` leading tokens it
+    would copy from its decode node instead (engines always compute the last one)."""
+    return np.maximum(prompt_tokens - np.maximum(arrays.cached_tokens, pulled), 1)
 
 
 def prompt_seconds(arrays: RoleArrays, prompt_tokens: int | np.ndarray) -> np.ndarray:

@@ -38,6 +38,9 @@ class PlacementRequest:
     tbt_slo_s: float | None = None
     # Tokens were delivered already (its decode node died): only a (prefill, decode) pair can resume the stream.
     resuming: bool = False
+    # The prefill node of a pair may copy the prompt blocks its decode node caches instead of computing them
+    # (RouterConfig.prefix_pull): what the decode node holds counts as cached for the prefill node too.
+    prefix_pull: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -69,6 +69,7 @@ class Relay:
         )
         self.record.transfer_seconds += response.kv_transfer_seconds
         self.record.transfer_bytes += response.kv_transfer_bytes
+        self.record.imported_bytes += response.imported_bytes
 
     def message(
         self,

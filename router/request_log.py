@@ -43,6 +43,7 @@ class RequestRecord:
     phases: dict[str, float] = field(default_factory=lambda: dict.fromkeys(PHASES, 0.0))
     transfer_seconds: float = 0.0
     transfer_bytes: int = 0
+    imported_bytes: int = 0  # prefix KV its decode node wrote back into the prefill node (not computed there)
     output_tokens: int = 0
     ttft_s: float | None = None
     e2e_s: float | None = None

@@ -53,6 +53,9 @@ class RouterOptions:
     policy_options: dict[str, Any] = field(default_factory=dict)
     ttft_slo_s: float | None = None
     tbt_slo_s: float | None = None
+    prefix_pull: bool = (
+        True  # prefill nodes may copy prefix blocks from the decode node (prefill_node/prefix_pull.py)
+    )
     max_model_len: int | None = None
     grace_s: float = 10.0
     # Load shedding (router/admission.py): requests running on the nodes, and waiting for a slot (for how long).
@@ -105,6 +108,7 @@ async def run_router(options: RouterOptions) -> int:
             vocab_size=int(config["vocab_size"]),
             ttft_slo_s=options.ttft_slo_s,
             tbt_slo_s=options.tbt_slo_s,
+            prefix_pull=options.prefix_pull,
             max_concurrent_requests=options.max_concurrent_requests,
             max_queued_requests=options.max_queued_requests,
             queue_timeout_s=options.queue_timeout_s,

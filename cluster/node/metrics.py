@@ -9,7 +9,9 @@ Every metric carries {role, node, machine_type}, so one Prometheus job can scrap
 - splitserve:node_power_watts{source}: the node's power meter, read when scraped (NVML "measured" or "modeled").
 - Prefill nodes: splitserve:kv_transfer_seconds, a histogram of each request's KV transfer from its first write
   issued to its last write done (layer-wise transfers start while the prompt is still being computed), and
-  splitserve:kv_transfer_bytes_total, the bytes those completed transfers wrote into decode nodes.
+  splitserve:kv_transfer_bytes_total, the bytes those completed transfers wrote into decode nodes;
+  splitserve:kv_imported_blocks_total and splitserve:kv_imported_bytes_total, the prefix blocks decode nodes wrote
+  back into this node so it need not compute them (prefill_node/prefix_pull.py).
 One registry per node (not prometheus_client's global one), so tests that run several nodes in one process never
 share counts.
 """
@@ -51,6 +53,7 @@ class NodeMetrics:
         self.registry.register(_PowerCollector(identity, meter))
         self._transfer_seconds: Histogram | None = None
         self._transfer_bytes: Counter | None = None
+        self._imported: tuple[Counter, Counter] | None = None
         if identity.role == "prefill":  # only prefill nodes send KV
             self._transfer_seconds = Histogram(
                 "splitserve:kv_transfer_seconds",
@@ -65,6 +68,23 @@ class NodeMetrics:
                 LABELS,
                 registry=self.registry,
             ).labels(*identity.label_values)
+            self._imported = tuple(  # type: ignore[assignment]
+                Counter(name, text, LABELS, registry=self.registry).labels(*identity.label_values)
+                for name, text in (
+                    (
+                        "splitserve:kv_imported_blocks",
+                        "Prefix KV blocks decode nodes wrote back, not computed here",
+                    ),
+                    ("splitserve:kv_imported_bytes", "Bytes of those blocks"),
+                )
+            )
+
+    def observe_kv_import(self, num_blocks: int, num_bytes: int) -> None:
+        """Prefix blocks a decode node wrote back into this node (the prefill service calls it)."""
+        if self._imported is None:
+            raise RuntimeError(f"a {self.identity.role} node imports no KV")
+        self._imported[0].inc(num_blocks)
+        self._imported[1].inc(num_bytes)
 
     def observe_kv_transfer(self, seconds: float, num_bytes: int) -> None:
         """One request's KV reached its decode node (the prefill service calls it)."""

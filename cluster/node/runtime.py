@@ -144,6 +144,8 @@ async def run_node(options: NodeOptions, service_names: list[str], attach: Attac
     metrics = NodeMetrics(NodeIdentity(options.role, node_id, power.machine.name), async_engine, power.meter)
     if hasattr(service, "on_kv_transfer"):  # prefill nodes time their transfers
         service.on_kv_transfer = metrics.observe_kv_transfer
+    if (pull := getattr(service, "prefix_pull", None)) is not None:
+        pull.on_import = metrics.observe_kv_import
     metrics_server = MetricsServer(metrics)
     try:
         metrics_address = await metrics_server.start(options.host, options.metrics_port)

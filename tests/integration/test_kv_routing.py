@@ -3,9 +3,10 @@
 2 prefill + 2 decode nodes, `--policy kv`. Each node publishes the prefix-cache keys it holds (KV events through
 Redis); the router hashes each prompt the same way and sends it to the prefill node that computes the least. Turn 2
 of a conversation (turn 1's prompt and output plus a new message) must land on the prefill node that computed turn
-1, which then computes only what it lacks: the usage's cached_prompt_tokens counts turn 1's full prompt blocks. It
-must also land on the decode node that decoded turn 1, which holds turn 1's prompt and output: that node shares
-those blocks and the prefill node sends only the rest (the request log's transfer bytes count them). After
+1 and on the decode node that decoded it, which holds turn 1's prompt and output. The decode node shares those
+blocks and the prefill node sends only the rest (the request log's transfer bytes count them); the prefill node,
+which holds turn 1's prompt, gets the answer's blocks from the decode node (prefill_node/prefix_pull.py) and
+computes only the new message: the usage's cached_prompt_tokens counts every block the decode node held. After
 the caches were forced to evict turn 1 (unrelated traffic through small KV pools), the same requests still return
 exactly the single engine's tokens: a stale index costs a recompute, never a wrong token.
 """
@@ -93,8 +94,10 @@ def test_turn_two_reuses_turn_ones_prefix_and_eviction_costs_only_a_recompute(ll
         # rightly sends the second elsewhere when its queue outweighs the hit (router/kv_policy.py).
         second = [generate_many(cluster.router_address, [prompt], **SAMPLING)[0] for prompt in turn2]
         assert [r.token_ids for r in second] == out2
+        # The decode node computed turn 1's prompt and all but the last output token: those full blocks stay there.
+        held = [(len(p) + MAX_TOKENS - 1) // BLOCK for p in turn1]
         reused = [r.usage.cached_prompt_tokens if r.usage else -1 for r in second]
-        assert reused == [len(p) // BLOCK * BLOCK for p in turn1]
+        assert reused == [h * BLOCK for h in held]  # computed: only what follows turn 1's last full block
 
         # The 8 requests so far, by prompt length (distinct here; turn 1's ran concurrently, in any order).
         by_length = {r["prompt_tokens"]: r for r in recent_requests(cluster, 8)}
@@ -107,16 +110,19 @@ def test_turn_two_reuses_turn_ones_prefix_and_eviction_costs_only_a_recompute(ll
         assert [r["transfer_bytes"] for r in first_records] == [
             (blocks(p) * LAYERS + 1) * layer_block for p in turn1
         ]
-        for t1, t2, p1, p2 in zip(first_records, second_records, turn1, turn2, strict=True):
+        for t1, t2, p1, p2, h in zip(first_records, second_records, turn1, turn2, held, strict=True):
             assert t2["nodes"] == t1["nodes"]  # both turns on the same prefill and decode nodes
-            # The decode node computed turn 1's prompt and all but the last output token: those full blocks stay.
-            held = (len(p1) + MAX_TOKENS - 1) // BLOCK
-            assert t2["transfer_bytes"] == ((blocks(p2) - held) * LAYERS + 1) * layer_block
+            assert (
+                t2["transfer_bytes"] == ((blocks(p2) - h) * LAYERS + 1) * layer_block
+            )  # only what it lacked
+            # Back the other way: the answer's blocks the prefill node lacked, every layer of each once.
+            assert t2["imported_bytes"] == (h - len(p1) // BLOCK) * LAYERS * layer_block
 
-        # Unrelated prompts until no prefill node holds any turn-1 block any more (bounded rounds).
+        # Unrelated prompts until no node holds any turn-1 block any more (bounded rounds).
         first_keys = [next(chain(p, BLOCK)) for p in turn1]
+        node_ids = prefill_ids + [d.node_id for d in cluster.by_role("decode")]
         rounds = 0
-        while any(holders(client, prefill_ids, k) for k in first_keys):
+        while any(holders(client, node_ids, k) for k in first_keys):
             rounds += 1
             assert rounds <= 30, "turn 1's blocks were never evicted"
             # Decoded to their end (max_tokens 2), so that no reservation outlives its round in the small pools.

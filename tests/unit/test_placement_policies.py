@@ -438,3 +438,20 @@ def test_kv_local_prefill_keeps_a_conversation_on_the_decode_node_that_holds_it(
     assert local.place(request(prompt=1000), even) == Placement(prefill="p0", decode="d1")
     with pytest.raises(ValueError, match="local_prefill_tokens"):
         create_policy("kv", local_prefill_tokens=-1)
+
+
+@pytest.mark.parametrize("perf", [True, False])
+def test_kv_with_prefix_pulls_counts_the_decode_nodes_prefix_for_every_prefill_node(perf: bool) -> None:
+    # d1 holds 900 of the 1,000 tokens (turn 1's prompt and answer); p0 holds 600 of them but has 500 queued.
+    state = roles(
+        prefill=[N("p0", perf=perf, cached=600, pending=500), N("p1", perf=perf)],
+        decode=[N("d0", perf=perf), N("d1", perf=perf, cached=900)],
+    )
+    policy = create_policy("kv")
+    # Without pulls p0 computes 400 behind 500 queued, p1 all 1,000: p0. With them p1 copies 900 and computes 100.
+    assert policy.place(request(prompt=1000), state) == Placement(prefill="p0", decode="d1")
+    pulling = PlacementRequest(1000, 1128, 128, prefix_pull=True)
+    assert policy.place(pulling, state) == Placement(prefill="p1", decode="d1")
+    # Local prefill on d1 computes as little as p1 after its pull, with no transfer either way: d1 does it.
+    local = create_policy("kv", local_prefill_tokens=256)
+    assert local.place(pulling, state) == Placement(colocated="d1", borrowed=True)

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from splitserve.v1 import inference_pb2 as splitserve_dot_v1_dot_inference__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bsplitserve/v1/cluster.proto\x12\rsplitserve.v1\x1a\x1dsplitserve/v1/inference.proto\"\xa9\x01\n\x0eReserveRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12\x33\n\x08sampling\x18\x03 \x01(\x0b\x32!.splitserve.v1.SamplingParameters\x12\x14\n\x0chold_seconds\x18\x04 \x01(\x01\x12\x1e\n\x16prior_output_token_ids\x18\x05 \x03(\r\"O\n\x0fReserveResponse\x12\x11\n\tblock_ids\x18\x01 \x03(\r\x12\x12\n\nblock_size\x18\x02 \x01(\r\x12\x15\n\rcached_blocks\x18\x03 \x01(\r\"\xa2\x02\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12\x33\n\x08sampling\x18\x03 \x01(\x0b\x32!.splitserve.v1.SamplingParameters\x12\x16\n\x0e\x64\x65\x63ode_node_id\x18\x04 \x01(\t\x12#\n\x1b\x64\x65\x63ode_transport_descriptor\x18\x05 \x01(\x0c\x12\x18\n\x10\x64\x65\x63ode_block_ids\x18\x06 \x03(\r\x12\x18\n\x10\x64\x65\x61\x64line_seconds\x18\x07 \x01(\x01\x12\x1e\n\x16prior_output_token_ids\x18\x08 \x03(\r\x12\x1c\n\x14\x64\x65\x63ode_cached_blocks\x18\t \x01(\r\"\x97\x03\n\x0fPrefillResponse\x12\x30\n\x0b\x66irst_token\x18\x01 \x01(\x0b\x32\x1b.splitserve.v1.TokenLogprob\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x02 \x01(\r\x12\x17\n\x0f\x63ompute_seconds\x18\x03 \x01(\x01\x12\x1d\n\x15transfer_wait_seconds\x18\x04 \x01(\x01\x12\x32\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x1b.splitserve.v1.FinishReason\x12\x12\n\nfirst_text\x18\x06 \x01(\t\x12/\n\x07\x63harges\x18\x07 \x01(\x0b\x32\x1e.splitserve.v1.ChargeBreakdown\x12\x1b\n\x13kv_transfer_seconds\x18\x08 \x01(\x01\x12\x19\n\x11kv_transfer_bytes\x18\t \x01(\x04\x12\x15\n\rqueue_seconds\x18\n \x01(\x01\x12\x34\n\x0fprompt_logprobs\x18\x0b \x03(\x0b\x32\x1b.splitserve.v1.TokenLogprob\"n\n\rDecodeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x30\n\x0b\x66irst_token\x18\x02 \x01(\x0b\x32\x1b.splitserve.v1.TokenLogprob\x12\x17\n\x0fkv_wait_seconds\x18\x03 \x01(\x01\"8\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x14\n\x0cno_kv_writes\x18\x02 \x01(\x08\"\x1e\n\rAbortResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\x32\x9b\x01\n\x0bPrefillNode\x12H\n\x07Prefill\x12\x1d.splitserve.v1.PrefillRequest\x1a\x1e.splitserve.v1.PrefillResponse\x12\x42\n\x05\x41\x62ort\x12\x1b.splitserve.v1.AbortRequest\x1a\x1c.splitserve.v1.AbortResponse2\xe5\x01\n\nDecodeNode\x12H\n\x07Reserve\x12\x1d.splitserve.v1.ReserveRequest\x1a\x1e.splitserve.v1.ReserveResponse\x12I\n\x06\x44\x65\x63ode\x12\x1c.splitserve.v1.DecodeRequest\x1a\x1f.splitserve.v1.GenerateResponse0\x01\x12\x42\n\x05\x41\x62ort\x12\x1b.splitserve.v1.AbortRequest\x1a\x1c.splitserve.v1.AbortResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bsplitserve/v1/cluster.proto\x12\rsplitserve.v1\x1a\x1dsplitserve/v1/inference.proto\"\xa9\x01\n\x0eReserveRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12\x33\n\x08sampling\x18\x03 \x01(\x0b\x32!.splitserve.v1.SamplingParameters\x12\x14\n\x0chold_seconds\x18\x04 \x01(\x01\x12\x1e\n\x16prior_output_token_ids\x18\x05 \x03(\r\"O\n\x0fReserveResponse\x12\x11\n\tblock_ids\x18\x01 \x03(\r\x12\x12\n\nblock_size\x18\x02 \x01(\r\x12\x15\n\rcached_blocks\x18\x03 \x01(\r\"\xba\x02\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12\x33\n\x08sampling\x18\x03 \x01(\x0b\x32!.splitserve.v1.SamplingParameters\x12\x16\n\x0e\x64\x65\x63ode_node_id\x18\x04 \x01(\t\x12#\n\x1b\x64\x65\x63ode_transport_descriptor\x18\x05 \x01(\x0c\x12\x18\n\x10\x64\x65\x63ode_block_ids\x18\x06 \x03(\r\x12\x18\n\x10\x64\x65\x61\x64line_seconds\x18\x07 \x01(\x01\x12\x1e\n\x16prior_output_token_ids\x18\x08 \x03(\r\x12\x1c\n\x14\x64\x65\x63ode_cached_blocks\x18\t \x01(\r\x12\x16\n\x0e\x64\x65\x63ode_address\x18\n \x01(\t\"\xc8\x03\n\x0fPrefillResponse\x12\x30\n\x0b\x66irst_token\x18\x01 \x01(\x0b\x32\x1b.splitserve.v1.TokenLogprob\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x02 \x01(\r\x12\x17\n\x0f\x63ompute_seconds\x18\x03 \x01(\x01\x12\x1d\n\x15transfer_wait_seconds\x18\x04 \x01(\x01\x12\x32\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x1b.splitserve.v1.FinishReason\x12\x12\n\nfirst_text\x18\x06 \x01(\t\x12/\n\x07\x63harges\x18\x07 \x01(\x0b\x32\x1e.splitserve.v1.ChargeBreakdown\x12\x1b\n\x13kv_transfer_seconds\x18\x08 \x01(\x01\x12\x19\n\x11kv_transfer_bytes\x18\t \x01(\x04\x12\x15\n\rqueue_seconds\x18\n \x01(\x01\x12\x34\n\x0fprompt_logprobs\x18\x0b \x03(\x0b\x32\x1b.splitserve.v1.TokenLogprob\x12\x17\n\x0fimported_blocks\x18\x0c \x01(\r\x12\x16\n\x0eimported_bytes\x18\r \x01(\x04\"n\n\rDecodeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x30\n\x0b\x66irst_token\x18\x02 \x01(\x0b\x32\x1b.splitserve.v1.TokenLogprob\x12\x17\n\x0fkv_wait_seconds\x18\x03 \x01(\x01\"\x97\x01\n\x11SendPrefixRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12$\n\x1cprefill_transport_descriptor\x18\x02 \x01(\x0c\x12\x13\n\x0b\x66irst_block\x18\x03 \x01(\r\x12\x19\n\x11prefill_block_ids\x18\x04 \x03(\r\x12\x18\n\x10\x64\x65\x61\x64line_seconds\x18\x05 \x01(\x01\"#\n\x12SendPrefixResponse\x12\r\n\x05\x62ytes\x18\x01 \x01(\x04\"8\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x14\n\x0cno_kv_writes\x18\x02 \x01(\x08\"\x1e\n\rAbortResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\x32\x9b\x01\n\x0bPrefillNode\x12H\n\x07Prefill\x12\x1d.splitserve.v1.PrefillRequest\x1a\x1e.splitserve.v1.PrefillResponse\x12\x42\n\x05\x41\x62ort\x12\x1b.splitserve.v1.AbortRequest\x1a\x1c.splitserve.v1.AbortResponse2\xb8\x02\n\nDecodeNode\x12H\n\x07Reserve\x12\x1d.splitserve.v1.ReserveRequest\x1a\x1e.splitserve.v1.ReserveResponse\x12I\n\x06\x44\x65\x63ode\x12\x1c.splitserve.v1.DecodeRequest\x1a\x1f.splitserve.v1.GenerateResponse0\x01\x12\x42\n\x05\x41\x62ort\x12\x1b.splitserve.v1.AbortRequest\x1a\x1c.splitserve.v1.AbortResponse\x12Q\n\nSendPrefix\x12 .splitserve.v1.SendPrefixRequest\x1a!.splitserve.v1.SendPrefixResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,17 +37,21 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_RESERVERESPONSE']._serialized_start=249
   _globals['_RESERVERESPONSE']._serialized_end=328
   _globals['_PREFILLREQUEST']._serialized_start=331
-  _globals['_PREFILLREQUEST']._serialized_end=621
-  _globals['_PREFILLRESPONSE']._serialized_start=624
-  _globals['_PREFILLRESPONSE']._serialized_end=1031
-  _globals['_DECODEREQUEST']._serialized_start=1033
-  _globals['_DECODEREQUEST']._serialized_end=1143
-  _globals['_ABORTREQUEST']._serialized_start=1145
-  _globals['_ABORTREQUEST']._serialized_end=1201
-  _globals['_ABORTRESPONSE']._serialized_start=1203
-  _globals['_ABORTRESPONSE']._serialized_end=1233
-  _globals['_PREFILLNODE']._serialized_start=1236
-  _globals['_PREFILLNODE']._serialized_end=1391
-  _globals['_DECODENODE']._serialized_start=1394
-  _globals['_DECODENODE']._serialized_end=1623
+  _globals['_PREFILLREQUEST']._serialized_end=645
+  _globals['_PREFILLRESPONSE']._serialized_start=648
+  _globals['_PREFILLRESPONSE']._serialized_end=1104
+  _globals['_DECODEREQUEST']._serialized_start=1106
+  _globals['_DECODEREQUEST']._serialized_end=1216
+  _globals['_SENDPREFIXREQUEST']._serialized_start=1219
+  _globals['_SENDPREFIXREQUEST']._serialized_end=1370
+  _globals['_SENDPREFIXRESPONSE']._serialized_start=1372
+  _globals['_SENDPREFIXRESPONSE']._serialized_end=1407
+  _globals['_ABORTREQUEST']._serialized_start=1409
+  _globals['_ABORTREQUEST']._serialized_end=1465
+  _globals['_ABORTRESPONSE']._serialized_start=1467
+  _globals['_ABORTRESPONSE']._serialized_end=1497
+  _globals['_PREFILLNODE']._serialized_start=1500
+  _globals['_PREFILLNODE']._serialized_end=1655
+  _globals['_DECODENODE']._serialized_start=1658
+  _globals['_DECODENODE']._serialized_end=1970
 # @@protoc_insertion_point(module_scope)

@@ -32,7 +32,7 @@ class ReserveResponse(_message.Message):
     def __init__(self, block_ids: _Optional[_Iterable[int]] = ..., block_size: _Optional[int] = ..., cached_blocks: _Optional[int] = ...) -> None: ...
 
 class PrefillRequest(_message.Message):
-    __slots__ = ("request_id", "prompt_token_ids", "sampling", "decode_node_id", "decode_transport_descriptor", "decode_block_ids", "deadline_seconds", "prior_output_token_ids", "decode_cached_blocks")
+    __slots__ = ("request_id", "prompt_token_ids", "sampling", "decode_node_id", "decode_transport_descriptor", "decode_block_ids", "deadline_seconds", "prior_output_token_ids", "decode_cached_blocks", "decode_address")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
@@ -42,6 +42,7 @@ class PrefillRequest(_message.Message):
     DEADLINE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     PRIOR_OUTPUT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     DECODE_CACHED_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    DECODE_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
     sampling: _inference_pb2.SamplingParameters
@@ -51,10 +52,11 @@ class PrefillRequest(_message.Message):
     deadline_seconds: float
     prior_output_token_ids: _containers.RepeatedScalarFieldContainer[int]
     decode_cached_blocks: int
-    def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_inference_pb2.SamplingParameters, _Mapping]] = ..., decode_node_id: _Optional[str] = ..., decode_transport_descriptor: _Optional[bytes] = ..., decode_block_ids: _Optional[_Iterable[int]] = ..., deadline_seconds: _Optional[float] = ..., prior_output_token_ids: _Optional[_Iterable[int]] = ..., decode_cached_blocks: _Optional[int] = ...) -> None: ...
+    decode_address: str
+    def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_inference_pb2.SamplingParameters, _Mapping]] = ..., decode_node_id: _Optional[str] = ..., decode_transport_descriptor: _Optional[bytes] = ..., decode_block_ids: _Optional[_Iterable[int]] = ..., deadline_seconds: _Optional[float] = ..., prior_output_token_ids: _Optional[_Iterable[int]] = ..., decode_cached_blocks: _Optional[int] = ..., decode_address: _Optional[str] = ...) -> None: ...
 
 class PrefillResponse(_message.Message):
-    __slots__ = ("first_token", "cached_prompt_tokens", "compute_seconds", "transfer_wait_seconds", "finish_reason", "first_text", "charges", "kv_transfer_seconds", "kv_transfer_bytes", "queue_seconds", "prompt_logprobs")
+    __slots__ = ("first_token", "cached_prompt_tokens", "compute_seconds", "transfer_wait_seconds", "finish_reason", "first_text", "charges", "kv_transfer_seconds", "kv_transfer_bytes", "queue_seconds", "prompt_logprobs", "imported_blocks", "imported_bytes")
     FIRST_TOKEN_FIELD_NUMBER: _ClassVar[int]
     CACHED_PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     COMPUTE_SECONDS_FIELD_NUMBER: _ClassVar[int]
@@ -66,6 +68,8 @@ class PrefillResponse(_message.Message):
     KV_TRANSFER_BYTES_FIELD_NUMBER: _ClassVar[int]
     QUEUE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     PROMPT_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    IMPORTED_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    IMPORTED_BYTES_FIELD_NUMBER: _ClassVar[int]
     first_token: _inference_pb2.TokenLogprob
     cached_prompt_tokens: int
     compute_seconds: float
@@ -77,7 +81,9 @@ class PrefillResponse(_message.Message):
     kv_transfer_bytes: int
     queue_seconds: float
     prompt_logprobs: _containers.RepeatedCompositeFieldContainer[_inference_pb2.TokenLogprob]
-    def __init__(self, first_token: _Optional[_Union[_inference_pb2.TokenLogprob, _Mapping]] = ..., cached_prompt_tokens: _Optional[int] = ..., compute_seconds: _Optional[float] = ..., transfer_wait_seconds: _Optional[float] = ..., finish_reason: _Optional[_Union[_inference_pb2.FinishReason, str]] = ..., first_text: _Optional[str] = ..., charges: _Optional[_Union[_inference_pb2.ChargeBreakdown, _Mapping]] = ..., kv_transfer_seconds: _Optional[float] = ..., kv_transfer_bytes: _Optional[int] = ..., queue_seconds: _Optional[float] = ..., prompt_logprobs: _Optional[_Iterable[_Union[_inference_pb2.TokenLogprob, _Mapping]]] = ...) -> None: ...
+    imported_blocks: int
+    imported_bytes: int
+    def __init__(self, first_token: _Optional[_Union[_inference_pb2.TokenLogprob, _Mapping]] = ..., cached_prompt_tokens: _Optional[int] = ..., compute_seconds: _Optional[float] = ..., transfer_wait_seconds: _Optional[float] = ..., finish_reason: _Optional[_Union[_inference_pb2.FinishReason, str]] = ..., first_text: _Optional[str] = ..., charges: _Optional[_Union[_inference_pb2.ChargeBreakdown, _Mapping]] = ..., kv_transfer_seconds: _Optional[float] = ..., kv_transfer_bytes: _Optional[int] = ..., queue_seconds: _Optional[float] = ..., prompt_logprobs: _Optional[_Iterable[_Union[_inference_pb2.TokenLogprob, _Mapping]]] = ..., imported_blocks: _Optional[int] = ..., imported_bytes: _Optional[int] = ...) -> None: ...
 
 class DecodeRequest(_message.Message):
     __slots__ = ("request_id", "first_token", "kv_wait_seconds")
@@ -88,6 +94,26 @@ class DecodeRequest(_message.Message):
     first_token: _inference_pb2.TokenLogprob
     kv_wait_seconds: float
     def __init__(self, request_id: _Optional[str] = ..., first_token: _Optional[_Union[_inference_pb2.TokenLogprob, _Mapping]] = ..., kv_wait_seconds: _Optional[float] = ...) -> None: ...
+
+class SendPrefixRequest(_message.Message):
+    __slots__ = ("request_id", "prefill_transport_descriptor", "first_block", "prefill_block_ids", "deadline_seconds")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    PREFILL_TRANSPORT_DESCRIPTOR_FIELD_NUMBER: _ClassVar[int]
+    FIRST_BLOCK_FIELD_NUMBER: _ClassVar[int]
+    PREFILL_BLOCK_IDS_FIELD_NUMBER: _ClassVar[int]
+    DEADLINE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    prefill_transport_descriptor: bytes
+    first_block: int
+    prefill_block_ids: _containers.RepeatedScalarFieldContainer[int]
+    deadline_seconds: float
+    def __init__(self, request_id: _Optional[str] = ..., prefill_transport_descriptor: _Optional[bytes] = ..., first_block: _Optional[int] = ..., prefill_block_ids: _Optional[_Iterable[int]] = ..., deadline_seconds: _Optional[float] = ...) -> None: ...
+
+class SendPrefixResponse(_message.Message):
+    __slots__ = ("bytes",)
+    BYTES_FIELD_NUMBER: _ClassVar[int]
+    bytes: int
+    def __init__(self, bytes: _Optional[int] = ...) -> None: ...
 
 class AbortRequest(_message.Message):
     __slots__ = ("request_id", "no_kv_writes")

@@ -165,6 +165,11 @@ class DecodeNodeStub:
                 request_serializer=splitserve_dot_v1_dot_cluster__pb2.AbortRequest.SerializeToString,
                 response_deserializer=splitserve_dot_v1_dot_cluster__pb2.AbortResponse.FromString,
                 _registered_method=True)
+        self.SendPrefix = channel.unary_unary(
+                '/splitserve.v1.DecodeNode/SendPrefix',
+                request_serializer=splitserve_dot_v1_dot_cluster__pb2.SendPrefixRequest.SerializeToString,
+                response_deserializer=splitserve_dot_v1_dot_cluster__pb2.SendPrefixResponse.FromString,
+                _registered_method=True)
 
 
 class DecodeNodeServicer:
@@ -188,6 +193,14 @@ class DecodeNodeServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SendPrefix(self, request, context):
+        """From the prefill node serving a reservation: write blocks of the reservation that the decode node's prefix
+        cache shared into it (complete KV) into the prefill node's blocks, so the prefill node need not recompute them.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DecodeNodeServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -205,6 +218,11 @@ def add_DecodeNodeServicer_to_server(servicer, server):
                     servicer.Abort,
                     request_deserializer=splitserve_dot_v1_dot_cluster__pb2.AbortRequest.FromString,
                     response_serializer=splitserve_dot_v1_dot_cluster__pb2.AbortResponse.SerializeToString,
+            ),
+            'SendPrefix': grpc.unary_unary_rpc_method_handler(
+                    servicer.SendPrefix,
+                    request_deserializer=splitserve_dot_v1_dot_cluster__pb2.SendPrefixRequest.FromString,
+                    response_serializer=splitserve_dot_v1_dot_cluster__pb2.SendPrefixResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -288,6 +306,33 @@ class DecodeNode:
             '/splitserve.v1.DecodeNode/Abort',
             splitserve_dot_v1_dot_cluster__pb2.AbortRequest.SerializeToString,
             splitserve_dot_v1_dot_cluster__pb2.AbortResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SendPrefix(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/splitserve.v1.DecodeNode/SendPrefix',
+            splitserve_dot_v1_dot_cluster__pb2.SendPrefixRequest.SerializeToString,
+            splitserve_dot_v1_dot_cluster__pb2.SendPrefixResponse.FromString,
             options,
             channel_credentials,
             insecure,
