@@ -123,6 +123,8 @@ class AsyncEngine:
         self._stopped.set()
         self._wake.set()
         self._thread.join(timeout_s)
+        if not self._thread.is_alive():  # no step can run any more: the other tensor-parallel ranks may go
+            self.engine.close()
 
     @property
     def open_streams(self) -> int:

@@ -181,6 +181,9 @@ class EngineConfig:
     max_model_len: int | None = None  # None: the model's max_position_embeddings
     enable_prefix_caching: bool = True
     cuda_graphs: bool = True  # replay decode steps as CUDA graphs on GPUs (engine/decode_graphs.py)
+    # Ranks the model is split over (engine/tensor_parallel/): this process and tensor_parallel - 1 workers.
+    tensor_parallel: int = 1
+    tensor_parallel_timeout_s: float = 60.0  # a collective not done by then fails: a rank is gone or hung
     seed: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -192,5 +195,7 @@ class EngineConfig:
             raise ValueError(f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}")
         if self.max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
+        if self.tensor_parallel < 1:
+            raise ValueError(f"tensor_parallel must be >= 1, got {self.tensor_parallel}")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
             raise ValueError(f"num_kv_blocks must be >= 1, got {self.num_kv_blocks}")

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from engine import decode_graphs
+from engine import decode_graphs, tp_ranks
 from engine.block_manager import BlockManager
 from engine.config import EngineConfig, EngineRole, ModelConfig
 from engine.devices import resolve_device, resolve_dtype
@@ -82,18 +82,22 @@ class LLMEngine:
         device = resolve_device(self.config.device)
         dtype = resolve_dtype(self.config.dtype, self.model_config.torch_dtype, device)
         self.max_model_len = self.config.max_model_len or self.model_config.max_position_embeddings
-        self.model = DecoderModel.load(model_dir, self.model_config, dtype, device, self.max_model_len)
+        world = self.config.tensor_parallel
+        plan = tp_ranks.plan_for(self.model_config, world, self.config.role)  # None at TP 1
+        self.model = DecoderModel.load(model_dir, self.model_config, dtype, device, self.max_model_len, plan)
         num_blocks = self.config.num_kv_blocks or max(
             1,
             self.config.kv_cache_memory_bytes
             // ModelRunner.bytes_per_block(self.model, self.config.block_size),
         )
         self.runner = ModelRunner(self.model, num_blocks, self.config.block_size)
+        # Ranks 1..N-1, each with its shard and its own KV heads' pool of num_blocks blocks, running rank 0's steps.
+        self.tp_group = tp_ranks.start_ranks(model_dir, self.config, self.runner, self.max_model_len)
         self.blocks = BlockManager(num_blocks, self.config.block_size, self.config.enable_prefix_caching)
         self.scheduler = Scheduler(self.blocks, self.config.max_num_batched_tokens, self.config.max_num_seqs)
         # A lone sequence must always fit in the pool, or preemption could never make room for it.
         self.max_seq_tokens = min(self.max_model_len, num_blocks * self.config.block_size)
-        if decode_graphs.enabled(device, self.config.cuda_graphs):
+        if decode_graphs.enabled(device, self.config.cuda_graphs) and self.tp_group is None:
             self.runner.enable_decode_graphs(self.config.max_num_seqs, self.max_seq_tokens)
         self.eos_token_ids = set(self.model_config.eos_token_ids) | self.tokenizer.eos_token_ids
         limit = "context" if self.max_seq_tokens == self.max_model_len else "KV cache capacity"
@@ -114,6 +118,11 @@ class LLMEngine:
         self._fault = FaultInjector.from_env()  # a test hook; None in production
         self._guard = ForwardGuard(self._forward)
         self.last_step = NO_WORK  # what the latest step() computed, per request
+
+    def close(self) -> None:
+        """Stop the tensor-parallel worker ranks, if any (bounded; idempotent). The engine cannot step afterwards."""
+        if self.tp_group is not None:
+            self.tp_group.close()
 
     # ---- requests -------------------------------------------------------------------------------------------------
 

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -55,6 +57,8 @@ class ModelRunner:
             for _ in range(cfg.num_layers)
         ]
         self.decode_graphs: DecodeGraphs | None = None
+        # Tensor parallel rank 0: hands each step's inputs to the other ranks first (engine/tensor_parallel/group.py).
+        self.announce: Callable[[StepInputs], None] | None = None
 
     def enable_decode_graphs(
         self, max_batch: int, max_seq_tokens: int, capture: Capture = cuda_capture
@@ -82,6 +86,14 @@ class ModelRunner:
         ):
             logits = graphs.run(inputs.input_ids, inputs.positions, inputs.attention)
             return StepLogits(sample=logits.index_select(0, inputs.sample_rows), prompt_logprobs=[])
+        if self.announce is not None:
+            # The other ranks need the rows, not the sequences the prompt logprobs are for.
+            rows = [dataclasses.replace(span, seq=None) for span in inputs.prompt_rows]
+            self.announce(dataclasses.replace(inputs, prompt_rows=rows))
+        return self.execute(inputs, on_layer_stored)
+
+    def execute(self, inputs: StepInputs, on_layer_stored: LayerHook | None = None) -> StepLogits:
+        """The forward of prepared inputs (every tensor-parallel rank runs this, in step)."""
         hidden = self.model.forward(
             inputs.input_ids, inputs.positions, inputs.attention, self.kv_caches, on_layer_stored
         )

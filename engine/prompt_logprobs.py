@@ -30,7 +30,9 @@ ROWS_PER_PASS = 256
 class PromptRows:
     """One chunk's rows that need prompt logprobs: hidden rows first_row.. predict `targets`, in order."""
 
-    seq: Sequence
+    seq: (
+        Sequence | None
+    )  # None on tensor-parallel ranks other than 0: they compute the rows, rank 0 keeps them
     first_row: int  # index into the step's hidden states
     targets: list[int]  # the prompt tokens those rows predict
     top_k: int
@@ -88,7 +90,10 @@ def compute(
                 list(zip(top_ids[row][: span.top_k], top_values[row][: span.top_k], strict=True)) if k else []
             )
             entries.append(TokenLogprob(token, chosen[row], top))
-        results.append((span.seq, entries))
+        if (
+            span.seq is not None
+        ):  # a tensor-parallel worker computes the rows only to take part in the gathers
+            results.append((span.seq, entries))
         offset += len(span.targets)
     return results
 

@@ -87,6 +87,10 @@ def _build_parser() -> argparse.ArgumentParser:
     gen.add_argument(
         "--threads", type=positive_int, default=None, help="torch CPU threads (default: all cores)"
     )
+    gen.add_argument(
+        "--tensor-parallel", type=positive_int, default=1, metavar="N",
+        help="split the model over N processes (this one and N-1 it starts; each with --threads threads)",
+    )  # fmt: skip
     gen.set_defaults(func=_cmd_generate)
 
     for role, text in (
@@ -193,18 +197,22 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         top_k=args.top_k,
         seed=args.seed,
     )
-    engine = LLMEngine(args.model, EngineConfig(dtype=args.dtype, device=args.device))
-    prompt: str | list[int] = args.prompt
-    if args.chat:
-        # The rendered template already holds any BOS token; encoding must not add a second one.
-        rendered = engine.tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}])
-        prompt = engine.tokenizer.encode(rendered, add_special_tokens=False)
-    engine.add_request("cli", prompt, params)
-    while engine.has_unfinished():
-        for out in engine.step():
-            sys.stdout.write(out.new_text)
-            sys.stdout.flush()
-    sys.stdout.write("\n")
+    config = EngineConfig(dtype=args.dtype, device=args.device, tensor_parallel=args.tensor_parallel)
+    engine = LLMEngine(args.model, config)
+    try:
+        prompt: str | list[int] = args.prompt
+        if args.chat:
+            # The rendered template already holds any BOS token; encoding must not add a second one.
+            rendered = engine.tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}])
+            prompt = engine.tokenizer.encode(rendered, add_special_tokens=False)
+        engine.add_request("cli", prompt, params)
+        while engine.has_unfinished():
+            for out in engine.step():
+                sys.stdout.write(out.new_text)
+                sys.stdout.flush()
+        sys.stdout.write("\n")
+    finally:
+        engine.close()  # the other tensor-parallel ranks
     return 0
 
 

@@ -71,6 +71,13 @@ def test_make_tiny_model_then_generate_streams_text(tmp_path: Path) -> None:
         "5",
     )
     assert again.stdout == gen.stdout
+    # Split over two processes (half of the query heads each, the single KV head on both): the same text.
+    tp2 = run(*again.args[3:], "--tensor-parallel", "2")
+    assert tp2.returncode == 0, tp2.stderr
+    assert tp2.stdout == gen.stdout
+    odd = run(*again.args[3:], "--tensor-parallel", "3")
+    assert odd.returncode != 0 and "tensor parallel 3 does not divide the model's 4 attention heads" in odd.stderr
+    assert len(odd.stderr.strip().splitlines()) == 1, odd.stderr
 
 
 def one_line_error(result: subprocess.CompletedProcess[str], fragment: str) -> None:

@@ -1,0 +1,15 @@
+"""Tensor parallelism: one model split over N processes, driven by one engine (`EngineConfig.tensor_parallel`).
+
+- plan.py: which heads, columns and vocabulary rows each rank holds, and the checks that the model divides;
+- comm.py: the collectives (all-reduce, all-gather, a step's broadcast) over gloo groups of the engine's own;
+- engine/tp_ranks.py (beside this package, since it builds whole models): rank 0 (the engine's process) spawns
+  ranks 1..N-1, announces each step to them, stops them.
+Each rank keeps a KV pool of its own KV heads with the same block ids as rank 0's, so the scheduler's block tables
+hold on every rank. Only rank 0 samples, and only rank 0's pool is registered with a KV transport: the prefill and
+decode roles (whose KV crosses nodes) run at TP 1 until the transfer re-shards heads between TP degrees.
+"""
+
+from engine.tensor_parallel.comm import CollectiveFailed, TPComm
+from engine.tensor_parallel.plan import TPPlan
+
+__all__ = ["CollectiveFailed", "TPComm", "TPPlan"]

@@ -1,0 +1,215 @@
+"""The ranks of a tensor-parallel engine: rank 0 is the engine itself, ranks 1..N-1 are worker processes it starts.
+
+One scheduler drives them all: rank 0's engine plans each step, announces the step's inputs to the workers (one
+broadcast of the prepared tensors), and every rank then runs the same forward over its shard of the weights and its
+own KV heads, meeting in the layers' all-reduces and the logits' all-gather. Only rank 0 samples.
+
+Two gloo groups connect the ranks: "step" carries the announcements and waits as long as an engine may stay idle;
+"compute" carries the model's collectives and gives up after `timeout_s`, so a rank that dies or hangs mid-step makes
+the others raise instead of waiting forever. Rank 0 also checks its workers are alive before each step. A worker
+exits when rank 0 says stop, when a collective fails, or when rank 0's process is gone (it watches its parent).
+Workers are spawned (not forked: the engine process has threads), on 127.0.0.1, and stopped by close(), bounded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import multiprocessing as mp
+import os
+import threading
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from engine.config import EngineConfig, EngineRole, ModelConfig
+from engine.devices import resolve_device, resolve_dtype
+from engine.errors import ModelLoadError
+from engine.model_runner import ModelRunner
+from engine.models.decoder import DecoderModel
+from engine.tensor_parallel import CollectiveFailed, TPComm, TPPlan
+
+logger = logging.getLogger(__name__)
+
+HOST = "127.0.0.1"
+DEFAULT_TIMEOUT_S = 60.0
+IDLE_TIMEOUT_S = 7 * 24 * 3600.0  # how long a worker waits for the next step: an engine may idle for days
+JOIN_TIMEOUT_S = 120.0  # spawning a worker imports torch and loads its shard
+STOP_TIMEOUT_S = 10.0
+PARENT_CHECK_S = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerSpec:
+    """What a worker needs to build its rank of the model (all picklable: it crosses a process spawn)."""
+
+    model_dir: Path
+    dtype: str
+    device: str
+    num_blocks: int
+    block_size: int
+    max_positions: int
+    world: int
+    store_port: int
+    timeout_s: float
+    threads: int
+
+
+class TPGroup:
+    """Rank 0's side: the workers' processes, and the groups to announce steps and compute with."""
+
+    def __init__(self, spec: WorkerSpec, store: Any, processes: list[Any]) -> None:
+        self.spec = spec
+        self._store = store
+        self._processes = processes
+        self.step = TPComm(store, 0, spec.world, IDLE_TIMEOUT_S, HOST, prefix="step")
+        self.compute = TPComm(store, 0, spec.world, spec.timeout_s, HOST, prefix="compute")
+        self._closed = False
+
+    @classmethod
+    def start(cls, spec_without_port: WorkerSpec) -> TPGroup:
+        """Spawn ranks 1..N-1 and join them; ModelLoadError (with every worker stopped) if they do not come up."""
+        # Not waiting for the workers here: they are spawned only once the port is known.
+        store = dist.TCPStore(
+            HOST, 0, None, is_master=True, timeout=timedelta(seconds=JOIN_TIMEOUT_S), wait_for_workers=False
+        )
+        spec = _with_port(spec_without_port, store.port)
+        context = mp.get_context("spawn")
+        processes = [
+            context.Process(
+                target=worker_main, args=(spec, rank), name=f"splitserve-tp-rank{rank}", daemon=True
+            )
+            for rank in range(1, spec.world)
+        ]
+        for process in processes:
+            process.start()
+        try:
+            return cls(spec, store, processes)
+        except CollectiveFailed as exc:
+            _stop(processes)
+            raise ModelLoadError(
+                f"tensor parallel {spec.world}: the worker ranks did not start: {exc}"
+            ) from exc
+
+    @property
+    def processes(self) -> list[Any]:
+        """The worker ranks' processes (multiprocessing.Process), rank 1 first."""
+        return list(self._processes)
+
+    def announce(self, inputs: object) -> None:
+        """Before each step: the workers run the same step (CollectiveFailed if one is gone)."""
+        dead = [p.name for p in self._processes if not p.is_alive()]
+        if dead:
+            raise CollectiveFailed(f"tensor-parallel rank(s) gone: {', '.join(dead)}")
+        self.step.broadcast_object(inputs)
+
+    def close(self) -> None:
+        """Stop the workers (a stop announcement, then SIGKILL after a bound); idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        if all(p.is_alive() for p in self._processes):
+            with contextlib.suppress(CollectiveFailed):
+                self.step.broadcast_object(None)
+        _stop(self._processes)
+
+
+def _with_port(spec: WorkerSpec, port: int) -> WorkerSpec:
+    fields = {name: getattr(spec, name) for name in WorkerSpec.__slots__}
+    fields["store_port"] = port
+    return WorkerSpec(**fields)
+
+
+def _stop(processes: list[Any]) -> None:
+    deadline = time.monotonic() + STOP_TIMEOUT_S
+    for process in processes:
+        process.join(max(0.0, deadline - time.monotonic()))
+    for process in processes:
+        if process.is_alive():
+            process.kill()
+            process.join(STOP_TIMEOUT_S)
+
+
+# ---- the worker process ---------------------------------------------------------------------------------------------
+
+
+def worker_main(spec: WorkerSpec, rank: int) -> None:
+    """Rank `rank`: load its shard, then run every step rank 0 announces until told to stop."""
+    _exit_with_parent()
+    torch.set_num_threads(spec.threads)
+    store = dist.TCPStore(
+        HOST, spec.store_port, spec.world, is_master=False, timeout=timedelta(seconds=JOIN_TIMEOUT_S)
+    )
+    try:
+        step = TPComm(store, rank, spec.world, IDLE_TIMEOUT_S, HOST, prefix="step")
+        compute = TPComm(store, rank, spec.world, spec.timeout_s, HOST, prefix="compute")
+        config = ModelConfig.from_dir(spec.model_dir)
+        device = resolve_device(spec.device)
+        dtype = resolve_dtype(spec.dtype, config.torch_dtype, device)
+        plan = TPPlan(config, rank, spec.world)
+        model = DecoderModel.load(spec.model_dir, config, dtype, device, spec.max_positions, plan, compute)
+        runner = ModelRunner(model, spec.num_blocks, spec.block_size)
+        while (inputs := step.broadcast_object()) is not None:
+            runner.execute(inputs)
+    except CollectiveFailed as exc:
+        logger.warning("tensor-parallel rank %d stops: %s", rank, exc)
+        os._exit(1)
+
+
+def _exit_with_parent() -> None:
+    """End this process as soon as rank 0's process is gone (its collectives would fail anyway, but an idle worker
+    waits in no collective that could notice)."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(PARENT_CHECK_S)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="tp-parent-watch", daemon=True).start()
+
+
+# ---- the engine's entry points ---------------------------------------------------------------------------------------
+
+
+def plan_for(config: ModelConfig, world: int, role: EngineRole) -> TPPlan | None:
+    """Rank 0's plan (None at TP 1); ModelLoadError when the model does not divide or the role cannot split yet."""
+    if world == 1:
+        return None
+    if role != EngineRole.COLOCATED:
+        raise ModelLoadError(
+            f"tensor parallel {world} runs whole requests only (the colocated role) for now: the {role.value} "
+            "role's KV crosses nodes, and transfers between tensor-parallel pools are not built yet"
+        )
+    return TPPlan(config, 0, world)
+
+
+def start_ranks(
+    model_dir: Path, config: EngineConfig, runner: ModelRunner, max_positions: int
+) -> TPGroup | None:
+    """Spawn and join ranks 1..N-1 for rank 0's runner (None at TP 1), and wire the runner to them."""
+    world = config.tensor_parallel
+    if world == 1:
+        return None
+    model = runner.model
+    spec = WorkerSpec(
+        model_dir=Path(model_dir),
+        dtype=str(model.dtype).removeprefix("torch."),
+        device=str(model.device),
+        num_blocks=runner.num_blocks,
+        block_size=runner.block_size,
+        max_positions=max_positions,
+        world=world,
+        store_port=0,  # the group's store picks one
+        timeout_s=config.tensor_parallel_timeout_s,
+        threads=torch.get_num_threads(),
+    )
+    group = TPGroup.start(spec)
+    model.tp = group.compute
+    runner.announce = group.announce
+    return group

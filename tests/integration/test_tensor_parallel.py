@@ -1,0 +1,119 @@
+"""Tensor parallel 2 (engine/tensor_parallel/, engine/tp_ranks.py): the same tokens as TP 1 and as transformers.
+
+Each engine here is rank 0 of two processes: it spawns rank 1 on 127.0.0.1, and both run every step over half of the
+heads, KV heads, MLP columns and vocabulary, meeting in gloo all-reduces and all-gathers. The prompts and the pressure
+(a pool small enough to preempt, a token budget that chunks prompts) are the HF parity test's. A model with a single
+KV head has it replicated on both ranks. A rank killed with SIGKILL makes the engine fail its steps, bounded by the
+collective timeout, never hang; closing the engine stops its worker.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from engine.config import EngineConfig
+from engine.engine import LLMEngine
+from engine.errors import EngineError, ModelLoadError
+from engine.sampling_params import SamplingParams
+from engine.tiny_model import make_tiny_model
+from tests.conftest import ARCHS
+from tests.hf_reference import assert_matches_reference, load_reference
+from tests.integration.test_hf_parity import MAX_TOKENS, PROMPT_LENGTHS, mixed_prompts
+
+pytestmark = pytest.mark.timeout(600)
+
+
+@pytest.fixture(scope="module")
+def single_kv_head(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("one-kv-head")
+    return make_tiny_model(root / "llama", arch="llama", layers=2, hidden=64, heads=4, kv_heads=1, seed=9)
+
+
+def engine(model_dir: Path, tensor_parallel: int, **overrides: object) -> LLMEngine:
+    """The HF parity test's pressured engine (preemption and chunked prompts), at the given TP."""
+    settings: dict[str, object] = dict(
+        dtype="float32", block_size=16, num_kv_blocks=48, max_num_batched_tokens=64, max_num_seqs=8,
+        tensor_parallel=tensor_parallel, tensor_parallel_timeout_s=20.0,
+    )  # fmt: skip
+    settings.update(overrides)
+    return LLMEngine(model_dir, EngineConfig(**settings))  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def closing() -> Iterator[list[LLMEngine]]:
+    engines: list[LLMEngine] = []
+    try:
+        yield engines
+    finally:
+        for e in engines:
+            e.close()
+
+
+@pytest.mark.parametrize("arch", [*ARCHS, "single-kv-head"])
+def test_tp2_greedy_equals_tp1_and_transformers(
+    arch: str, tiny_models: dict[str, Path], single_kv_head: Path, closing: list[LLMEngine]
+) -> None:
+    model_dir = single_kv_head if arch == "single-kv-head" else tiny_models[arch]
+    params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True, logprobs=2)
+    tp1 = engine(model_dir, 1)
+    prompts = mixed_prompts(tp1.tokenizer.vocab_size)
+    expected = tp1.generate(prompts, params)
+    tp2 = engine(model_dir, 2)
+    closing.append(tp2)
+    # Rank 0 holds half of the 4 heads and one KV head: half of 2, or the single one, replicated.
+    assert (tp2.model.config.num_heads, tp2.model.config.num_kv_heads) == (2, 1)
+    got = tp2.generate(prompts, params)
+    assert [c.token_ids for c in got] == [c.token_ids for c in expected]
+    for ours, theirs in zip(got, expected, strict=True):
+        for a, b in zip(ours.logprobs, theirs.logprobs, strict=True):
+            assert abs(a.logprob - b.logprob) < 1e-4
+    stats = tp2.stats()
+    assert stats.num_preemptions > 0 and stats.num_free_blocks == stats.num_blocks
+    report = assert_matches_reference(load_reference(model_dir), got)
+    assert report.tokens_compared == MAX_TOKENS * len(PROMPT_LENGTHS)
+
+
+def test_tp2_prompt_logprobs_equal_tp1(llama_dir: Path, closing: list[LLMEngine]) -> None:
+    """Prompt logprobs gather the vocabulary on every rank, a chunk of rows at a time, like the sampled rows."""
+    prompt = mixed_prompts(500, seed=3)[5]  # 160 tokens: three chunks at a 64-token budget
+    params = SamplingParams(max_tokens=2, temperature=0.0, prompt_logprobs=3)
+    want = engine(llama_dir, 1).generate([prompt], params)[0].prompt_logprobs
+    tp2 = engine(llama_dir, 2)
+    closing.append(tp2)
+    got = tp2.generate([prompt], params)[0].prompt_logprobs
+    assert want is not None and got is not None and len(got) == len(want)
+    for a, b in zip(got[1:], want[1:], strict=True):
+        assert a.token_id == b.token_id and abs(a.logprob - b.logprob) < 1e-4
+        assert [t for t, _ in a.top] == [t for t, _ in b.top]
+
+
+def test_a_killed_rank_fails_the_engine_within_its_timeout_and_close_stops_the_rest(
+    llama_dir: Path, closing: list[LLMEngine]
+) -> None:
+    tp2 = engine(llama_dir, 2, tensor_parallel_timeout_s=5.0)
+    closing.append(tp2)
+    params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+    assert tp2.generate([[5, 6, 7]], params)[0].token_ids  # both ranks run
+    assert tp2.tp_group is not None
+    worker = tp2.tp_group.processes[0]
+    os.kill(worker.pid, signal.SIGKILL)
+    worker.join(10)
+    started = time.monotonic()
+    with pytest.raises(EngineError):
+        tp2.generate([[5, 6, 7]], params)
+    assert time.monotonic() - started < 30
+    tp2.close()
+    assert not worker.is_alive()
+
+
+def test_tp_that_does_not_divide_the_model_is_refused(llama_dir: Path) -> None:
+    with pytest.raises(ModelLoadError, match="tensor parallel 3 does not divide"):
+        engine(llama_dir, 3)
+    with pytest.raises(ModelLoadError, match="colocated role"):
+        engine(llama_dir, 2, role="prefill")
