@@ -168,6 +168,7 @@ class AsyncEngine:
                     self.load = self.engine.load()
                 else:
                     self.load = self.engine.load()
+                    self.engine.check_ranks()  # a tensor-parallel rank that died while idle stops the engine now
                     self._wake.wait(_IDLE_WAIT_S)
                     self._wake.clear()
         except BaseException as exc:  # a bug or a device failure: fail every stream instead of hanging them

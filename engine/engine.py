@@ -116,13 +116,18 @@ class LLMEngine:
         self._rng = torch.Generator().manual_seed(self.config.seed)
         self._failures: list[RequestFailedError] = []  # failed since the last take_failures()
         self._fault = FaultInjector.from_env()  # a test hook; None in production
-        self._guard = ForwardGuard(self._forward)
+        self._guard = ForwardGuard(self._forward, isolate=self.tp_group is None)
         self.last_step = NO_WORK  # what the latest step() computed, per request
 
     def close(self) -> None:
         """Stop the tensor-parallel worker ranks, if any (bounded; idempotent). The engine cannot step afterwards."""
         if self.tp_group is not None:
             self.tp_group.close()
+
+    def check_ranks(self) -> None:
+        """EngineBrokenError if a tensor-parallel worker rank is gone (checked while idle; steps check it too)."""
+        if self.tp_group is not None:
+            self.tp_group.check_alive()
 
     # ---- requests -------------------------------------------------------------------------------------------------
 

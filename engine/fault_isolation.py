@@ -9,6 +9,8 @@ A step computes many requests at once, so an exception does not say whose it is.
 A device that fails every forward whatever it holds is not one bad request: after MAX_FAILED_FORWARDS_IN_A_ROW
 single-sequence forwards fail with no success in between, the guard raises EngineBrokenError and the engine's
 process is expected to exit (its supervisor restarts it).
+Tensor parallel engines (isolate=False) do not rerun: a forward that failed on one rank left the others inside or
+past its collectives, and no rerun can bring them back in step, so any failed forward is EngineBrokenError at once.
 """
 
 from __future__ import annotations
@@ -43,14 +45,19 @@ class ComputedStep:
 
 
 class ForwardGuard:
-    def __init__(self, forward: Forward) -> None:
+    def __init__(self, forward: Forward, isolate: bool = True) -> None:
         self._forward = forward
+        self._isolate = isolate
         self._failed_in_a_row = 0
 
     def run(self, sched: SchedulerOutput) -> ComputedStep:
         try:
             step = self._forward(sched)
         except Exception as exc:  # whose fault is it? rerun alone to find out
+            if not self._isolate:
+                raise EngineBrokenError(
+                    f"a tensor-parallel forward failed, its ranks are out of step: {type(exc).__name__}: {exc}"
+                ) from exc
             if len(sched.chunks) == 1:
                 self._count_failure(exc)
                 return ComputedStep([], None, [(sched.chunks[0].seq, exc)])

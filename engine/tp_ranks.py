@@ -29,7 +29,7 @@ import torch.distributed as dist
 
 from engine.config import EngineConfig, EngineRole, ModelConfig
 from engine.devices import resolve_device, resolve_dtype
-from engine.errors import ModelLoadError
+from engine.errors import EngineBrokenError, ModelLoadError
 from engine.model_runner import ModelRunner
 from engine.models.decoder import DecoderModel
 from engine.tensor_parallel import CollectiveFailed, TPComm, TPPlan
@@ -101,11 +101,15 @@ class TPGroup:
         """The worker ranks' processes (multiprocessing.Process), rank 1 first."""
         return list(self._processes)
 
-    def announce(self, inputs: object) -> None:
-        """Before each step: the workers run the same step (CollectiveFailed if one is gone)."""
+    def check_alive(self) -> None:
+        """EngineBrokenError naming the worker ranks whose process is gone."""
         dead = [p.name for p in self._processes if not p.is_alive()]
         if dead:
-            raise CollectiveFailed(f"tensor-parallel rank(s) gone: {', '.join(dead)}")
+            raise EngineBrokenError(f"tensor-parallel rank(s) gone: {', '.join(dead)}")
+
+    def announce(self, inputs: object) -> None:
+        """Before each step: the workers run the same step (EngineBrokenError if one is gone)."""
+        self.check_alive()
         self.step.broadcast_object(inputs)
 
     def close(self) -> None:

@@ -36,6 +36,10 @@ def add_node_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-batched-tokens", type=positive_int, default=512)
     parser.add_argument("--max-seqs", type=positive_int, default=64)
     parser.add_argument(
+        "--tensor-parallel", type=positive_int, default=1, metavar="N",
+        help="split the model over N processes (colocated nodes only for now; each rank gets --threads threads)",
+    )  # fmt: skip
+    parser.add_argument(
         "--no-prefix-caching",
         action="store_true",
         help="recompute (prefill) and receive (decode) every prompt block, as Splitwise does",

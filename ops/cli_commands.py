@@ -41,6 +41,11 @@ def node_command(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise UserError(str(exc)) from None
     require_dir(args.model, "--model", "model directory")
+    if args.tensor_parallel > 1 and args.role != "colocated":
+        raise UserError(
+            f"--tensor-parallel {args.tensor_parallel}: {args.role} nodes run TP 1 for now (their KV crosses nodes, "
+            "and transfers between different tensor-parallel layouts are not built yet); colocated nodes split"
+        )
     require_free_port(args.host, args.port, "--port")
     require_free_port(args.host, args.metrics_port, "--metrics-port")
     require_redis(args.redis_url, "--redis-url")  # or the model loads, only for the node to fail to register
@@ -59,6 +64,7 @@ def node_command(args: argparse.Namespace) -> int:
         kv_cache_memory_mb=args.kv_cache_mb,
         max_num_batched_tokens=args.max_batched_tokens,
         max_num_seqs=args.max_seqs,
+        tensor_parallel=args.tensor_parallel,
         prefix_caching=not args.no_prefix_caching,
         machine_type=args.machine_type,
         power=power,

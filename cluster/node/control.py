@@ -6,7 +6,9 @@
    drain=false, or no control at all, makes it serve again. Each change prints one JSON line, `draining` or
    `resumed`.
 2. pool=<another role> ends the wait with that role (pool = the node's own role is ignored). run_node then drains,
-   deregisters and shuts down exactly as on SIGTERM, prints `moving`, and raises `MoveToPool`.
+   deregisters and shuts down exactly as on SIGTERM, prints `moving`, and raises `MoveToPool`. A node that must stay
+   in its pool (tensor parallel, for now: its KV cannot cross to prefill or decode nodes) prints `move_refused` once
+   per requested pool instead and keeps serving.
 3. The command line (ops/cli_commands.py) catches it and calls `exec_in_role`: the process replaces itself with
    `python -m ops.cli <new role> <the same flags>`, keeping its pid (launchers keep tracking it) and its stdout
    (the new process prints its `ready` line there). A node started with --node-id keeps it; otherwise the new
@@ -53,6 +55,7 @@ class ControlWatcher:
         node_id: str,
         say: Callable[[dict[str, object]], None],
         poll_s: float = POLL_S,
+        stays_in_pool: bool = False,
     ) -> None:
         self._read_control = read_control  # blocking (Redis); run on a worker thread
         self._set_draining = set_draining
@@ -62,6 +65,8 @@ class ControlWatcher:
         self._drained = False
         self._failing = False
         self._backoff_s = poll_s
+        self._stays_in_pool = stays_in_pool  # moves are refused (a tensor-parallel node, for now)
+        self._refused: Role | None = None
 
     async def wait_for_move(self) -> Role:
         """Applies drain/resume as they come, until the control asks for another pool; returns that role."""
@@ -69,7 +74,12 @@ class ControlWatcher:
             control = await self._poll()
             pool = control.pool if control is not None else None
             if pool is not None and pool != self._role:
-                return pool
+                if not self._stays_in_pool:
+                    return pool
+                if pool != self._refused:  # said once per request, not every poll
+                    self._refused = pool
+                    self._say({"event": "move_refused", "node_id": self._node_id, "pool": pool,
+                               "reason": "a tensor-parallel node stays in its pool"})  # fmt: skip
             if control is not None or not self._failing:  # an unreadable control changes nothing
                 await self._apply_drain(control is not None and control.drain)
             await asyncio.sleep(self._backoff_s if self._failing else self._poll_s)

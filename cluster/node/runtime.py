@@ -76,6 +76,9 @@ class NodeOptions:
     kv_cache_memory_mb: int = 256
     max_num_batched_tokens: int = 512
     max_num_seqs: int = 64
+    tensor_parallel: int = (
+        1  # ranks the model is split over: this process and N-1 it starts (engine/tp_ranks.py)
+    )
     prefix_caching: bool = True  # share cached prompt blocks (and publish them as KV events)
     block_size: int = 16
     machine_type: str = "cpu"
@@ -205,7 +208,11 @@ async def run_node(options: NodeOptions, service_names: list[str], attach: Attac
 
     stop = _stop_on_signal()
     role = cast(Role, options.role)  # checked by the command line's choices
-    watcher = ControlWatcher(registration.read_control, set_draining, role=role, node_id=node_id, say=_say)
+    # A split engine cannot move to a pool whose KV crosses nodes (prefill, decode) until transfers re-shard heads.
+    fixed = options.tensor_parallel > 1
+    watcher = ControlWatcher(
+        registration.read_control, set_draining, role=role, node_id=node_id, say=_say, stays_in_pool=fixed
+    )
     engine_watch = asyncio.create_task(_stop_when_engine_dies(async_engine, stop))
     move_to = await serve_until_stop_or_move(stop, watcher)
     engine_watch.cancel()
@@ -251,6 +258,7 @@ def _engine_config(options: NodeOptions) -> EngineConfig:
         max_num_batched_tokens=options.max_num_batched_tokens,
         max_num_seqs=options.max_num_seqs,
         enable_prefix_caching=options.prefix_caching,
+        tensor_parallel=options.tensor_parallel,
     )
 
 

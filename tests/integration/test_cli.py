@@ -76,7 +76,10 @@ def test_make_tiny_model_then_generate_streams_text(tmp_path: Path) -> None:
     assert tp2.returncode == 0, tp2.stderr
     assert tp2.stdout == gen.stdout
     odd = run(*again.args[3:], "--tensor-parallel", "3")
-    assert odd.returncode != 0 and "tensor parallel 3 does not divide the model's 4 attention heads" in odd.stderr
+    assert (
+        odd.returncode != 0
+        and "tensor parallel 3 does not divide the model's 4 attention heads" in odd.stderr
+    )
     assert len(odd.stderr.strip().splitlines()) == 1, odd.stderr
 
 

@@ -98,6 +98,16 @@ def test_nodes_name_the_port_flag_to_change(role: str, flag: str, busy_port: int
     assert error_line(result) == f"splitserve {role}: error: port {busy_port} is in use (change {flag})"
 
 
+@pytest.mark.parametrize("role", ["prefill", "decode"])
+def test_nodes_whose_kv_crosses_nodes_refuse_tensor_parallel_naming_the_flag(
+    role: str, llama_dir: Path
+) -> None:
+    result = run(role, "--model", str(llama_dir), "--redis-url", REDIS_URL, "--tensor-parallel", "2")
+    assert error_line(result).startswith(
+        f"splitserve {role}: error: --tensor-parallel 2: {role} nodes run TP 1"
+    )
+
+
 def test_a_port_out_of_range_is_one_line() -> None:
     error_line(run("up", "--http-port", "70000"), "--http-port", "0..65535")
 

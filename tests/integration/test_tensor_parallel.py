@@ -117,3 +117,47 @@ def test_tp_that_does_not_divide_the_model_is_refused(llama_dir: Path) -> None:
         engine(llama_dir, 3)
     with pytest.raises(ModelLoadError, match="colocated role"):
         engine(llama_dir, 2, role="prefill")
+
+
+def child_pids(pid: int) -> list[int]:
+    """The tensor-parallel ranks pid started, from /proc (multiprocessing's resource tracker is left out)."""
+    found = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        for child in (task / "children").read_text().split():
+            command = Path(f"/proc/{child}/cmdline").read_bytes()
+            if b"spawn_main" in command and b"resource_tracker" not in command:
+                found.append(int(child))
+    return found
+
+
+def test_colocated_tp2_nodes_serve_and_a_killed_rank_takes_only_its_node_down(llama_dir: Path) -> None:
+    """Two colocated nodes at `--tensor-parallel 2` return a single engine's tokens. SIGKILL to one node's rank 1
+    stops that node (its engine sees the rank gone even while idle, and the node leaves the cluster, exit 1, no
+    process left behind), and requests keep completing on the other node."""
+    from ops.launcher import ClusterSpec, LocalCluster
+    from tests.integration.cluster_client import generate_many
+
+    prompts = mixed_prompts(500, seed=4)[:4]
+    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    want = [
+        c.token_ids for c in LLMEngine(llama_dir, EngineConfig(num_kv_blocks=256)).generate(prompts, params)
+    ]
+    sampling = {"max_tokens": 12, "temperature": 0.0, "ignore_eos": True}
+    spec = ClusterSpec(model_dir=llama_dir, prefill=0, decode=0, colocated=2, grpc_port=0, http_port=0,
+                       role_args={"colocated": ["--tensor-parallel", "2"]})  # fmt: skip
+    with LocalCluster(spec) as cluster:
+        assert [r.token_ids for r in generate_many(cluster.router_address, prompts, **sampling)] == want
+        victim, survivor = cluster.by_role("colocated")
+        ranks = child_pids(victim.popen.pid)
+        assert len(ranks) == 1 and len(child_pids(survivor.popen.pid)) == 1  # one worker rank each
+        os.kill(ranks[0], signal.SIGKILL)
+        assert (
+            victim.popen.wait(timeout=60) != 0
+        )  # noticed while idle: the node stops, not waits for a request
+        deadline = time.monotonic() + 30
+        while Path(f"/proc/{ranks[0]}").exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        for _ in range(
+            3
+        ):  # the router may still list it for a moment: a failed attempt there is retried elsewhere
+            assert [r.token_ids for r in generate_many(cluster.router_address, prompts, **sampling)] == want
