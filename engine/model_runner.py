@@ -26,6 +26,27 @@ class StepInputs:
     sample_rows: torch.Tensor  # [N] index in T of the last token of each chunk that completes its sequence
     prompt_rows: list[PromptRows]  # rows whose prompt logprobs were asked for
 
+    def to(self, device: torch.device) -> StepInputs:
+        """The same step with every tensor on `device` (a tensor-parallel rank on another GPU)."""
+        if self.input_ids.device == device:
+            return self
+        att = self.attention
+        attention = dataclasses.replace(
+            att,
+            slot_mapping=att.slot_mapping.to(device),
+            decode_block_tables=att.decode_block_tables.to(device),
+            decode_seq_lens=att.decode_seq_lens.to(device),
+            prefills=[dataclasses.replace(c, block_table=c.block_table.to(device)) for c in att.prefills],
+            prefill_kernel_args=None,
+        )
+        return dataclasses.replace(
+            self,
+            input_ids=self.input_ids.to(device),
+            positions=self.positions.to(device),
+            attention=attention,
+            sample_rows=self.sample_rows.to(device),
+        )
+
 
 @dataclass(slots=True)
 class StepLogits:

@@ -153,16 +153,23 @@ def worker_main(spec: WorkerSpec, rank: int) -> None:
         step = TPComm(store, rank, spec.world, IDLE_TIMEOUT_S, HOST, prefix="step")
         compute = TPComm(store, rank, spec.world, spec.timeout_s, HOST, prefix="compute")
         config = ModelConfig.from_dir(spec.model_dir)
-        device = resolve_device(spec.device)
+        device = _rank_device(resolve_device(spec.device), rank)
         dtype = resolve_dtype(spec.dtype, config.torch_dtype, device)
         plan = TPPlan(config, rank, spec.world)
         model = DecoderModel.load(spec.model_dir, config, dtype, device, spec.max_positions, plan, compute)
         runner = ModelRunner(model, spec.num_blocks, spec.block_size)
         while (inputs := step.broadcast_object()) is not None:
-            runner.execute(inputs)
+            runner.execute(inputs.to(device))
     except CollectiveFailed as exc:
         logger.warning("tensor-parallel rank %d stops: %s", rank, exc)
         os._exit(1)
+
+
+def _rank_device(first: torch.device, rank: int) -> torch.device:
+    """Rank r's device: the r-th GPU after rank 0's (wrapping around: ranks may share a GPU); CPU stays CPU."""
+    if first.type != "cuda":
+        return first
+    return torch.device("cuda", ((first.index or 0) + rank) % torch.cuda.device_count())
 
 
 def _exit_with_parent() -> None:

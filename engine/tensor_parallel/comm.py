@@ -2,7 +2,8 @@
 
 Its own group, not torch.distributed's default one: a node's KV transport builds gloo groups too (kvtransfer), and
 nothing here may depend on, or disturb, process-global state. Every collective waits at most `timeout_s`: a rank that
-died or hangs makes the others raise (CollectiveFailed), never wait forever.
+died or hangs makes the others raise (CollectiveFailed), never wait forever. Tensors on a GPU are staged through host
+memory: correct on any device, fast on none; NCCL (one GPU per rank) is the faster path still to build.
 """
 
 from __future__ import annotations
@@ -40,15 +41,18 @@ class TPComm:
 
     def all_reduce_(self, tensor: torch.Tensor) -> torch.Tensor:
         """Sum tensor over the ranks, in place (the caller's tensor holds the sum afterwards)."""
-        self._wait(self.group.allreduce([tensor]), "all-reduce")
+        host = tensor if tensor.device.type == "cpu" else tensor.cpu()
+        self._wait(self.group.allreduce([host]), "all-reduce")
+        if host is not tensor:
+            tensor.copy_(host)
         return tensor
 
     def all_gather_last(self, tensor: torch.Tensor) -> torch.Tensor:
         """Every rank's equally shaped tensor, concatenated along the last dimension in rank order."""
-        tensor = tensor.contiguous()
-        parts = [torch.empty_like(tensor) for _ in range(self.world)]
-        self._wait(self.group.allgather([parts], [tensor]), "all-gather")
-        return torch.cat(parts, dim=-1)
+        host = tensor.contiguous().cpu()
+        parts = [torch.empty_like(host) for _ in range(self.world)]
+        self._wait(self.group.allgather([parts], [host]), "all-gather")
+        return torch.cat(parts, dim=-1).to(tensor.device)
 
     def broadcast_object(self, obj: object = None) -> Any:
         """Rank 0's obj on every rank (pickled; the other ranks pass nothing)."""

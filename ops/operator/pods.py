@@ -176,6 +176,8 @@ def _node_args(spec: ClusterSpec, pool: Pool) -> list[str]:
         args += ["--threads", str(pool.threads)]
     if pool.kv_cache_mb is not None:
         args += ["--kv-cache-mb", str(pool.kv_cache_mb)]
+    if pool.tensor_parallel_size > 1:
+        args += ["--tensor-parallel", str(pool.tensor_parallel_size)]
     if spec.machine_catalog is not None:
         args += ["--machines", f"{CATALOG_DIR}/{spec.machine_catalog.key}"]
     if pool.role == "prefill" and spec.kv_transfer.one_piece_below is not None:

@@ -79,3 +79,18 @@ def test_decode_graphs_match_eager_decoding_on_cuda(tiny_models: dict[str, Path]
         assert graphed.token_ids == eager.token_ids
         for e, g in zip(eager.logprobs, graphed.logprobs, strict=True):
             assert abs(g.logprob - e.logprob) < 2e-2
+
+
+def test_tensor_parallel_2_on_cuda_equals_tp1(tiny_models: dict[str, Path]) -> None:
+    """Both ranks on the GPU(s) (sharing one when there is one), collectives staged through host memory."""
+    model = tiny_models["qwen3"]
+    params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
+    settings = dict(device="cuda", dtype="float32", num_kv_blocks=128)
+    one = LLMEngine(model, EngineConfig(**settings))  # type: ignore[arg-type]
+    prompts = mixed_prompts(one.tokenizer.vocab_size)[:4]
+    want = [c.token_ids for c in one.generate(prompts, params)]
+    two = LLMEngine(model, EngineConfig(**settings, tensor_parallel=2))  # type: ignore[arg-type]
+    try:
+        assert [c.token_ids for c in two.generate(prompts, params)] == want
+    finally:
+        two.close()

@@ -317,6 +317,14 @@ def test_a_colocated_pool_runs_whole_request_nodes_like_the_other_node_pools() -
     assert [o for o in objects if "colocated" not in o["metadata"]["name"]] == render("demo", "ns", CPU_DEMO)
 
 
+def test_a_colocated_pool_splits_its_nodes_over_tensor_parallel_ranks() -> None:
+    split = render("demo", "ns", CPU_DEMO | {"colocated": {"replicas": 1, "tensorParallelSize": 2}})
+    args = container(by_kind(split, "Deployment")["demo-colocated"])["args"]
+    assert flag(args, "--tensor-parallel") == "2"
+    whole = render("demo", "ns", CPU_DEMO | {"colocated": {"replicas": 1}})
+    assert "--tensor-parallel" not in container(by_kind(whole, "Deployment")["demo-colocated"])["args"]
+
+
 def test_an_autoscaled_colocated_pool_gets_an_hpa_and_no_fixed_replicas() -> None:
     spec = CPU_DEMO | {
         "colocated": {
