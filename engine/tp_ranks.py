@@ -17,6 +17,7 @@ import contextlib
 import logging
 import multiprocessing as mp
 import os
+import signal
 import threading
 import time
 from dataclasses import dataclass
@@ -144,6 +145,9 @@ def _stop(processes: list[Any]) -> None:
 
 def worker_main(spec: WorkerSpec, rank: int) -> None:
     """Rank `rank`: load its shard, then run every step rank 0 announces until told to stop."""
+    # Ctrl-C and SIGTERM reach the whole process group; only rank 0 decides when the ranks stop (after its drain).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     _exit_with_parent()
     torch.set_num_threads(spec.threads)
     store = dist.TCPStore(

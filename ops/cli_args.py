@@ -131,6 +131,10 @@ def add_up_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--http-port", type=port_number, default=8000)
     parser.add_argument("--api-key", default=None, help="require this bearer token on the router's endpoints")
     parser.add_argument("--threads-per-node", type=positive_int, default=1)
+    parser.add_argument(
+        "--tensor-parallel", type=positive_int, default=1, metavar="N",
+        help="ranks each colocated node splits the model over (prefill and decode nodes run 1 for now)",
+    )  # fmt: skip
     for role in ("prefill", "decode", "colocated"):
         parser.add_argument(
             f"--{role}-machine-type",

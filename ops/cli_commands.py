@@ -154,6 +154,13 @@ def up_command(args: argparse.Namespace) -> int:
         cluster_token = cli_args.cluster_token(args)  # None: LocalCluster generates one
     except ValueError as exc:
         raise UserError(str(exc)) from None
+    if args.tensor_parallel > 1:
+        if args.prefill or args.decode:
+            raise UserError(
+                f"--tensor-parallel {args.tensor_parallel} splits colocated nodes only for now (prefill and decode "
+                "nodes run TP 1): add --prefill 0 --decode 0 --colocated N"
+            )
+        role_args["colocated"] += ["--tensor-parallel", str(args.tensor_parallel)]
     require_dir(args.model, "--model", "model directory")
     require_free_port(UP_HOST, args.grpc_port, "--grpc-port")
     require_free_port(UP_HOST, args.http_port, "--http-port")

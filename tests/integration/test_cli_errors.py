@@ -268,3 +268,9 @@ def _alive(process: psutil.Process) -> bool:
         return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return False
+
+
+def test_up_splits_only_colocated_nodes_and_says_how() -> None:
+    line = error_line(run("up", "--tensor-parallel", "2", "--grpc-port", "0", "--http-port", "0"))
+    assert line.startswith("splitserve up: error: --tensor-parallel 2 splits colocated nodes only for now")
+    assert "--prefill 0 --decode 0 --colocated N" in line
