@@ -17,6 +17,7 @@ import asyncio
 import logging
 import time
 
+from cluster.kv_peers import KVPeers, PeerUnreachable
 from engine import prefix_import
 from engine.async_engine import AsyncEngine
 from kvtransfer.base import TransferState
@@ -37,7 +38,7 @@ class PrefixExport:
     def __init__(self, engine: AsyncEngine, transport) -> None:
         self.engine = engine
         self.transport = transport
-        self._peers: dict[bytes, object] = {}
+        self._peers = KVPeers(transport)
         self._unpinning: set[asyncio.Task[None]] = set()
 
     async def send(self, request: cpb.SendPrefixRequest) -> int:
@@ -60,20 +61,16 @@ class PrefixExport:
             await self._settle([announce], deadline)
             return sum(int(getattr(h, "num_bytes", 0)) for h in handles)
         except PrefixSendFailed:
-            self._peers.pop(request.prefill_transport_descriptor, None)  # the next call reconnects
+            self._peers.forget(request.prefill_transport_descriptor)  # the next call reconnects
             raise
         finally:
             self._unpin_when_settled(blocks, handles)
 
     async def _connect(self, descriptor: bytes) -> object:
-        peer = self._peers.get(descriptor)
-        if peer is None:
-            try:
-                peer = await asyncio.to_thread(self.transport.connect, descriptor)
-            except Exception as exc:  # the transport's own error types vary by backend
-                raise PrefixSendFailed(f"cannot connect to the prefill node: {exc}") from exc
-            self._peers[descriptor] = peer
-        return peer
+        try:
+            return await self._peers.connect(descriptor)
+        except PeerUnreachable as exc:
+            raise PrefixSendFailed(f"cannot connect to the prefill node: {exc}") from exc
 
     async def _settle(self, handles: list[object], deadline: float) -> None:
         while True:

@@ -40,6 +40,7 @@ from opentelemetry.trace import INVALID_SPAN, Span
 from cluster import tracing
 from cluster.failed_side import Side, failed_side_metadata
 from cluster.grpc_util import abort_with
+from cluster.kv_peers import KVPeers, PeerUnreachable
 from cluster.node.recent_ids import RecentIds
 from cluster.power.accounting import ledger_of
 from cluster.proto_convert import (
@@ -113,7 +114,7 @@ class PrefillNodeService(cluster_pb2_grpc.PrefillNodeServicer):
         self.accepting = True
         self.in_flight = 0
         self._targets: dict[str, _Target] = {}
-        self._peers: dict[bytes, object] = {}
+        self._peers = KVPeers(transport)
         # Requests whose transfer started here (they end it with kv-done or a fence), and requests aborted before
         # theirs started (a Prefill of theirs arriving late is refused).
         self._started = RecentIds()
@@ -223,7 +224,7 @@ class PrefillNodeService(cluster_pb2_grpc.PrefillNodeServicer):
         except TransferFailed as exc:
             tracing.mark_failed(span, str(exc))
             if exc.side == "decode":  # the next request reconnects: a broken path is not reused
-                self._peers.pop(request.decode_transport_descriptor, None)
+                self._peers.forget(request.decode_transport_descriptor)
             context.set_trailing_metadata(failed_side_metadata(exc.side))
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"KV transfer for {rid!r} failed: {exc}")
             raise AssertionError("unreachable") from exc
@@ -284,14 +285,10 @@ class PrefillNodeService(cluster_pb2_grpc.PrefillNodeServicer):
     # ---- transfer -------------------------------------------------------------------------------------------------
 
     async def _connect(self, descriptor: bytes) -> object:
-        peer = self._peers.get(descriptor)
-        if peer is None:
-            try:
-                peer = await asyncio.to_thread(self.transport.connect, descriptor)
-            except Exception as exc:  # the transport's own error types vary by backend
-                raise TransferFailed(f"cannot connect to the decode node: {exc}") from exc
-            self._peers[descriptor] = peer
-        return peer
+        try:
+            return await self._peers.connect(descriptor)
+        except PeerUnreachable as exc:
+            raise TransferFailed(f"cannot connect to the decode node: {exc}") from exc
 
     def _on_layer_stored(self, layer: int, writes: list[KVLayerWrite]) -> None:
         """Engine thread, right after layer `layer` stored its new KV: ship the touched blocks of our requests."""

@@ -83,11 +83,14 @@ class KVAware:
 
 def _soonest(arrays: RoleArrays, prompt: int, pulled: int = 0) -> int | None:
     """The usable node predicted to finish computing the prompt first: latency line over queue plus uncached work
-    (what it can pull from the decode node counts as cached), then (no latency lines) those tokens, then fewest
-    running."""
+    (what it can pull from the decode node counts as cached), then (no latency lines) those tokens, then the most
+    cached itself, then fewest running."""
     work = pm.to_compute(arrays, prompt, pulled)
     ttft = pm.predicted_ttft(arrays, work)
-    return pm.pick(arrays, arrays.usable, ttft, arrays.pending_tokens + work, arrays.running)
+    # At equal work, the node holding more of the prefix itself: it has fewer blocks to pull.
+    return pm.pick(
+        arrays, arrays.usable, ttft, arrays.pending_tokens + work, -arrays.cached_tokens, arrays.running
+    )
 
 
 def lookup_cached_tokens(index: KVIndex, prompt: Sequence[int], block_sizes: Iterable[int]) -> dict[str, int]:

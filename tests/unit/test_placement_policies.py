@@ -455,3 +455,9 @@ def test_kv_with_prefix_pulls_counts_the_decode_nodes_prefix_for_every_prefill_n
     # Local prefill on d1 computes as little as p1 after its pull, with no transfer either way: d1 does it.
     local = create_policy("kv", local_prefill_tokens=256)
     assert local.place(pulling, state) == Placement(colocated="d1", borrowed=True)
+
+
+def test_kv_with_prefix_pulls_prefers_the_prefill_node_holding_more_itself_at_equal_work() -> None:
+    state = roles(prefill=[N("p0"), N("p1", cached=600)], decode=[N("d0", cached=900)])
+    pulling = PlacementRequest(1000, 1128, 128, prefix_pull=True)
+    assert create_policy("kv").place(pulling, state) == Placement(prefill="p1", decode="d0")
