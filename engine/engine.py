@@ -29,6 +29,7 @@ from engine.block_manager import BlockManager
 from engine.config import EngineConfig, EngineRole, ModelConfig
 from engine.devices import resolve_device, resolve_dtype
 from engine.errors import (
+    EngineBrokenError,
     InvalidRequestError,
     ModelLoadError,
     RequestFailedError,
@@ -68,6 +69,7 @@ __all__ = [  # the output types live in engine.outputs; importing them from here
     "LLMEngine",
     "RequestOutput",
 ]
+from engine.tensor_parallel import CollectiveFailed
 from engine.tokenizer import Tokenizer
 
 
@@ -83,7 +85,7 @@ class LLMEngine:
         dtype = resolve_dtype(self.config.dtype, self.model_config.torch_dtype, device)
         self.max_model_len = self.config.max_model_len or self.model_config.max_position_embeddings
         world = self.config.tensor_parallel
-        plan = tp_ranks.plan_for(self.model_config, world, self.config.role)  # None at TP 1
+        plan = tp_ranks.plan_for(self.model_config, world)  # None at TP 1
         self.model = DecoderModel.load(model_dir, self.model_config, dtype, device, self.max_model_len, plan)
         num_blocks = self.config.num_kv_blocks or max(
             1,
@@ -186,8 +188,32 @@ class LLMEngine:
 
     @property
     def kv_layers(self) -> list[torch.Tensor]:
-        """Per-layer KV pool tensors [num_blocks, 2, block_size, KVH, D]; transports read and write blocks here."""
-        return self.runner.kv_caches
+        """Per-layer KV pool tensors [num_blocks, 2, block_size, KVH, D]; transports read and write blocks here.
+
+        At tensor parallel > 1 this is rank 0's transfer pool, every KV head (engine/tensor_parallel/kv_resharding.py):
+        blocks written into it from outside need `import_blocks`, blocks read from it on a decode node
+        `export_blocks` first (a prefill node keeps it up to date as it computes)."""
+        return self.runner.transfer_pool
+
+    def import_blocks(self, block_ids: list[int]) -> None:
+        """Blocks written into kv_layers from outside: every tensor-parallel rank takes its heads before the next
+        step (nothing to do at TP 1, where kv_layers is the pool itself)."""
+        self.runner.queue_kv_import(block_ids)
+
+    def export_blocks(self, block_ids: list[int]) -> None:
+        """Make kv_layers hold what the ranks computed in these blocks (no-op at TP 1); EngineBrokenError if a rank
+        is gone."""
+        try:
+            self.runner.export_to_transfer_pool(block_ids)
+        except CollectiveFailed as exc:
+            raise EngineBrokenError(f"tensor-parallel ranks out of step: {exc}") from exc
+
+    def kv_blocks_by_rank(self, block_ids: list[int]) -> list[torch.Tensor]:
+        """Each tensor-parallel rank's own blocks [layers, n, 2, block_size, its KV heads, D], rank 0 first."""
+        try:
+            return self.runner.blocks_by_rank(block_ids)
+        except CollectiveFailed as exc:
+            raise EngineBrokenError(f"tensor-parallel ranks out of step: {exc}") from exc
 
     def reserve(
         self,
@@ -228,7 +254,10 @@ class LLMEngine:
     def cached_blocks(self, request_id: str) -> int:
         """How many leading blocks of a reserved request were shared from the prefix cache (0 if unknown)."""
         seq = self._held.get(request_id)
-        return 0 if seq is None else seq.num_cached_prompt_tokens // self.config.block_size
+        return 0 if seq is None else self.cached_blocks_of(seq)
+
+    def cached_blocks_of(self, seq: Sequence) -> int:
+        return seq.num_cached_prompt_tokens // self.config.block_size
 
     def admit(self, request_id: str, first_token_id: int, first_logprob: TokenLogprob | None = None) -> None:
         """The prompt's KV is in the reserved blocks: start generating after the prefill engine's first token."""
@@ -238,6 +267,7 @@ class LLMEngine:
         if not 0 <= first_token_id < self.model_config.vocab_size:
             raise InvalidRequestError(f"first token id {first_token_id} is outside the vocabulary")
         del self._held[request_id]
+        self.import_blocks(seq.block_ids[self.cached_blocks_of(seq) :])  # the blocks the transport wrote
         seq.num_computed_tokens = seq.num_tokens
         self.blocks.register_computed_blocks(seq)
         self.scheduler.add_running(seq)
@@ -425,7 +455,7 @@ class LLMEngine:
         out.kv = KVHandoff(
             block_ids=list(seq.block_ids),
             num_tokens=seq.num_computed_tokens,  # prompt (+ prior output of a resumed request)
-            kv_layers=self.runner.kv_caches,
+            kv_layers=self.runner.transfer_pool,
             first_token_id=seq.output_token_ids[-1],
             first_logprob=seq.logprobs[-1] if seq.logprobs else None,
         )

@@ -16,6 +16,7 @@ from engine.models.decoder import DecoderModel, LayerHook
 from engine.prompt_logprobs import PromptRows, compute, rows_of_chunk
 from engine.scheduler import SchedulerOutput
 from engine.sequence import Sequence, TokenLogprob
+from engine.tensor_parallel.kv_resharding import GatherBlocks, KVResharding
 
 
 @dataclass(slots=True)
@@ -25,6 +26,8 @@ class StepInputs:
     attention: AttentionBatch
     sample_rows: torch.Tensor  # [N] index in T of the last token of each chunk that completes its sequence
     prompt_rows: list[PromptRows]  # rows whose prompt logprobs were asked for
+    # Tensor parallel: blocks the transfer pool received since the last step, for every rank to take its heads of.
+    kv_imports: list[int] = dataclasses.field(default_factory=list)
 
     def to(self, device: torch.device) -> StepInputs:
         """The same step with every tensor on `device` (a tensor-parallel rank on another GPU)."""
@@ -78,8 +81,39 @@ class ModelRunner:
             for _ in range(cfg.num_layers)
         ]
         self.decode_graphs: DecodeGraphs | None = None
-        # Tensor parallel rank 0: hands each step's inputs to the other ranks first (engine/tensor_parallel/group.py).
-        self.announce: Callable[[StepInputs], None] | None = None
+        # Tensor parallel rank 0: hands each step's inputs to the other ranks first (engine/tp_ranks.py).
+        self.announce: Callable[[object], None] | None = None
+        # Tensor parallel prefill and decode roles: the whole-heads pool other nodes exchange KV with.
+        self.resharding: KVResharding | None = None
+
+    @property
+    def transfer_pool(self) -> list[torch.Tensor]:
+        """The pool a KV transport registers: every KV head (rank 0's transfer pool at TP > 1), same block ids."""
+        return self.resharding.pool if self.resharding is not None else self.kv_caches
+
+    def queue_kv_import(self, block_ids: list[int]) -> None:
+        """Blocks the transfer pool received from outside: every rank takes its heads before the next step."""
+        if self.resharding is not None:
+            self.resharding.queue_import(block_ids)
+
+    def export_to_transfer_pool(self, block_ids: list[int]) -> None:
+        """Before a transport reads blocks the ranks computed: gather them, whole heads, into the transfer pool."""
+        if self.resharding is None or not block_ids:
+            return
+        if self.announce is not None:
+            self.announce(GatherBlocks(block_ids))
+        self.resharding.export_blocks(block_ids, self.kv_caches)
+
+    def blocks_by_rank(self, block_ids: list[int]) -> list[torch.Tensor]:
+        """Each rank's own pool's blocks [layers, n, 2, block_size, its KV heads, D], rank 0 first (diagnostics)."""
+        index = torch.tensor(block_ids, dtype=torch.long, device=self.model.device)
+        if self.resharding is None:
+            return [torch.stack([cache.index_select(0, index) for cache in self.kv_caches])]
+        if self.announce is not None:
+            self.announce(GatherBlocks(block_ids))
+        parts = self.resharding.gather_blocks(block_ids, self.kv_caches)
+        assert parts is not None  # rank 0
+        return parts
 
     def enable_decode_graphs(
         self, max_batch: int, max_seq_tokens: int, capture: Capture = cuda_capture
@@ -107,6 +141,8 @@ class ModelRunner:
         ):
             logits = graphs.run(inputs.input_ids, inputs.positions, inputs.attention)
             return StepLogits(sample=logits.index_select(0, inputs.sample_rows), prompt_logprobs=[])
+        if self.resharding is not None:
+            inputs.kv_imports = self.resharding.take_imports()
         if self.announce is not None:
             # The other ranks need the rows, not the sequences the prompt logprobs are for.
             rows = [dataclasses.replace(span, seq=None) for span in inputs.prompt_rows]
@@ -115,6 +151,12 @@ class ModelRunner:
 
     def execute(self, inputs: StepInputs, on_layer_stored: LayerHook | None = None) -> StepLogits:
         """The forward of prepared inputs (every tensor-parallel rank runs this, in step)."""
+        if self.resharding is not None:
+            if inputs.kv_imports:
+                self.resharding.import_blocks(inputs.kv_imports, self.kv_caches)
+            on_layer_stored = self.resharding.mirroring(
+                on_layer_stored, inputs.attention.slot_mapping, self.kv_caches
+            )
         hidden = self.model.forward(
             inputs.input_ids, inputs.positions, inputs.attention, self.kv_caches, on_layer_stored
         )

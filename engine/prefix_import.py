@@ -57,6 +57,8 @@ def finish(engine, import_id: str, filled: bool) -> None:
     if started is None:
         return
     if filled:
+        # Tensor parallel: the ranks take their heads of the blocks before the next step.
+        engine.import_blocks(started.block_ids)
         engine.blocks.publish(started.block_ids, started.keys, started.tokens)
     engine.blocks.unpin(started.block_ids)
 
@@ -72,6 +74,7 @@ def pin(engine, request_id: str, first: int, count: int) -> list[int]:
             f"blocks [{first}, {first + count}) of {request_id!r} asked for; only its first {cached} hold cached KV"
         )
     block_ids = list(seq.block_ids[first : first + count])
+    engine.export_blocks(block_ids)  # tensor parallel: the ranks' heads into the pool the transport reads
     engine.blocks.pin(block_ids)
     return block_ids
 

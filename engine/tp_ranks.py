@@ -34,6 +34,7 @@ from engine.errors import EngineBrokenError, ModelLoadError
 from engine.model_runner import ModelRunner
 from engine.models.decoder import DecoderModel
 from engine.tensor_parallel import CollectiveFailed, TPComm, TPPlan
+from engine.tensor_parallel.kv_resharding import GatherBlocks, KVResharding
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +60,9 @@ class WorkerSpec:
     store_port: int
     timeout_s: float
     threads: int
+    role: (
+        str  # EngineRole's value: prefill and decode ranks keep the transfer pool in step (kv_resharding.py)
+    )
 
 
 class TPGroup:
@@ -162,8 +166,13 @@ def worker_main(spec: WorkerSpec, rank: int) -> None:
         plan = TPPlan(config, rank, spec.world)
         model = DecoderModel.load(spec.model_dir, config, dtype, device, spec.max_positions, plan, compute)
         runner = ModelRunner(model, spec.num_blocks, spec.block_size)
+        runner.resharding = _resharding(config, EngineRole(spec.role), compute, runner)
         while (inputs := step.broadcast_object()) is not None:
-            runner.execute(inputs.to(device))
+            if isinstance(inputs, GatherBlocks):
+                assert runner.resharding is not None  # rank 0 asks only where there is one
+                runner.resharding.gather_blocks(inputs.block_ids, runner.kv_caches)
+            else:
+                runner.execute(inputs.to(device))
     except CollectiveFailed as exc:
         logger.warning("tensor-parallel rank %d stops: %s", rank, exc)
         os._exit(1)
@@ -192,16 +201,18 @@ def _exit_with_parent() -> None:
 # ---- the engine's entry points ---------------------------------------------------------------------------------------
 
 
-def plan_for(config: ModelConfig, world: int, role: EngineRole) -> TPPlan | None:
-    """Rank 0's plan (None at TP 1); ModelLoadError when the model does not divide or the role cannot split yet."""
-    if world == 1:
+def plan_for(config: ModelConfig, world: int) -> TPPlan | None:
+    """Rank 0's plan (None at TP 1); ModelLoadError when the model does not divide over `world` ranks."""
+    return None if world == 1 else TPPlan(config, 0, world)
+
+
+def _resharding(
+    config: ModelConfig, role: EngineRole, compute: TPComm, runner: ModelRunner
+) -> KVResharding | None:
+    """The prefill and decode roles' transfer pool upkeep (their KV crosses nodes); None for whole requests."""
+    if role == EngineRole.COLOCATED:
         return None
-    if role != EngineRole.COLOCATED:
-        raise ModelLoadError(
-            f"tensor parallel {world} runs whole requests only (the colocated role) for now: the {role.value} "
-            "role's KV crosses nodes, and transfers between tensor-parallel pools are not built yet"
-        )
-    return TPPlan(config, 0, world)
+    return KVResharding(config, compute, role == EngineRole.PREFILL, runner.kv_caches[0])
 
 
 def start_ranks(
@@ -223,8 +234,10 @@ def start_ranks(
         store_port=0,  # the group's store picks one
         timeout_s=config.tensor_parallel_timeout_s,
         threads=torch.get_num_threads(),
+        role=config.role.value,
     )
     group = TPGroup.start(spec)
     model.tp = group.compute
     runner.announce = group.announce
+    runner.resharding = _resharding(ModelConfig.from_dir(model_dir), config.role, group.compute, runner)
     return group

@@ -37,7 +37,7 @@ def add_node_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-seqs", type=positive_int, default=64)
     parser.add_argument(
         "--tensor-parallel", type=positive_int, default=1, metavar="N",
-        help="split the model over N processes (colocated nodes only for now; each rank gets --threads threads)",
+        help="split the model over N processes (each rank gets --threads threads)",
     )  # fmt: skip
     parser.add_argument(
         "--no-prefix-caching",
@@ -133,7 +133,7 @@ def add_up_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads-per-node", type=positive_int, default=1)
     parser.add_argument(
         "--tensor-parallel", type=positive_int, default=1, metavar="N",
-        help="ranks each colocated node splits the model over (prefill and decode nodes run 1 for now)",
+        help="ranks every node splits the model over (the --ROLE-tensor-parallel flags override it per pool)",
     )  # fmt: skip
     for role in ("prefill", "decode", "colocated"):
         parser.add_argument(
@@ -141,6 +141,10 @@ def add_up_args(parser: argparse.ArgumentParser) -> None:
             default=None,
             help=f"machine type of the {role} nodes (price and power model; default: cpu)",
         )
+        parser.add_argument(
+            f"--{role}-tensor-parallel", type=positive_int, default=None, metavar="N",
+            help=f"ranks each {role} node splits the model over (default: --tensor-parallel)",
+        )  # fmt: skip
     parser.add_argument("--machines", default=None, help="a JSON catalog of user machine types")
     add_placement_args(parser)
     add_admission_args(parser)

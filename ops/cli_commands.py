@@ -41,11 +41,6 @@ def node_command(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise UserError(str(exc)) from None
     require_dir(args.model, "--model", "model directory")
-    if args.tensor_parallel > 1 and args.role != "colocated":
-        raise UserError(
-            f"--tensor-parallel {args.tensor_parallel}: {args.role} nodes run TP 1 for now (their KV crosses nodes, "
-            "and transfers between different tensor-parallel layouts are not built yet); colocated nodes split"
-        )
     require_free_port(args.host, args.port, "--port")
     require_free_port(args.host, args.metrics_port, "--metrics-port")
     require_redis(args.redis_url, "--redis-url")  # or the model loads, only for the node to fail to register
@@ -147,20 +142,15 @@ def up_command(args: argparse.Namespace) -> int:
             machine = getattr(args, f"{role}_machine_type")
             if machine is not None and machine not in catalog:
                 raise ValueError(f"unknown machine type {machine!r} (known: {', '.join(sorted(catalog))})")
+            tensor_parallel = getattr(args, f"{role}_tensor_parallel") or args.tensor_parallel
             role_args[role] = [
                 *(["--machine-type", machine] if machine else []),
                 *(["--machines", args.machines] if args.machines else []),
+                *(["--tensor-parallel", str(tensor_parallel)] if tensor_parallel > 1 else []),
             ]
         cluster_token = cli_args.cluster_token(args)  # None: LocalCluster generates one
     except ValueError as exc:
         raise UserError(str(exc)) from None
-    if args.tensor_parallel > 1:
-        if args.prefill or args.decode:
-            raise UserError(
-                f"--tensor-parallel {args.tensor_parallel} splits colocated nodes only for now (prefill and decode "
-                "nodes run TP 1): add --prefill 0 --decode 0 --colocated N"
-            )
-        role_args["colocated"] += ["--tensor-parallel", str(args.tensor_parallel)]
     require_dir(args.model, "--model", "model directory")
     require_free_port(UP_HOST, args.grpc_port, "--grpc-port")
     require_free_port(UP_HOST, args.http_port, "--http-port")

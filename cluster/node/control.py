@@ -55,7 +55,6 @@ class ControlWatcher:
         node_id: str,
         say: Callable[[dict[str, object]], None],
         poll_s: float = POLL_S,
-        stays_in_pool: bool = False,
     ) -> None:
         self._read_control = read_control  # blocking (Redis); run on a worker thread
         self._set_draining = set_draining
@@ -65,8 +64,6 @@ class ControlWatcher:
         self._drained = False
         self._failing = False
         self._backoff_s = poll_s
-        self._stays_in_pool = stays_in_pool  # moves are refused (a tensor-parallel node, for now)
-        self._refused: Role | None = None
 
     async def wait_for_move(self) -> Role:
         """Applies drain/resume as they come, until the control asks for another pool; returns that role."""
@@ -74,12 +71,7 @@ class ControlWatcher:
             control = await self._poll()
             pool = control.pool if control is not None else None
             if pool is not None and pool != self._role:
-                if not self._stays_in_pool:
-                    return pool
-                if pool != self._refused:  # said once per request, not every poll
-                    self._refused = pool
-                    self._say({"event": "move_refused", "node_id": self._node_id, "pool": pool,
-                               "reason": "a tensor-parallel node stays in its pool"})  # fmt: skip
+                return pool
             if control is not None or not self._failing:  # an unreadable control changes nothing
                 await self._apply_drain(control is not None and control.drain)
             await asyncio.sleep(self._backoff_s if self._failing else self._poll_s)

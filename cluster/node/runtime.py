@@ -208,11 +208,7 @@ async def run_node(options: NodeOptions, service_names: list[str], attach: Attac
 
     stop = _stop_on_signal()
     role = cast(Role, options.role)  # checked by the command line's choices
-    # A split engine cannot move to a pool whose KV crosses nodes (prefill, decode) until transfers re-shard heads.
-    fixed = options.tensor_parallel > 1
-    watcher = ControlWatcher(
-        registration.read_control, set_draining, role=role, node_id=node_id, say=_say, stays_in_pool=fixed
-    )
+    watcher = ControlWatcher(registration.read_control, set_draining, role=role, node_id=node_id, say=_say)
     engine_watch = asyncio.create_task(_stop_when_engine_dies(async_engine, stop))
     move_to = await serve_until_stop_or_move(stop, watcher)
     engine_watch.cancel()

@@ -4,9 +4,10 @@
 - comm.py: the collectives (all-reduce, all-gather, a step's broadcast) over gloo groups of the engine's own;
 - engine/tp_ranks.py (beside this package, since it builds whole models): rank 0 (the engine's process) spawns
   ranks 1..N-1, announces each step to them, stops them.
+- kv_resharding.py: the prefill and decode roles' transfer pool (every KV head, on rank 0), which other nodes
+  exchange KV with at any TP degree, kept in step with the ranks' pools.
 Each rank keeps a KV pool of its own KV heads with the same block ids as rank 0's, so the scheduler's block tables
-hold on every rank. Only rank 0 samples, and only rank 0's pool is registered with a KV transport: the prefill and
-decode roles (whose KV crosses nodes) run at TP 1 until the transfer re-shards heads between TP degrees.
+hold on every rank. Only rank 0 samples, and only rank 0's transfer pool is registered with a KV transport.
 """
 
 from engine.tensor_parallel.comm import CollectiveFailed, TPComm

@@ -54,6 +54,23 @@ class TPComm:
         self._wait(self.group.allgather([parts], [host]), "all-gather")
         return torch.cat(parts, dim=-1).to(tensor.device)
 
+    def gather_to_first(self, tensor: torch.Tensor) -> list[torch.Tensor] | None:
+        """Every rank's equally shaped tensor, in rank order, on rank 0 (on its device); None on the other ranks."""
+        host = tensor.contiguous().cpu()
+        options = dist.GatherOptions()
+        options.rootRank = 0
+        parts = [torch.empty_like(host) for _ in range(self.world)] if self.rank == 0 else []
+        self._wait(self.group.gather([parts] if parts else [], [host], options), "gather")
+        return [part.to(tensor.device) for part in parts] if self.rank == 0 else None
+
+    def broadcast_(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Rank 0's tensor into every rank's equally shaped tensor, in place."""
+        host = tensor if tensor.device.type == "cpu" else tensor.cpu()
+        self._broadcast(host)
+        if host is not tensor:
+            tensor.copy_(host)
+        return tensor
+
     def broadcast_object(self, obj: object = None) -> Any:
         """Rank 0's obj on every rank (pickled; the other ranks pass nothing)."""
         if self.rank == 0:

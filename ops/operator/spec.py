@@ -255,12 +255,6 @@ def _pool(fields: Fields, role: str, *, custom_machines: bool) -> Pool:
         )
     gpus = fields.integer("gpus", DEFAULTS["pool.gpus"], minimum=0)
     tensor_parallel = fields.integer("tensorParallelSize", DEFAULTS["pool.tensorParallelSize"], minimum=1)
-    if tensor_parallel > 1 and role != COLOCATED:  # refusing beats silently serving at TP 1
-        fields.fail(
-            "tensorParallelSize",
-            f"{role} nodes do not split over ranks yet (their KV crosses nodes, and transfers between "
-            f"tensor-parallel layouts are not built), got {tensor_parallel}; colocated pools take it",
-        )
     for quantity_map in (resources.requests, resources.limits):
         if "nvidia.com/gpu" in quantity_map:
             fields.fail("resources", "set GPUs with the pool's gpus field, not nvidia.com/gpu")

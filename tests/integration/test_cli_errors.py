@@ -98,16 +98,6 @@ def test_nodes_name_the_port_flag_to_change(role: str, flag: str, busy_port: int
     assert error_line(result) == f"splitserve {role}: error: port {busy_port} is in use (change {flag})"
 
 
-@pytest.mark.parametrize("role", ["prefill", "decode"])
-def test_nodes_whose_kv_crosses_nodes_refuse_tensor_parallel_naming_the_flag(
-    role: str, llama_dir: Path
-) -> None:
-    result = run(role, "--model", str(llama_dir), "--redis-url", REDIS_URL, "--tensor-parallel", "2")
-    assert error_line(result).startswith(
-        f"splitserve {role}: error: --tensor-parallel 2: {role} nodes run TP 1"
-    )
-
-
 def test_a_port_out_of_range_is_one_line() -> None:
     error_line(run("up", "--http-port", "70000"), "--http-port", "0..65535")
 
@@ -268,9 +258,3 @@ def _alive(process: psutil.Process) -> bool:
         return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return False
-
-
-def test_up_splits_only_colocated_nodes_and_says_how() -> None:
-    line = error_line(run("up", "--tensor-parallel", "2", "--grpc-port", "0", "--http-port", "0"))
-    assert line.startswith("splitserve up: error: --tensor-parallel 2 splits colocated nodes only for now")
-    assert "--prefill 0 --decode 0 --colocated N" in line

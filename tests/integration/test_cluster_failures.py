@@ -43,9 +43,15 @@ def spec(model: Path, prefill: int, decode: int) -> ClusterSpec:
 
 
 async def stream_all_and_kill(
-    cluster: LocalCluster, view: ClusterView, batch: list[list[int]], victim: Process, after_tokens: int
+    cluster: LocalCluster,
+    view: ClusterView,
+    batch: list[list[int]],
+    victim: Process,
+    after_tokens: int,
+    victim_pid: int | None = None,
 ):
-    """Stream every prompt; SIGKILL the victim once every stream has received `after_tokens` tokens.
+    """Stream every prompt; SIGKILL the victim (or its process victim_pid, e.g. a tensor-parallel rank) once every
+    stream has received `after_tokens` tokens.
 
     Returns the results, the kill time, each stream's token count at the kill, and the victim's last load report.
     """
@@ -63,7 +69,7 @@ async def stream_all_and_kill(
     while min(progress) < after_tokens and time.monotonic() < deadline and not all(t.done() for t in tasks):
         await asyncio.sleep(0.005)
     victim_state = view.get(victim.node_id)
-    os.kill(victim.popen.pid, signal.SIGKILL)
+    os.kill(victim.popen.pid if victim_pid is None else victim_pid, signal.SIGKILL)
     killed_at = time.monotonic()
     at_kill = list(progress)
     await asyncio.gather(*tasks)

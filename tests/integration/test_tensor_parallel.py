@@ -10,6 +10,7 @@ collective timeout, never hang; closing the engine stops its worker.
 from __future__ import annotations
 
 import os
+import random
 import signal
 import time
 from collections.abc import Iterator
@@ -113,10 +114,9 @@ def test_a_killed_rank_fails_the_engine_within_its_timeout_and_close_stops_the_r
 
 
 def test_tp_that_does_not_divide_the_model_is_refused(llama_dir: Path) -> None:
-    with pytest.raises(ModelLoadError, match="tensor parallel 3 does not divide"):
-        engine(llama_dir, 3)
-    with pytest.raises(ModelLoadError, match="colocated role"):
-        engine(llama_dir, 2, role="prefill")
+    for role in ("colocated", "prefill", "decode"):
+        with pytest.raises(ModelLoadError, match="tensor parallel 3 does not divide"):
+            engine(llama_dir, 3, role=role)
 
 
 def child_pids(pid: int) -> list[int]:
@@ -161,3 +161,78 @@ def test_colocated_tp2_nodes_serve_and_a_killed_rank_takes_only_its_node_down(ll
             3
         ):  # the router may still list it for a moment: a failed attempt there is retried elsewhere
             assert [r.token_ids for r in generate_many(cluster.router_address, prompts, **sampling)] == want
+
+
+def test_split_cluster_prefill_tp2_to_decode_tp1_returns_a_single_engines_tokens(llama_dir: Path) -> None:
+    """A prefill node at `--tensor-parallel 2` streams its ranks' KV, whole heads, into a TP 1 decode node."""
+    from ops.launcher import ClusterSpec, LocalCluster
+    from tests.integration.cluster_client import generate_many
+
+    prompts = mixed_prompts(500, seed=6)[:4]
+    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    want = [
+        c.token_ids for c in LLMEngine(llama_dir, EngineConfig(num_kv_blocks=256)).generate(prompts, params)
+    ]
+    spec = ClusterSpec(model_dir=llama_dir, prefill=1, decode=1, grpc_port=0, http_port=0,
+                       role_args={"prefill": ["--tensor-parallel", "2"]})  # fmt: skip
+    with LocalCluster(spec) as cluster:
+        (prefill,) = cluster.by_role("prefill")
+        assert len(child_pids(prefill.popen.pid)) == 1  # its rank 1
+        sampling = {"max_tokens": 12, "temperature": 0.0, "ignore_eos": True}
+        assert [r.token_ids for r in generate_many(cluster.router_address, prompts, **sampling)] == want
+
+
+def test_decode_tp2_nodes_return_a_single_engines_tokens_and_a_killed_rank_fails_no_request(
+    llama_dir: Path,
+) -> None:
+    """TP 1 prefill into two `--tensor-parallel 2` decode nodes. SIGKILL to rank 1 of one decode node mid-stream:
+    that node stops (exit status not 0, its rank gone), and every stream resumes on the other with the single
+    engine's tokens, none repeated."""
+    import asyncio
+
+    from cluster.state import ClusterView
+    from ops.launcher import ClusterSpec, LocalCluster
+    from tests.integration.test_cluster_failures import MAX_TOKENS, expected_tokens, stream_all_and_kill
+    from tests.integration.test_cluster_failures import prompts as random_prompts
+
+    batch = random_prompts(6, 40, seed=3)
+    expected = expected_tokens(llama_dir, batch)
+    spec = ClusterSpec(model_dir=llama_dir, prefill=1, decode=2, grpc_port=0, http_port=0,
+                       role_args={"decode": ["--tensor-parallel", "2"]})  # fmt: skip
+    with LocalCluster(spec) as cluster, ClusterView(cluster.redis_url) as view:
+        victim = cluster.by_role("decode")[0]
+        (rank,) = child_pids(victim.popen.pid)
+        results, _, progress, load = asyncio.run(
+            stream_all_and_kill(cluster, view, batch, victim, after_tokens=5, victim_pid=rank)
+        )
+        held = load is not None and (load.running_requests > 0 or load.free_kv_blocks < load.total_kv_blocks)
+        assert held, "the victim served no stream when its rank died"
+        assert min(progress) < MAX_TOKENS, "every stream finished before the kill: the test proved nothing"
+        assert [r.token_ids for r in results if r] == expected
+        assert victim.popen.wait(timeout=60) != 0
+        assert view.wait_for(lambda: view.get(victim.node_id) is None, timeout_s=10.0)
+
+
+def test_tp2_nodes_reuse_a_conversations_prefix_both_ways(llama_dir: Path) -> None:
+    """Prefill and decode nodes both at `--tensor-parallel 2`. Turn 2 of each conversation: the decode node shares
+    the blocks turn 1 left in its ranks' pools and receives only the rest, and sends the prefill node the answer's
+    blocks it lacks (gathered from its ranks first), which the prefill ranks take their heads of. Tokens: a single
+    TP 1 engine's."""
+    from ops.launcher import ClusterSpec, LocalCluster
+    from tests.integration.cluster_client import generate_many
+    from tests.integration.test_kv_routing import BLOCK, SAMPLING, recent_requests, single_engine_tokens
+
+    rng = random.Random(5)
+    turn1 = [[rng.randrange(3, 1000) for _ in range(rng.randrange(40, 90))] for _ in range(2)]
+    out1 = single_engine_tokens(llama_dir, turn1)
+    turn2 = [p + o + [rng.randrange(3, 1000) for _ in range(20)] for p, o in zip(turn1, out1, strict=True)]
+    out2 = single_engine_tokens(llama_dir, turn2)
+    spec = ClusterSpec(model_dir=llama_dir, prefill=1, decode=1, grpc_port=0, http_port=0,
+                       node_args=["--tensor-parallel", "2"], router_args=["--policy", "kv"])  # fmt: skip
+    with LocalCluster(spec) as cluster:
+        assert [r.token_ids for r in generate_many(cluster.router_address, turn1, **SAMPLING)] == out1
+        second = [generate_many(cluster.router_address, [prompt], **SAMPLING)[0] for prompt in turn2]
+        assert [r.token_ids for r in second] == out2
+        assert all(r.usage and r.usage.cached_prompt_tokens >= BLOCK for r in second)
+        records = recent_requests(cluster, 2)
+        assert all(r["imported_bytes"] > 0 for r in records), records  # the answer's blocks came back

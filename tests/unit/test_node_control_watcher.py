@@ -34,11 +34,10 @@ class FakeNode:
     async def set_draining(self, drain: bool) -> None:
         self.drain_calls.append(drain)
 
-    def watcher(self, role: Role, stays_in_pool: bool = False) -> ControlWatcher:
+    def watcher(self, role: Role) -> ControlWatcher:
         return ControlWatcher(
-            self.read, self.set_draining, role=role, node_id="n-1", say=self.events.put_nowait, poll_s=0.005,
-            stays_in_pool=stays_in_pool,
-        )  # fmt: skip
+            self.read, self.set_draining, role=role, node_id="n-1", say=self.events.put_nowait, poll_s=0.005
+        )
 
     async def next_event(self) -> dict[str, object]:
         return await asyncio.wait_for(self.events.get(), WAIT_S)
@@ -82,24 +81,6 @@ def test_a_move_to_another_pool_ends_the_wait_and_the_own_pool_is_ignored() -> N
         assert not task.done()
         node.control = NodeControl(pool="colocated")
         assert await asyncio.wait_for(task, WAIT_S) == "colocated"
-
-    asyncio.run(scenario())
-
-
-def test_a_node_that_stays_in_its_pool_refuses_a_move_once_and_still_drains() -> None:
-    """A tensor-parallel node (its KV cannot cross to a prefill or decode pool yet) says no and keeps serving."""
-
-    async def scenario() -> None:
-        node = FakeNode()
-        task = asyncio.create_task(node.watcher("colocated", stays_in_pool=True).wait_for_move())
-        node.control = NodeControl(pool="decode")
-        refused = await node.next_event()
-        assert refused["event"] == "move_refused" and refused["pool"] == "decode"
-        await node.polls(5)  # said once, not on every poll
-        assert node.events.empty() and not task.done()
-        node.control = NodeControl(drain=True, pool="decode")
-        assert (await node.next_event())["event"] == "draining"
-        task.cancel()
 
     asyncio.run(scenario())
 

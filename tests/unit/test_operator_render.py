@@ -317,10 +317,16 @@ def test_a_colocated_pool_runs_whole_request_nodes_like_the_other_node_pools() -
     assert [o for o in objects if "colocated" not in o["metadata"]["name"]] == render("demo", "ns", CPU_DEMO)
 
 
-def test_a_colocated_pool_splits_its_nodes_over_tensor_parallel_ranks() -> None:
+def test_each_pool_splits_its_nodes_over_its_own_tensor_parallel_ranks() -> None:
     split = render("demo", "ns", CPU_DEMO | {"colocated": {"replicas": 1, "tensorParallelSize": 2}})
     args = container(by_kind(split, "Deployment")["demo-colocated"])["args"]
     assert flag(args, "--tensor-parallel") == "2"
+    mixed = render(
+        "demo", "ns", CPU_DEMO | {"prefill": {"tensorParallelSize": 2}, "decode": {"tensorParallelSize": 4}}
+    )
+    deployments = by_kind(mixed, "Deployment")
+    assert flag(container(deployments["demo-prefill"])["args"], "--tensor-parallel") == "2"
+    assert flag(container(deployments["demo-decode"])["args"], "--tensor-parallel") == "4"
     whole = render("demo", "ns", CPU_DEMO | {"colocated": {"replicas": 1}})
     assert "--tensor-parallel" not in container(by_kind(whole, "Deployment")["demo-colocated"])["args"]
 

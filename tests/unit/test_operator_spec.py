@@ -121,8 +121,8 @@ BAD_SPECS = [
         "spec.prefill.machineType: unknown machine type 'tpu-v9'",
     ),
     (
-        with_fields(decode={"tensorParallelSize": 4}),
-        "spec.decode.tensorParallelSize: decode nodes do not split over ranks yet",
+        with_fields(decode={"tensorParallelSize": 0}),
+        "spec.decode.tensorParallelSize: must be",
     ),
     (
         with_fields(decode={"resources": {"limits": {"nvidia.com/gpu": 1}}}),

@@ -1,0 +1,205 @@
+"""KV between engines of different tensor-parallel degrees (engine/tensor_parallel/kv_resharding.py).
+
+A prefill engine at TP p hands its prompt's KV to a decode engine at TP d through their transfer pools, the pools a
+transport registers (every KV head, the layout of a TP 1 engine), as InProcessTransfer plays the transport. The
+tokens must be a single TP 1 engine's, and every decode rank's own blocks must hold, head by head, exactly what
+the prefill ranks computed: the heads a rank owns on one side land on whichever rank owns them on the other,
+replicated heads on every rank that holds them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from engine import prefix_import
+from engine.config import EngineConfig, EngineRole
+from engine.engine import LLMEngine
+from engine.sampling_params import SamplingParams
+from engine.sequence import FinishReason
+from engine.tensor_parallel import TPPlan
+from tests.integration.test_engine_roles import InProcessTransfer, prompts
+
+pytestmark = pytest.mark.timeout(600)
+
+BLOCK = 16
+
+
+@pytest.fixture(scope="module")
+def single_kv_head(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from engine.tiny_model import make_tiny_model
+
+    root = tmp_path_factory.mktemp("one-kv-head")
+    return make_tiny_model(root / "llama", arch="llama", layers=2, hidden=64, heads=4, kv_heads=1, seed=9)
+
+
+@pytest.fixture
+def closing() -> Iterator[list[LLMEngine]]:
+    engines: list[LLMEngine] = []
+    try:
+        yield engines
+    finally:
+        for e in engines:
+            e.close()
+
+
+def engine(model_dir: Path, role: EngineRole, tp: int, closing: list[LLMEngine]) -> LLMEngine:
+    config = EngineConfig(
+        role=role, dtype="float32", block_size=BLOCK, num_kv_blocks=96, max_num_batched_tokens=48,
+        max_num_seqs=8, tensor_parallel=tp, tensor_parallel_timeout_s=20.0,
+    )  # fmt: skip
+    made = LLMEngine(model_dir, config)
+    closing.append(made)
+    return made
+
+
+CASES = [("llama", 2, 1), ("llama", 1, 2), ("single-kv-head", 2, 1), ("single-kv-head", 1, 2)]
+
+
+@pytest.mark.parametrize(("model", "prefill_tp", "decode_tp"), CASES)
+def test_split_across_tp_degrees_returns_a_tp1_engines_tokens_and_every_rank_holds_its_heads(
+    model: str,
+    prefill_tp: int,
+    decode_tp: int,
+    tiny_models: dict[str, Path],
+    single_kv_head: Path,
+    closing: list[LLMEngine],
+) -> None:
+    model_dir = single_kv_head if model == "single-kv-head" else tiny_models[model]
+    prefill = engine(model_dir, EngineRole.PREFILL, prefill_tp, closing)
+    decode = engine(model_dir, EngineRole.DECODE, decode_tp, closing)
+    params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
+
+    # One prompt first, checked head by head while both sides still hold its blocks.
+    prompt = prompts(prefill.tokenizer.vocab_size)[3]  # 95 tokens: five full blocks and a partial one
+    transfer = InProcessTransfer(prefill, decode)
+    transfer.dst_blocks["one"] = dst = decode.reserve("one", prompt, params)
+    prefill.add_request("one", prompt, params)
+    done = None
+    for _ in range(100):
+        done = next((o for o in prefill.step() if o.finish_reason == FinishReason.PREFILL_DONE), None)
+        if done is not None:
+            break
+    assert done is not None and done.kv is not None
+    src = done.kv.block_ids
+    computed = prefill.kv_blocks_by_rank(src)
+    decode.admit("one", done.kv.first_token_id, done.kv.first_logprob)
+    prefill.release("one")
+    decode.step()  # the decode ranks take their heads of the received blocks before this step's forward
+    received = decode.kv_blocks_by_rank(dst)
+    assert len(computed) == prefill_tp and len(received) == decode_tp
+    for head in range(prefill.model_config.num_kv_heads):
+        want = [
+            _head_rows(part, head, prefill_tp, r, prefill, len(prompt)) for r, part in enumerate(computed)
+        ]
+        want = [w for w in want if w is not None]
+        assert want and all(torch.equal(w, want[0]) for w in want)  # replicas agree on the prefill side
+        got = [_head_rows(part, head, decode_tp, r, decode, len(prompt)) for r, part in enumerate(received)]
+        got = [g for g in got if g is not None]
+        assert got, f"no decode rank holds KV head {head}"
+        for rows in got:
+            assert torch.equal(rows, want[0]), f"KV head {head} differs on a decode rank"
+    while decode.has_unfinished():
+        decode.step()
+
+    # Then a batch with shared prefixes (prefix-cache hits sent at hand-over), against a TP 1 colocated engine.
+    batch = prompts(prefill.tokenizer.vocab_size, seed=11)
+    want_tokens = {
+        f"r{i}": c.token_ids
+        for i, c in enumerate(engine(model_dir, EngineRole.COLOCATED, 1, closing).generate(batch, params))
+    }
+    tokens: dict[str, list[int]] = {}
+    for i, p in enumerate(batch):
+        transfer.dst_blocks[f"r{i}"] = decode.reserve(f"r{i}", p, params)
+        prefill.add_request(f"r{i}", p, params)
+    for _ in range(10_000):
+        for out in prefill.step():
+            if out.finish_reason == FinishReason.PREFILL_DONE:
+                transfer.hand_over(out)
+        for out in decode.step():
+            tokens.setdefault(out.request_id, []).extend(out.new_token_ids)
+        if not prefill.has_unfinished() and not decode.has_unfinished() and len(tokens) == len(batch):
+            break
+    assert tokens == want_tokens
+    for side in (prefill, decode):
+        stats = side.stats()
+        assert stats.num_free_blocks == stats.num_blocks and stats.num_held == 0, "blocks leaked"
+
+
+def _head_rows(
+    part: torch.Tensor, head: int, world: int, rank: int, engine: LLMEngine, num_tokens: int
+) -> torch.Tensor | None:
+    """One rank's K and V of whole KV head `head` at the prompt's token positions, or None if it does not hold it."""
+    heads = TPPlan(engine.model_config, rank, world).kv_heads if world > 1 else range(part.shape[-2])
+    if head not in heads:
+        return None
+    layers, n, two, bs, _, d = part.shape
+    rows = part[..., head - heads.start, :].permute(0, 2, 1, 3, 4).reshape(layers, two, n * bs, d)
+    return rows[:, :, :num_tokens]
+
+
+@pytest.mark.parametrize(("prefill_tp", "decode_tp"), [(2, 1), (1, 2), (2, 2)])
+def test_a_pulled_prefix_goes_from_the_decode_ranks_to_the_prefill_ranks_head_by_head(
+    prefill_tp: int, decode_tp: int, llama_dir: Path, closing: list[LLMEngine]
+) -> None:
+    """Turn 1's answer was computed by the decode ranks only. Pulling it for turn 2 (prefill_node/prefix_pull.py,
+    with this test as the transport): the decode node gathers its ranks' blocks into its transfer pool, and the
+    prefill ranks take their heads of what lands in theirs; the tokens are a single TP 1 engine's."""
+    prefill = engine(llama_dir, EngineRole.PREFILL, prefill_tp, closing)
+    decode = engine(llama_dir, EngineRole.DECODE, decode_tp, closing)
+    params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
+    reference = engine(llama_dir, EngineRole.COLOCATED, 1, closing)
+    turn1 = prompts(prefill.tokenizer.vocab_size)[2]  # 40 tokens: turn 1's answer fills most of a third block
+    out1 = reference.generate([turn1], params)[0].token_ids
+    turn2 = [*turn1, *out1, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21]
+    out2 = reference.generate([turn2], params)[0].token_ids
+    transfer = InProcessTransfer(prefill, decode)
+    assert _run(prefill, decode, transfer, "t1", turn1, params) == out1
+
+    transfer.dst_blocks["t2"] = decode.reserve("t2", turn2, params)
+    held = decode.cached_blocks("t2")
+    assert held == (len(turn1) + len(out1) - 1) // BLOCK  # turn 1's prompt and answer, full blocks
+    started = prefix_import.begin(prefill, "t2", turn2, held)
+    assert started.first_block == len(turn1) // BLOCK and started.block_ids  # the answer's blocks are missing
+    lent = prefix_import.pin(decode, "t2", started.first_block, len(started.block_ids))
+    for layer in range(len(decode.kv_layers)):  # the transport's part: transfer pool to transfer pool
+        prefill.kv_layers[layer][started.block_ids] = decode.kv_layers[layer][lent]
+    prefix_import.finish(prefill, "t2", filled=True)
+    prefix_import.unpin(decode, lent)
+    lent_by_rank = decode.kv_blocks_by_rank(lent)
+    prefill.add_request("t2", turn2, params)
+    for out in prefill.step():  # the prefill ranks take their heads of the pulled blocks before this forward
+        if out.finish_reason == FinishReason.PREFILL_DONE:
+            transfer.hand_over(out)
+    pulled = prefill.kv_blocks_by_rank(started.block_ids)
+    rows = len(started.block_ids) * BLOCK
+    for head in range(prefill.model_config.num_kv_heads):
+        sent = [_head_rows(p, head, decode_tp, r, decode, rows) for r, p in enumerate(lent_by_rank)]
+        came = [_head_rows(p, head, prefill_tp, r, prefill, rows) for r, p in enumerate(pulled)]
+        sent_rows = next(x for x in sent if x is not None)
+        assert all(torch.equal(x, sent_rows) for x in came if x is not None), f"KV head {head} differs"
+    assert _finish(prefill, decode, transfer, "t2") == out2
+
+
+def _run(
+    prefill: LLMEngine, decode: LLMEngine, transfer: InProcessTransfer, rid: str, prompt: list[int], params
+) -> list[int]:
+    transfer.dst_blocks[rid] = decode.reserve(rid, prompt, params)
+    prefill.add_request(rid, prompt, params)
+    return _finish(prefill, decode, transfer, rid)
+
+
+def _finish(prefill: LLMEngine, decode: LLMEngine, transfer: InProcessTransfer, rid: str) -> list[int]:
+    tokens: list[int] = []
+    for _ in range(1000):
+        for out in prefill.step():
+            if out.finish_reason == FinishReason.PREFILL_DONE:
+                transfer.hand_over(out)
+        for out in decode.step():
+            tokens.extend(out.new_token_ids)
+            if out.finished:
+                return tokens
+    raise AssertionError(f"{rid} did not finish")
