@@ -1,16 +1,25 @@
-"""Tensor parallel 1 vs 2 (engine/tensor_parallel/): prompt and decode step times of one engine, same cores.
+"""Tensor parallel 1 vs 2 (engine/tensor_parallel/): one engine's prompt and decode step times, and a split cluster's
+KV transfer between TP degrees, same cores.
 
-TP 1 runs one process with `--threads` threads; TP 2 runs two processes with `--threads / 2` each, so both use the
-same cores. Per round and setup (alternating, fresh engine each): a batch of prompts computed (prefill tokens/s),
-then decode steps at that batch (ms per step), greedy, bfloat16 by default on the 156M Llama of the engine
-benchmarks. Prints each round as a JSON line, then medians and TP 2 over TP 1.
+Engine part: TP 1 runs one process with `--threads` threads; TP 2 runs two processes with `--threads / 2` each, so
+both use the same cores. Per round and setup (alternating, fresh engine each): a batch of prompts computed (prefill
+tokens/s), then decode steps at that batch (ms per step), greedy, bfloat16 by default on the 156M Llama of the
+engine benchmarks.
+
+Transfer part: one prefill and one decode node for each pair of TP degrees (prefill TP, decode TP) in 1-1, 2-1, 1-2
+and 2-2, each node's ranks sharing `--threads` threads, `--transfer-requests` prompts of `--transfer-prompt-len`
+tokens sent one at a time (so nothing queues), two output tokens each. From the router's request log, per request:
+the prompt's compute on the prefill node (`prefill`, which at TP 2 includes gathering each layer's KV into rank 0's
+transfer pool), the wait after it until the KV had landed (`transfer`), the whole transfer (`transfer_seconds`) and
+TTFT. A TP 2 decode node also reads the received blocks into its ranks' pools before the request's first step
+(inside `decode`). Pairs alternate by round; medians and each pair over 1-1 are printed.
 
     python benchmarks/tensor_parallel.py [--rounds 3] [--batch 8] [--prompt-len 256] [--decode-steps 32]
+                                         [--transfer-requests 8] [--transfer-prompt-len 1024] [--skip-engine]
 
 On a 2-core CPU expect no speed-up: both ranks share the memory bandwidth that bounds decoding, and every layer adds
-two all-reduces through loopback gloo. The figure shows what the split costs where it cannot pay; on GPUs (one per
-rank, benchmarks/gpu_suite.sh) it is what lets a model too large for one device run at all. The KV transfer between
-different TP degrees (issue 17, item 2) is not built yet, so its re-sharding cost is not measured here.
+two all-reduces through loopback gloo. The figures show what the split costs where it cannot pay; on GPUs (one per
+rank, benchmarks/gpu_suite.sh) it is what lets a model too large for one device run at all.
 Not a test: nothing here asserts a time.
 """
 
@@ -22,6 +31,7 @@ import random
 import statistics
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -32,26 +42,29 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
-from engine.config import EngineConfig  # noqa: E402
+from engine.config import EngineConfig, EngineRole  # noqa: E402
 from engine.engine import LLMEngine  # noqa: E402
 from engine.sampling_params import SamplingParams  # noqa: E402
+from ops.launcher import ClusterSpec, LocalCluster  # noqa: E402
+
+PAIRS = ((1, 1), (2, 1), (1, 2), (2, 2))  # (prefill TP, decode TP)
 
 
-def run(tp: int, args: argparse.Namespace) -> dict[str, float]:
+def run(tp: int, args: argparse.Namespace, role: str = "colocated") -> dict[str, float]:
+    """A batch of prompts in one step, then (colocated) decode steps to the end. In the prefill role the prompts'
+    step also gathers every layer's KV into rank 0's transfer pool: its cost over the colocated TP 2 step."""
     torch.set_num_threads(max(1, args.threads // tp))
     config = EngineConfig(dtype=args.dtype, num_kv_blocks=1024, max_num_batched_tokens=args.batch * args.prompt_len,
-                          max_num_seqs=args.batch, tensor_parallel=tp)  # fmt: skip
+                          max_num_seqs=args.batch, tensor_parallel=tp, role=EngineRole(role))  # fmt: skip
     engine = LLMEngine(args.model, config)
     try:
         rng = random.Random(0)
         prompts = [[rng.randrange(3, 30000) for _ in range(args.prompt_len)] for _ in range(args.batch)]
         params = SamplingParams(max_tokens=args.decode_steps + 1, temperature=0.0, ignore_eos=True)
-        engine.generate([prompts[0][:32]], SamplingParams(max_tokens=2))  # warm-up: first-call costs
-        for i, prompt in enumerate(prompts):
-            engine.add_request(f"r{i}", prompt, params)
-        started = time.perf_counter()
-        engine.step()  # every prompt in one step (the budget fits the batch)
-        prefill_s = time.perf_counter() - started
+        _prompts_step(engine, "warm-up", [prompts[0][:32]], SamplingParams(max_tokens=2))  # first-call costs
+        while engine.has_unfinished():
+            engine.step()
+        prompt_s = _prompts_step(engine, "r", prompts, params)
         steps = 0
         started = time.perf_counter()
         while engine.has_unfinished():
@@ -60,10 +73,100 @@ def run(tp: int, args: argparse.Namespace) -> dict[str, float]:
         decode_s = time.perf_counter() - started
     finally:
         engine.close()
-    return {
-        "prefill_tok_s": args.batch * args.prompt_len / prefill_s,
-        "decode_step_ms": decode_s / max(steps, 1) * 1e3,
+    figures = {"prefill_tok_s": args.batch * args.prompt_len / prompt_s}
+    if steps:
+        figures["decode_step_ms"] = decode_s / steps * 1e3
+    return figures
+
+
+def _prompts_step(engine: LLMEngine, tag: str, prompts: list[list[int]], params: SamplingParams) -> float:
+    """Seconds of one step computing every prompt (the budget fits the batch); a prefill engine lets go of them."""
+    for i, prompt in enumerate(prompts):
+        engine.add_request(f"{tag}{i}", prompt, params)
+    started = time.perf_counter()
+    outputs = engine.step()
+    elapsed = time.perf_counter() - started
+    if engine.config.role == "prefill":
+        for out in outputs:
+            engine.release(out.request_id)
+    return elapsed
+
+
+def run_split(prefill_tp: int, decode_tp: int, args: argparse.Namespace) -> dict[str, float]:
+    """Median per-request phases of one prefill and one decode node at these TP degrees."""
+    import grpc
+
+    from splitserve.v1 import inference_pb2 as pb
+    from splitserve.v1 import inference_pb2_grpc
+
+    role_args = {
+        role: ["--tensor-parallel", str(tp), "--threads", str(max(1, args.threads // tp))]
+        for role, tp in (("prefill", prefill_tp), ("decode", decode_tp))
     }
+    spec = ClusterSpec(model_dir=args.model, prefill=1, decode=1, grpc_port=0, http_port=0, threads_per_node=args.threads,
+                       kv_backend=args.kv_backend, node_args=["--dtype", args.dtype], role_args=role_args)  # fmt: skip
+    rng = random.Random(1)
+    prompts = [
+        [rng.randrange(3, 30000) for _ in range(args.transfer_prompt_len)]
+        for _ in range(args.transfer_requests + 1)
+    ]
+    sampling = pb.SamplingParameters(max_tokens=2, temperature=0.0, ignore_eos=True)
+    with LocalCluster(spec) as cluster, grpc.insecure_channel(cluster.router_address) as channel:
+        stub = inference_pb2_grpc.InferenceStub(channel)
+        for prompt in prompts:  # the first warms both nodes up; left out below
+            request = pb.GenerateRequest(sampling=sampling)
+            request.token_ids.ids.extend(prompt)
+            for _ in stub.Generate(request, timeout=300):
+                pass
+        address = cluster.by_role("router")[0].ready["http_address"]
+        with urllib.request.urlopen(f"http://{address}/dashboard/api/state", timeout=10) as reply:
+            records = json.load(reply)["requests"]["recent"][: args.transfer_requests]
+    return {
+        "prefill_ms": statistics.median(r["phases"]["prefill"] for r in records) * 1e3,
+        "transfer_wait_ms": statistics.median(r["phases"]["transfer"] for r in records) * 1e3,
+        "transfer_ms": statistics.median(r["transfer_seconds"] for r in records) * 1e3,
+        "ttft_ms": statistics.median(r["ttft_s"] for r in records) * 1e3,
+        "kv_mb": statistics.median(r["transfer_bytes"] for r in records) / 1e6,
+    }
+
+
+ENGINE_SETUPS = {"tp1": (1, "colocated"), "tp2": (2, "colocated"), "tp2-prefill-role": (2, "prefill")}
+
+
+def engine_part(args: argparse.Namespace) -> None:
+    results: dict[str, list[dict[str, float]]] = {name: [] for name in ENGINE_SETUPS}
+    for round_ in range(1, args.rounds + 1):
+        for name in ENGINE_SETUPS if round_ % 2 else list(ENGINE_SETUPS)[::-1]:
+            tp, role = ENGINE_SETUPS[name]
+            figures = run(tp, args, role)
+            results[name].append(figures)
+            print(
+                json.dumps({"round": round_, "setup": name, **{k: round(v, 2) for k, v in figures.items()}})
+            )
+    median = {
+        name: {k: statistics.median(r[k] for r in runs) for k in runs[0]} for name, runs in results.items()
+    }
+    ratios = {k: median["tp2"][k] / median["tp1"][k] for k in median["tp1"]}
+    gather = median["tp2-prefill-role"]["prefill_tok_s"] / median["tp2"]["prefill_tok_s"]
+    print(json.dumps({"median": median, "tp2_over_tp1": ratios, "prefill_role_over_tp2_prompts": gather},
+                     default=lambda v: round(v, 3)))  # fmt: skip
+
+
+def transfer_part(args: argparse.Namespace) -> None:
+    results: dict[tuple[int, int], list[dict[str, float]]] = {pair: [] for pair in PAIRS}
+    for round_ in range(1, args.rounds + 1):
+        for pair in PAIRS if round_ % 2 else PAIRS[::-1]:
+            figures = run_split(*pair, args)
+            results[pair].append(figures)
+            print(json.dumps({"round": round_, "prefill_tp": pair[0], "decode_tp": pair[1],
+                              **{k: round(v, 2) for k, v in figures.items()}}))  # fmt: skip
+    median = {
+        f"{p}-{d}": {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+        for (p, d), runs in results.items()
+    }
+    base = median["1-1"]
+    over = {pair: {k: v / base[k] for k, v in figures.items() if base[k]} for pair, figures in median.items()}
+    print(json.dumps({"median": median, "over_1_1": over}, default=lambda v: round(v, 3)))
 
 
 def main() -> int:
@@ -77,17 +180,15 @@ def main() -> int:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--prompt-len", type=int, default=256)
     parser.add_argument("--decode-steps", type=int, default=32)
+    parser.add_argument("--transfer-requests", type=int, default=8)
+    parser.add_argument("--transfer-prompt-len", type=int, default=1024)
+    parser.add_argument("--kv-backend", choices=["torch", "nixl"], default="torch")
+    parser.add_argument("--skip-engine", action="store_true", help="only the transfer part")
     args = parser.parse_args()
     ensure_model(args.model, seed=0, **LLAMA_156M)
-    results: dict[int, list[dict[str, float]]] = {1: [], 2: []}
-    for round_ in range(1, args.rounds + 1):
-        for tp in (1, 2) if round_ % 2 else (2, 1):
-            figures = run(tp, args)
-            results[tp].append(figures)
-            print(json.dumps({"round": round_, "tp": tp, **{k: round(v, 2) for k, v in figures.items()}}))
-    median = {tp: {k: statistics.median(r[k] for r in runs) for k in runs[0]} for tp, runs in results.items()}
-    ratios = {k: median[2][k] / median[1][k] for k in median[1]}
-    print(json.dumps({"median": median, "tp2_over_tp1": ratios}, default=lambda v: round(v, 3)))
+    if not args.skip_engine:
+        engine_part(args)
+    transfer_part(args)
     return 0
 
 

@@ -163,8 +163,14 @@ def test_colocated_tp2_nodes_serve_and_a_killed_rank_takes_only_its_node_down(ll
             assert [r.token_ids for r in generate_many(cluster.router_address, prompts, **sampling)] == want
 
 
-def test_split_cluster_prefill_tp2_to_decode_tp1_returns_a_single_engines_tokens(llama_dir: Path) -> None:
-    """A prefill node at `--tensor-parallel 2` streams its ranks' KV, whole heads, into a TP 1 decode node."""
+@pytest.mark.parametrize("kv_backend", ["torch", "nixl"])
+def test_split_cluster_prefill_tp2_to_decode_tp1_returns_a_single_engines_tokens(
+    kv_backend: str, llama_dir: Path
+) -> None:
+    """A prefill node at `--tensor-parallel 2` streams its ranks' KV, whole heads, into a TP 1 decode node, layer
+    by layer (`--one-piece-below 0`), over either transport."""
+    if kv_backend == "nixl":
+        pytest.importorskip("nixl")
     from ops.launcher import ClusterSpec, LocalCluster
     from tests.integration.cluster_client import generate_many
 
@@ -173,8 +179,8 @@ def test_split_cluster_prefill_tp2_to_decode_tp1_returns_a_single_engines_tokens
     want = [
         c.token_ids for c in LLMEngine(llama_dir, EngineConfig(num_kv_blocks=256)).generate(prompts, params)
     ]
-    spec = ClusterSpec(model_dir=llama_dir, prefill=1, decode=1, grpc_port=0, http_port=0,
-                       role_args={"prefill": ["--tensor-parallel", "2"]})  # fmt: skip
+    spec = ClusterSpec(model_dir=llama_dir, prefill=1, decode=1, grpc_port=0, http_port=0, kv_backend=kv_backend,
+                       role_args={"prefill": ["--tensor-parallel", "2", "--one-piece-below", "0"]})  # fmt: skip
     with LocalCluster(spec) as cluster:
         (prefill,) = cluster.by_role("prefill")
         assert len(child_pids(prefill.popen.pid)) == 1  # its rank 1
