@@ -88,9 +88,7 @@ class LLMEngine:
         plan = tp_ranks.plan_for(self.model_config, world)  # None at TP 1
         self.model = DecoderModel.load(model_dir, self.model_config, dtype, device, self.max_model_len, plan)
         num_blocks = self.config.num_kv_blocks or max(
-            1,
-            self.config.kv_cache_memory_bytes
-            // ModelRunner.bytes_per_block(self.model, self.config.block_size),
+            1, self.config.kv_cache_memory_bytes // self._bytes_per_block_on_this_rank()
         )
         self.runner = ModelRunner(self.model, num_blocks, self.config.block_size)
         # Ranks 1..N-1, each with its shard and its own KV heads' pool of num_blocks blocks, running rank 0's steps.
@@ -120,6 +118,14 @@ class LLMEngine:
         self._fault = FaultInjector.from_env()  # a test hook; None in production
         self._guard = ForwardGuard(self._forward, isolate=self.tp_group is None)
         self.last_step = NO_WORK  # what the latest step() computed, per request
+
+    def _bytes_per_block_on_this_rank(self) -> int:
+        """KV bytes a block costs this process: its KV heads' share, plus, for a tensor-parallel prefill or decode
+        engine, the block of the transfer pool with every KV head (engine/tensor_parallel/kv_resharding.py)."""
+        own = ModelRunner.bytes_per_block(self.model, self.config.block_size)
+        if self.config.tensor_parallel == 1 or self.config.role == EngineRole.COLOCATED:
+            return own
+        return own * self.model_config.num_kv_heads // self.model.config.num_kv_heads + own
 
     def close(self) -> None:
         """Stop the tensor-parallel worker ranks, if any (bounded; idempotent). The engine cannot step afterwards."""

@@ -203,3 +203,18 @@ def _finish(prefill: LLMEngine, decode: LLMEngine, transfer: InProcessTransfer, 
             if out.finished:
                 return tokens
     raise AssertionError(f"{rid} did not finish")
+
+
+@pytest.mark.parametrize("role", [EngineRole.PREFILL, EngineRole.DECODE])
+def test_rank_zeros_transfer_pool_counts_against_the_kv_memory_budget(
+    role: EngineRole, llama_dir: Path, closing: list[LLMEngine]
+) -> None:
+    """`--kv-cache-mb` bounds rank 0's KV memory, transfer pool included: fewer blocks than at TP 1, not more bytes."""
+    budget = 1 << 20
+    split = LLMEngine(llama_dir, EngineConfig(role=role, tensor_parallel=2, kv_cache_memory_bytes=budget))
+    closing.append(split)
+    whole = LLMEngine(llama_dir, EngineConfig(role=role, kv_cache_memory_bytes=budget))
+    used = sum(t.numel() * t.element_size() for t in [*split.runner.kv_caches, *split.kv_layers])
+    per_block = used // split.runner.num_blocks
+    assert budget - per_block < used <= budget  # as many blocks as fit, counting both pools
+    assert split.runner.num_blocks < whole.runner.num_blocks  # the price of the transfer pool
