@@ -13,10 +13,12 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
+from collections.abc import Iterator  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 
+from engine.engine import LLMEngine  # noqa: E402
 from engine.tiny_model import make_tiny_model  # noqa: E402
 
 ARCHS = ("llama", "qwen2", "qwen3", "mistral")
@@ -53,3 +55,21 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def llama_dir(tiny_models: dict[str, Path]) -> Path:
     return tiny_models["llama"]
+
+
+@pytest.fixture(scope="session")
+def single_kv_head(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A Llama with one KV head for its four query heads: tensor-parallel ranks replicate it."""
+    root = tmp_path_factory.mktemp("one-kv-head")
+    return make_tiny_model(root / "llama", arch="llama", layers=2, hidden=64, heads=4, kv_heads=1, seed=9)
+
+
+@pytest.fixture
+def closing() -> Iterator[list[LLMEngine]]:
+    """Engines a test appends here are closed after it (their tensor-parallel ranks stopped), also on failure."""
+    engines: list[LLMEngine] = []
+    try:
+        yield engines
+    finally:
+        for engine in engines:
+            engine.close()

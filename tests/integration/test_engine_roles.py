@@ -76,6 +76,13 @@ def run_disaggregated(
     """Run batch through a prefill engine and a decode engine; returns tokens per request and prefix-cache hits."""
     prefill = LLMEngine(model_dir, config(EngineRole.PREFILL))
     decode = LLMEngine(model_dir, config(EngineRole.DECODE))
+    return run_pair(prefill, decode, batch, params)
+
+
+def run_pair(
+    prefill: LLMEngine, decode: LLMEngine, batch: list[list[int]], params: SamplingParams
+) -> tuple[dict[str, list[int]], int]:
+    """run_disaggregated on given engines (idle, holding nothing): every block is free again at the end."""
     transfer = InProcessTransfer(prefill, decode)
     tokens: dict[str, list[int]] = {}
     for i, prompt in enumerate(batch):

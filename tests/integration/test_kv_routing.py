@@ -57,6 +57,16 @@ def single_engine_tokens(model: Path, prompts: list[list[int]]) -> list[list[int
     return [c.token_ids for c in engine.generate(prompts, params)]
 
 
+def two_turns(
+    model: Path, rng: random.Random, conversations: int
+) -> tuple[list[list[int]], list[list[int]], list[list[int]], list[list[int]]]:
+    """Turn 1's prompts and a single engine's answers, then turn 2's (turn 1, its answer, a new message) and theirs."""
+    turn1 = [[rng.randrange(3, 1000) for _ in range(rng.randrange(40, 90))] for _ in range(conversations)]
+    out1 = single_engine_tokens(model, turn1)
+    turn2 = [p + o + [rng.randrange(3, 1000) for _ in range(20)] for p, o in zip(turn1, out1, strict=True)]
+    return turn1, out1, turn2, single_engine_tokens(model, turn2)
+
+
 def holders(client: redis.Redis, prefill_ids: list[str], key: int) -> list[str]:
     return [node for node in prefill_ids if client.sismember(kv_set_key(node), encode_key(key))]
 
@@ -72,10 +82,7 @@ def wait_until(predicate, timeout_s: float) -> bool:  # type: ignore[no-untyped-
 
 def test_turn_two_reuses_turn_ones_prefix_and_eviction_costs_only_a_recompute(llama_dir: Path) -> None:
     rng = random.Random(11)
-    turn1 = [[rng.randrange(3, 1000) for _ in range(rng.randrange(40, 90))] for _ in range(4)]
-    out1 = single_engine_tokens(llama_dir, turn1)
-    turn2 = [p + o + [rng.randrange(3, 1000) for _ in range(20)] for p, o in zip(turn1, out1, strict=True)]
-    out2 = single_engine_tokens(llama_dir, turn2)
+    turn1, out1, turn2, out2 = two_turns(llama_dir, rng, 4)
 
     # 1 MiB of KV per node: 128 blocks of this model, so unrelated traffic evicts turn 1 quickly.
     spec = ClusterSpec(model_dir=llama_dir, prefill=2, decode=2, grpc_port=0, http_port=0,

@@ -13,7 +13,6 @@ import os
 import random
 import signal
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -22,18 +21,11 @@ from engine.config import EngineConfig
 from engine.engine import LLMEngine
 from engine.errors import EngineError, ModelLoadError
 from engine.sampling_params import SamplingParams
-from engine.tiny_model import make_tiny_model
 from tests.conftest import ARCHS
 from tests.hf_reference import assert_matches_reference, load_reference
 from tests.integration.test_hf_parity import MAX_TOKENS, PROMPT_LENGTHS, mixed_prompts
 
 pytestmark = pytest.mark.timeout(600)
-
-
-@pytest.fixture(scope="module")
-def single_kv_head(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("one-kv-head")
-    return make_tiny_model(root / "llama", arch="llama", layers=2, hidden=64, heads=4, kv_heads=1, seed=9)
 
 
 def engine(model_dir: Path, tensor_parallel: int, **overrides: object) -> LLMEngine:
@@ -44,16 +36,6 @@ def engine(model_dir: Path, tensor_parallel: int, **overrides: object) -> LLMEng
     )  # fmt: skip
     settings.update(overrides)
     return LLMEngine(model_dir, EngineConfig(**settings))  # type: ignore[arg-type]
-
-
-@pytest.fixture
-def closing() -> Iterator[list[LLMEngine]]:
-    engines: list[LLMEngine] = []
-    try:
-        yield engines
-    finally:
-        for e in engines:
-            e.close()
 
 
 @pytest.mark.parametrize("arch", [*ARCHS, "single-kv-head"])
@@ -226,13 +208,9 @@ def test_tp2_nodes_reuse_a_conversations_prefix_both_ways(llama_dir: Path) -> No
     TP 1 engine's."""
     from ops.launcher import ClusterSpec, LocalCluster
     from tests.integration.cluster_client import generate_many
-    from tests.integration.test_kv_routing import BLOCK, SAMPLING, recent_requests, single_engine_tokens
+    from tests.integration.test_kv_routing import BLOCK, SAMPLING, recent_requests, two_turns
 
-    rng = random.Random(5)
-    turn1 = [[rng.randrange(3, 1000) for _ in range(rng.randrange(40, 90))] for _ in range(2)]
-    out1 = single_engine_tokens(llama_dir, turn1)
-    turn2 = [p + o + [rng.randrange(3, 1000) for _ in range(20)] for p, o in zip(turn1, out1, strict=True)]
-    out2 = single_engine_tokens(llama_dir, turn2)
+    turn1, out1, turn2, out2 = two_turns(llama_dir, random.Random(5), 2)
     spec = ClusterSpec(model_dir=llama_dir, prefill=1, decode=1, grpc_port=0, http_port=0,
                        node_args=["--tensor-parallel", "2"], router_args=["--policy", "kv"])  # fmt: skip
     with LocalCluster(spec) as cluster:

@@ -9,7 +9,6 @@ replicated heads on every rank that holds them.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -21,29 +20,11 @@ from engine.engine import LLMEngine
 from engine.sampling_params import SamplingParams
 from engine.sequence import FinishReason
 from engine.tensor_parallel import TPPlan
-from tests.integration.test_engine_roles import InProcessTransfer, prompts
+from tests.integration.test_engine_roles import InProcessTransfer, prompts, run_pair
 
 pytestmark = pytest.mark.timeout(600)
 
 BLOCK = 16
-
-
-@pytest.fixture(scope="module")
-def single_kv_head(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from engine.tiny_model import make_tiny_model
-
-    root = tmp_path_factory.mktemp("one-kv-head")
-    return make_tiny_model(root / "llama", arch="llama", layers=2, hidden=64, heads=4, kv_heads=1, seed=9)
-
-
-@pytest.fixture
-def closing() -> Iterator[list[LLMEngine]]:
-    engines: list[LLMEngine] = []
-    try:
-        yield engines
-    finally:
-        for e in engines:
-            e.close()
 
 
 def engine(model_dir: Path, role: EngineRole, tp: int, closing: list[LLMEngine]) -> LLMEngine:
@@ -111,22 +92,8 @@ def test_split_across_tp_degrees_returns_a_tp1_engines_tokens_and_every_rank_hol
         f"r{i}": c.token_ids
         for i, c in enumerate(engine(model_dir, EngineRole.COLOCATED, 1, closing).generate(batch, params))
     }
-    tokens: dict[str, list[int]] = {}
-    for i, p in enumerate(batch):
-        transfer.dst_blocks[f"r{i}"] = decode.reserve(f"r{i}", p, params)
-        prefill.add_request(f"r{i}", p, params)
-    for _ in range(10_000):
-        for out in prefill.step():
-            if out.finish_reason == FinishReason.PREFILL_DONE:
-                transfer.hand_over(out)
-        for out in decode.step():
-            tokens.setdefault(out.request_id, []).extend(out.new_token_ids)
-        if not prefill.has_unfinished() and not decode.has_unfinished() and len(tokens) == len(batch):
-            break
+    tokens, _ = run_pair(prefill, decode, batch, params)
     assert tokens == want_tokens
-    for side in (prefill, decode):
-        stats = side.stats()
-        assert stats.num_free_blocks == stats.num_blocks and stats.num_held == 0, "blocks leaked"
 
 
 def _head_rows(
