@@ -220,3 +220,36 @@ def test_tp2_nodes_reuse_a_conversations_prefix_both_ways(llama_dir: Path) -> No
         assert all(r.usage and r.usage.cached_prompt_tokens >= BLOCK for r in second)
         records = recent_requests(cluster, 2)
         assert all(r["imported_bytes"] > 0 for r in records), records  # the answer's blocks came back
+
+
+def test_a_killed_prefill_rank_takes_its_node_down_and_its_prompts_retry_on_the_other(
+    llama_dir: Path,
+) -> None:
+    """Two `--tensor-parallel 2` prefill nodes; SIGKILL to rank 1 of one while prompts are in flight: that node
+    stops (exit status not 0) and leaves the registry, the prompts it held are retried on the other, and every
+    request completes with a single engine's tokens."""
+    import asyncio
+
+    from cluster.state import ClusterView
+    from ops.launcher import ClusterSpec, LocalCluster
+    from tests.integration.test_cluster_failures import expected_tokens, stream_all_and_kill
+    from tests.integration.test_cluster_failures import prompts as random_prompts
+    from tests.integration.test_kv_routing import recent_requests
+
+    batch = random_prompts(8, 300, seed=2)
+    expected = expected_tokens(llama_dir, batch)
+    spec = ClusterSpec(model_dir=llama_dir, prefill=2, decode=1, grpc_port=0, http_port=0,
+                       role_args={"prefill": ["--tensor-parallel", "2"]})  # fmt: skip
+    with LocalCluster(spec) as cluster, ClusterView(cluster.redis_url) as view:
+        victim = cluster.by_role("prefill")[0]
+        (rank,) = child_pids(victim.popen.pid)
+        results, _, _, _ = asyncio.run(
+            stream_all_and_kill(cluster, view, batch, victim, after_tokens=0, victim_pid=rank)
+        )
+        assert [r.token_ids for r in results if r] == expected
+        assert victim.popen.wait(timeout=60) != 0
+        assert view.wait_for(lambda: view.get(victim.node_id) is None, timeout_s=10.0)
+        retried = [r for r in recent_requests(cluster, len(batch)) if r["retries"]]
+        assert retried and all(
+            victim.node_id in r["retries"][0] for r in retried
+        )  # its prompts went elsewhere
