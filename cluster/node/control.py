@@ -6,9 +6,8 @@
    drain=false, or no control at all, makes it serve again. Each change prints one JSON line, `draining` or
    `resumed`.
 2. pool=<another role> ends the wait with that role (pool = the node's own role is ignored). run_node then drains,
-   deregisters and shuts down exactly as on SIGTERM, prints `moving`, and raises `MoveToPool`. A node that must stay
-   in its pool (tensor parallel, for now: its KV cannot cross to prefill or decode nodes) prints `move_refused` once
-   per requested pool instead and keeps serving.
+   deregisters and shuts down exactly as on SIGTERM (a tensor-parallel node's worker ranks stop with its engine),
+   prints `moving`, and raises `MoveToPool`.
 3. The command line (ops/cli_commands.py) catches it and calls `exec_in_role`: the process replaces itself with
    `python -m ops.cli <new role> <the same flags>`, keeping its pid (launchers keep tracking it) and its stdout
    (the new process prints its `ready` line there). A node started with --node-id keeps it; otherwise the new

@@ -253,3 +253,42 @@ def test_a_killed_prefill_rank_takes_its_node_down_and_its_prompts_retry_on_the_
         assert retried and all(
             victim.node_id in r["retries"][0] for r in retried
         )  # its prompts went elsewhere
+
+
+def test_a_tp2_node_moves_from_the_prefill_pool_to_the_decode_pool_with_its_ranks(llama_dir: Path) -> None:
+    """A `--tensor-parallel 2` prefill node told to move serves as a TP 2 decode node: its old rank stops with
+    its engine, the re-executed node starts one rank again, and with the original decode node drained the batch is
+    decoded there with a single engine's tokens."""
+    from cluster.state import ClusterView, NodeControl, connect, write_control
+    from ops.launcher import ClusterSpec, LocalCluster
+    from tests.integration.cluster_client import generate_many
+    from tests.integration.test_node_control import WAIT_S, LoadLog, NodeLines, expected_tokens, prompts
+
+    batch = prompts(4, seed=29)
+    expected = expected_tokens(llama_dir, batch)
+    sampling = {"max_tokens": 32, "temperature": 0.0, "ignore_eos": True}
+    spec = ClusterSpec(model_dir=llama_dir, prefill=2, decode=1, grpc_port=0, http_port=0,
+                       node_args=["--tensor-parallel", "2"])  # fmt: skip
+    with LocalCluster(spec) as cluster, ClusterView(cluster.redis_url) as view:
+        client = connect(cluster.redis_url)
+        mover, (decode,) = cluster.by_role("prefill")[0], cluster.by_role("decode")
+        (old_rank,) = child_pids(mover.popen.pid)
+        lines = NodeLines(mover)
+        write_control(client, mover.node_id, NodeControl(pool="decode"))
+        assert lines.next_event("moving")["to"] == "decode"
+        ready = lines.next_event("ready")
+        assert ready["role"] == "decode" and mover.popen.poll() is None
+        ranks = child_pids(mover.popen.pid)
+        assert len(ranks) == 1 and ranks != [old_rank] and not Path(f"/proc/{old_rank}").exists()
+        write_control(client, decode.node_id, NodeControl(drain=True))
+        moved = str(ready["node_id"])
+
+        def serving() -> bool:
+            state, old = view.get(moved), view.get(decode.node_id)
+            return state is not None and old is not None and old.load is not None and old.load.draining
+
+        assert view.wait_for(serving, timeout_s=WAIT_S)
+        with LoadLog(cluster.redis_url) as log:
+            assert [r.token_ids for r in generate_many(cluster.router_address, batch, **sampling)] == expected
+        assert log.busy_reports(moved) > 0 and log.busy_reports(decode.node_id) == 0
+        client.close()
