@@ -19,7 +19,8 @@ engine that fails every forward raises out of step() (EngineBrokenError).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import contextlib
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import torch
@@ -58,6 +59,7 @@ from engine.sampler import SampledToken
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler, SchedulerOutput
 from engine.sequence import FinishReason, Sequence, SequenceStatus, TokenLogprob
+from engine.tensor_parallel import CollectiveFailed
 
 __all__ = [  # the output types live in engine.outputs; importing them from here keeps working
     "Completion",
@@ -69,7 +71,6 @@ __all__ = [  # the output types live in engine.outputs; importing them from here
     "LLMEngine",
     "RequestOutput",
 ]
-from engine.tensor_parallel import CollectiveFailed
 from engine.tokenizer import Tokenizer
 
 
@@ -209,17 +210,13 @@ class LLMEngine:
     def export_blocks(self, block_ids: list[int]) -> None:
         """Make kv_layers hold what the ranks computed in these blocks (no-op at TP 1); EngineBrokenError if a rank
         is gone."""
-        try:
+        with _ranks_in_step():
             self.runner.export_to_transfer_pool(block_ids)
-        except CollectiveFailed as exc:
-            raise EngineBrokenError(f"tensor-parallel ranks out of step: {exc}") from exc
 
     def kv_blocks_by_rank(self, block_ids: list[int]) -> list[torch.Tensor]:
         """Each tensor-parallel rank's own blocks [layers, n, 2, block_size, its KV heads, D], rank 0 first."""
-        try:
+        with _ranks_in_step():
             return self.runner.blocks_by_rank(block_ids)
-        except CollectiveFailed as exc:
-            raise EngineBrokenError(f"tensor-parallel ranks out of step: {exc}") from exc
 
     def reserve(
         self,
@@ -260,9 +257,9 @@ class LLMEngine:
     def cached_blocks(self, request_id: str) -> int:
         """How many leading blocks of a reserved request were shared from the prefix cache (0 if unknown)."""
         seq = self._held.get(request_id)
-        return 0 if seq is None else self.cached_blocks_of(seq)
+        return 0 if seq is None else self._cached_blocks_of(seq)
 
-    def cached_blocks_of(self, seq: Sequence) -> int:
+    def _cached_blocks_of(self, seq: Sequence) -> int:
         return seq.num_cached_prompt_tokens // self.config.block_size
 
     def admit(self, request_id: str, first_token_id: int, first_logprob: TokenLogprob | None = None) -> None:
@@ -273,7 +270,7 @@ class LLMEngine:
         if not 0 <= first_token_id < self.model_config.vocab_size:
             raise InvalidRequestError(f"first token id {first_token_id} is outside the vocabulary")
         del self._held[request_id]
-        self.import_blocks(seq.block_ids[self.cached_blocks_of(seq) :])  # the blocks the transport wrote
+        self.import_blocks(seq.block_ids[self._cached_blocks_of(seq) :])  # the blocks the transport wrote
         seq.num_computed_tokens = seq.num_tokens
         self.blocks.register_computed_blocks(seq)
         self.scheduler.add_running(seq)
@@ -482,3 +479,12 @@ class LLMEngine:
             return None
         writes = sched.kv_writes(self.config.block_size)
         return lambda layer: hook(layer, writes)
+
+
+@contextlib.contextmanager
+def _ranks_in_step() -> Iterator[None]:
+    """A collective outside a step that fails leaves the tensor-parallel ranks out of step: the engine is broken."""
+    try:
+        yield
+    except CollectiveFailed as exc:
+        raise EngineBrokenError(f"tensor-parallel ranks out of step: {exc}") from exc

@@ -16,7 +16,7 @@ from engine.models.decoder import DecoderModel, LayerHook
 from engine.prompt_logprobs import PromptRows, compute, rows_of_chunk
 from engine.scheduler import SchedulerOutput
 from engine.sequence import Sequence, TokenLogprob
-from engine.tensor_parallel.kv_resharding import GatherBlocks, KVResharding
+from engine.tensor_parallel.kv_resharding import GatherBlocks, KVResharding, stacked_blocks
 
 
 @dataclass(slots=True)
@@ -106,9 +106,8 @@ class ModelRunner:
 
     def blocks_by_rank(self, block_ids: list[int]) -> list[torch.Tensor]:
         """Each rank's own pool's blocks [layers, n, 2, block_size, its KV heads, D], rank 0 first (diagnostics)."""
-        index = torch.tensor(block_ids, dtype=torch.long, device=self.model.device)
         if self.resharding is None:
-            return [torch.stack([cache.index_select(0, index) for cache in self.kv_caches])]
+            return [stacked_blocks(self.kv_caches, block_ids)]
         if self.announce is not None:
             self.announce(GatherBlocks(block_ids))
         parts = self.resharding.gather_blocks(block_ids, self.kv_caches)

@@ -12,7 +12,8 @@ every rank's pool) and re-shards through the ranks' gloo group:
   at the start of the next step, broadcast from rank 0; every rank copies its heads into its own pool.
 - blocks leaving a decode node (a prefix it sends back, computed by its ranks) are first gathered into the pool.
 With more ranks than KV heads a head is replicated: rank 0 takes it from the first rank that holds it.
-Cost: rank 0 holds a second pool, a TP 1 node's size, and each transferred byte crosses the ranks' group once more.
+Cost: rank 0 holds a second pool (inside the node's KV memory budget: fewer blocks), and each transferred byte
+crosses the ranks' group once more.
 Each rank writing the heads the receiving rank owns straight through its own transport would save both.
 """
 
@@ -28,6 +29,12 @@ from engine.tensor_parallel.comm import TPComm
 from engine.tensor_parallel.plan import TPPlan
 
 LayerHook = Callable[[int], None]
+
+
+def stacked_blocks(layers: list[torch.Tensor], block_ids: list[int]) -> torch.Tensor:
+    """Blocks `block_ids` of every layer of a pool, as one tensor [layers, n, 2, block_size, KV heads, D]."""
+    index = torch.tensor(block_ids, dtype=torch.long, device=layers[0].device)
+    return torch.stack([layer.index_select(0, index) for layer in layers])
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,23 +83,21 @@ class KVResharding:
 
     def import_blocks(self, block_ids: list[int], kv_caches: list[torch.Tensor]) -> None:
         """Rank 0's transfer-pool blocks, every layer, into each rank's pool (its heads)."""
-        index = torch.tensor(block_ids, dtype=torch.long, device=kv_caches[0].device)
         if self.rank == 0:
-            data = torch.stack([layer.index_select(0, index) for layer in self.pool])
+            data = stacked_blocks(self.pool, block_ids)
         else:
             _, two, bs, _, d = kv_caches[0].shape
             whole = len(self._sources)
             data = kv_caches[0].new_empty((len(kv_caches), len(block_ids), two, bs, whole, d))
         self.comm.broadcast_(data)
         mine = self.heads[self.rank]
+        index = torch.tensor(block_ids, dtype=torch.long, device=kv_caches[0].device)
         for layer, cache in enumerate(kv_caches):
             cache.index_copy_(0, index, data[layer, :, :, :, mine.start : mine.stop])
 
     def gather_blocks(self, block_ids: list[int], kv_caches: list[torch.Tensor]) -> list[torch.Tensor] | None:
         """Every rank's blocks [layers, n, 2, block_size, its KV heads, D], in rank order, on rank 0 (else None)."""
-        index = torch.tensor(block_ids, dtype=torch.long, device=kv_caches[0].device)
-        mine = torch.stack([cache.index_select(0, index) for cache in kv_caches])
-        return self.comm.gather_to_first(mine)
+        return self.comm.gather_to_first(stacked_blocks(kv_caches, block_ids))
 
     def export_blocks(self, block_ids: list[int], kv_caches: list[torch.Tensor]) -> None:
         """The ranks' blocks, whole heads, into the transfer pool (before rank 0's transport reads them)."""

@@ -9,20 +9,30 @@ collective timeout, never hang; closing the engine stops its worker.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import random
 import signal
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
+from cluster.state import ClusterView, LoadReport, NodeControl, connect, write_control
 from engine.config import EngineConfig
 from engine.engine import LLMEngine
 from engine.errors import EngineError, ModelLoadError
 from engine.sampling_params import SamplingParams
+from ops.launcher import ClusterSpec, LocalCluster, Process
 from tests.conftest import ARCHS
 from tests.hf_reference import assert_matches_reference, load_reference
+from tests.integration import test_cluster_failures as failures
+from tests.integration import test_kv_routing as kv_routing
+from tests.integration import test_node_control as node_control
+from tests.integration.cluster_client import generate_many
 from tests.integration.test_hf_parity import MAX_TOKENS, PROMPT_LENGTHS, mixed_prompts
 
 pytestmark = pytest.mark.timeout(600)
@@ -116,9 +126,6 @@ def test_colocated_tp2_nodes_serve_and_a_killed_rank_takes_only_its_node_down(ll
     """Two colocated nodes at `--tensor-parallel 2` return a single engine's tokens. SIGKILL to one node's rank 1
     stops that node (its engine sees the rank gone even while idle, and the node leaves the cluster, exit 1, no
     process left behind), and requests keep completing on the other node."""
-    from ops.launcher import ClusterSpec, LocalCluster
-    from tests.integration.cluster_client import generate_many
-
     prompts = mixed_prompts(500, seed=4)[:4]
     params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
     want = [
@@ -153,9 +160,6 @@ def test_split_cluster_prefill_tp2_to_decode_tp1_returns_a_single_engines_tokens
     by layer (`--one-piece-below 0`), over either transport."""
     if kv_backend == "nixl":
         pytest.importorskip("nixl")
-    from ops.launcher import ClusterSpec, LocalCluster
-    from tests.integration.cluster_client import generate_many
-
     prompts = mixed_prompts(500, seed=6)[:4]
     params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
     want = [
@@ -170,35 +174,50 @@ def test_split_cluster_prefill_tp2_to_decode_tp1_returns_a_single_engines_tokens
         assert [r.token_ids for r in generate_many(cluster.router_address, prompts, **sampling)] == want
 
 
+@dataclass
+class KilledRank:
+    cluster: LocalCluster
+    victim: Process
+    progress: list[int]  # tokens each stream had received at the kill
+    load: LoadReport | None  # the victim's last load report before it
+
+
+@contextlib.contextmanager
+def rank_killed_mid_stream(
+    model: Path, role: str, batch: list[list[int]], after_tokens: int, prefill: int, decode: int
+) -> Iterator[KilledRank]:
+    """A cluster whose `role` nodes run at `--tensor-parallel 2`; SIGKILL to rank 1 of the first one once every
+    stream has `after_tokens` tokens. Checks what holds for every such kill: all streams end with a single engine's
+    tokens, the victim exits non-zero and leaves the registry. Yields the run for the caller's own checks."""
+    expected = failures.expected_tokens(model, batch)
+    spec = ClusterSpec(model_dir=model, prefill=prefill, decode=decode, grpc_port=0, http_port=0,
+                       role_args={role: ["--tensor-parallel", "2"]})  # fmt: skip
+    with LocalCluster(spec) as cluster, ClusterView(cluster.redis_url) as view:
+        victim = cluster.by_role(role)[0]
+        (rank,) = child_pids(victim.popen.pid)
+        results, _, progress, load = asyncio.run(
+            failures.stream_all_and_kill(cluster, view, batch, victim, after_tokens, victim_pid=rank)
+        )
+        assert [r.token_ids for r in results if r] == expected
+        assert victim.popen.wait(timeout=60) != 0
+        assert view.wait_for(lambda: view.get(victim.node_id) is None, timeout_s=10.0)
+        yield KilledRank(cluster, victim, progress, load)
+
+
 def test_decode_tp2_nodes_return_a_single_engines_tokens_and_a_killed_rank_fails_no_request(
     llama_dir: Path,
 ) -> None:
     """TP 1 prefill into two `--tensor-parallel 2` decode nodes. SIGKILL to rank 1 of one decode node mid-stream:
     that node stops (exit status not 0, its rank gone), and every stream resumes on the other with the single
     engine's tokens, none repeated."""
-    import asyncio
-
-    from cluster.state import ClusterView
-    from ops.launcher import ClusterSpec, LocalCluster
-    from tests.integration.test_cluster_failures import MAX_TOKENS, expected_tokens, stream_all_and_kill
-    from tests.integration.test_cluster_failures import prompts as random_prompts
-
-    batch = random_prompts(6, 40, seed=3)
-    expected = expected_tokens(llama_dir, batch)
-    spec = ClusterSpec(model_dir=llama_dir, prefill=1, decode=2, grpc_port=0, http_port=0,
-                       role_args={"decode": ["--tensor-parallel", "2"]})  # fmt: skip
-    with LocalCluster(spec) as cluster, ClusterView(cluster.redis_url) as view:
-        victim = cluster.by_role("decode")[0]
-        (rank,) = child_pids(victim.popen.pid)
-        results, _, progress, load = asyncio.run(
-            stream_all_and_kill(cluster, view, batch, victim, after_tokens=5, victim_pid=rank)
-        )
+    batch = failures.prompts(6, 40, seed=3)
+    with rank_killed_mid_stream(llama_dir, "decode", batch, after_tokens=5, prefill=1, decode=2) as run:
+        load = run.load
         held = load is not None and (load.running_requests > 0 or load.free_kv_blocks < load.total_kv_blocks)
         assert held, "the victim served no stream when its rank died"
-        assert min(progress) < MAX_TOKENS, "every stream finished before the kill: the test proved nothing"
-        assert [r.token_ids for r in results if r] == expected
-        assert victim.popen.wait(timeout=60) != 0
-        assert view.wait_for(lambda: view.get(victim.node_id) is None, timeout_s=10.0)
+        assert min(run.progress) < failures.MAX_TOKENS, (
+            "every stream finished before the kill: the test proved nothing"
+        )
 
 
 def test_tp2_nodes_reuse_a_conversations_prefix_both_ways(llama_dir: Path) -> None:
@@ -206,19 +225,19 @@ def test_tp2_nodes_reuse_a_conversations_prefix_both_ways(llama_dir: Path) -> No
     the blocks turn 1 left in its ranks' pools and receives only the rest, and sends the prefill node the answer's
     blocks it lacks (gathered from its ranks first), which the prefill ranks take their heads of. Tokens: a single
     TP 1 engine's."""
-    from ops.launcher import ClusterSpec, LocalCluster
-    from tests.integration.cluster_client import generate_many
-    from tests.integration.test_kv_routing import BLOCK, SAMPLING, recent_requests, two_turns
-
-    turn1, out1, turn2, out2 = two_turns(llama_dir, random.Random(5), 2)
+    turn1, out1, turn2, out2 = kv_routing.two_turns(llama_dir, random.Random(5), 2)
     spec = ClusterSpec(model_dir=llama_dir, prefill=1, decode=1, grpc_port=0, http_port=0,
                        node_args=["--tensor-parallel", "2"], router_args=["--policy", "kv"])  # fmt: skip
     with LocalCluster(spec) as cluster:
-        assert [r.token_ids for r in generate_many(cluster.router_address, turn1, **SAMPLING)] == out1
-        second = [generate_many(cluster.router_address, [prompt], **SAMPLING)[0] for prompt in turn2]
+        assert [
+            r.token_ids for r in generate_many(cluster.router_address, turn1, **kv_routing.SAMPLING)
+        ] == out1
+        second = [
+            generate_many(cluster.router_address, [prompt], **kv_routing.SAMPLING)[0] for prompt in turn2
+        ]
         assert [r.token_ids for r in second] == out2
-        assert all(r.usage and r.usage.cached_prompt_tokens >= BLOCK for r in second)
-        records = recent_requests(cluster, 2)
+        assert all(r.usage and r.usage.cached_prompt_tokens >= kv_routing.BLOCK for r in second)
+        records = kv_routing.recent_requests(cluster, 2)
         assert all(r["imported_bytes"] > 0 for r in records), records  # the answer's blocks came back
 
 
@@ -228,30 +247,11 @@ def test_a_killed_prefill_rank_takes_its_node_down_and_its_prompts_retry_on_the_
     """Two `--tensor-parallel 2` prefill nodes; SIGKILL to rank 1 of one while prompts are in flight: that node
     stops (exit status not 0) and leaves the registry, the prompts it held are retried on the other, and every
     request completes with a single engine's tokens."""
-    import asyncio
-
-    from cluster.state import ClusterView
-    from ops.launcher import ClusterSpec, LocalCluster
-    from tests.integration.test_cluster_failures import expected_tokens, stream_all_and_kill
-    from tests.integration.test_cluster_failures import prompts as random_prompts
-    from tests.integration.test_kv_routing import recent_requests
-
-    batch = random_prompts(8, 300, seed=2)
-    expected = expected_tokens(llama_dir, batch)
-    spec = ClusterSpec(model_dir=llama_dir, prefill=2, decode=1, grpc_port=0, http_port=0,
-                       role_args={"prefill": ["--tensor-parallel", "2"]})  # fmt: skip
-    with LocalCluster(spec) as cluster, ClusterView(cluster.redis_url) as view:
-        victim = cluster.by_role("prefill")[0]
-        (rank,) = child_pids(victim.popen.pid)
-        results, _, _, _ = asyncio.run(
-            stream_all_and_kill(cluster, view, batch, victim, after_tokens=0, victim_pid=rank)
-        )
-        assert [r.token_ids for r in results if r] == expected
-        assert victim.popen.wait(timeout=60) != 0
-        assert view.wait_for(lambda: view.get(victim.node_id) is None, timeout_s=10.0)
-        retried = [r for r in recent_requests(cluster, len(batch)) if r["retries"]]
+    batch = failures.prompts(8, 300, seed=2)
+    with rank_killed_mid_stream(llama_dir, "prefill", batch, after_tokens=0, prefill=2, decode=1) as run:
+        retried = [r for r in kv_routing.recent_requests(run.cluster, len(batch)) if r["retries"]]
         assert retried and all(
-            victim.node_id in r["retries"][0] for r in retried
+            run.victim.node_id in r["retries"][0] for r in retried
         )  # its prompts went elsewhere
 
 
@@ -259,13 +259,8 @@ def test_a_tp2_node_moves_from_the_prefill_pool_to_the_decode_pool_with_its_rank
     """A `--tensor-parallel 2` prefill node told to move serves as a TP 2 decode node: its old rank stops with
     its engine, the re-executed node starts one rank again, and with the original decode node drained the batch is
     decoded there with a single engine's tokens."""
-    from cluster.state import ClusterView, NodeControl, connect, write_control
-    from ops.launcher import ClusterSpec, LocalCluster
-    from tests.integration.cluster_client import generate_many
-    from tests.integration.test_node_control import WAIT_S, LoadLog, NodeLines, expected_tokens, prompts
-
-    batch = prompts(4, seed=29)
-    expected = expected_tokens(llama_dir, batch)
+    batch = node_control.prompts(4, seed=29)
+    expected = node_control.expected_tokens(llama_dir, batch)
     sampling = {"max_tokens": 32, "temperature": 0.0, "ignore_eos": True}
     spec = ClusterSpec(model_dir=llama_dir, prefill=2, decode=1, grpc_port=0, http_port=0,
                        node_args=["--tensor-parallel", "2"])  # fmt: skip
@@ -273,7 +268,7 @@ def test_a_tp2_node_moves_from_the_prefill_pool_to_the_decode_pool_with_its_rank
         client = connect(cluster.redis_url)
         mover, (decode,) = cluster.by_role("prefill")[0], cluster.by_role("decode")
         (old_rank,) = child_pids(mover.popen.pid)
-        lines = NodeLines(mover)
+        lines = node_control.NodeLines(mover)
         write_control(client, mover.node_id, NodeControl(pool="decode"))
         assert lines.next_event("moving")["to"] == "decode"
         ready = lines.next_event("ready")
@@ -287,8 +282,8 @@ def test_a_tp2_node_moves_from_the_prefill_pool_to_the_decode_pool_with_its_rank
             state, old = view.get(moved), view.get(decode.node_id)
             return state is not None and old is not None and old.load is not None and old.load.draining
 
-        assert view.wait_for(serving, timeout_s=WAIT_S)
-        with LoadLog(cluster.redis_url) as log:
+        assert view.wait_for(serving, timeout_s=node_control.WAIT_S)
+        with node_control.LoadLog(cluster.redis_url) as log:
             assert [r.token_ids for r in generate_many(cluster.router_address, batch, **sampling)] == expected
         assert log.busy_reports(moved) > 0 and log.busy_reports(decode.node_id) == 0
         client.close()
