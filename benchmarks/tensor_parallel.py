@@ -16,6 +16,7 @@ TTFT. A TP 2 decode node also reads the received blocks into its ranks' pools be
 
     python benchmarks/tensor_parallel.py [--rounds 3] [--batch 8] [--prompt-len 256] [--decode-steps 32]
                                          [--transfer-requests 8] [--transfer-prompt-len 1024] [--skip-engine]
+                                         [--skip-transfer] [--device cpu|cuda]
 
 On a 2-core CPU expect no speed-up: both ranks share the memory bandwidth that bounds decoding, and every layer adds
 two all-reduces through loopback gloo. The figures show what the split costs where it cannot pay; on GPUs (one per
@@ -45,7 +46,6 @@ import torch  # noqa: E402
 from engine.config import EngineConfig, EngineRole  # noqa: E402
 from engine.engine import LLMEngine  # noqa: E402
 from engine.sampling_params import SamplingParams  # noqa: E402
-from ops.launcher import ClusterSpec, LocalCluster  # noqa: E402
 
 PAIRS = ((1, 1), (2, 1), (1, 2), (2, 2))  # (prefill TP, decode TP)
 
@@ -54,7 +54,7 @@ def run(tp: int, args: argparse.Namespace, role: str = "colocated") -> dict[str,
     """A batch of prompts in one step, then (colocated) decode steps to the end. In the prefill role the prompts'
     step also gathers every layer's KV into rank 0's transfer pool: its cost over the colocated TP 2 step."""
     torch.set_num_threads(max(1, args.threads // tp))
-    config = EngineConfig(dtype=args.dtype, num_kv_blocks=1024, max_num_batched_tokens=args.batch * args.prompt_len,
+    config = EngineConfig(device=args.device, dtype=args.dtype, num_kv_blocks=1024, max_num_batched_tokens=args.batch * args.prompt_len,
                           max_num_seqs=args.batch, tensor_parallel=tp, role=EngineRole(role))  # fmt: skip
     engine = LLMEngine(args.model, config)
     try:
@@ -96,6 +96,7 @@ def run_split(prefill_tp: int, decode_tp: int, args: argparse.Namespace) -> dict
     """Median per-request phases of one prefill and one decode node at these TP degrees."""
     import grpc
 
+    from ops.launcher import ClusterSpec, LocalCluster  # the cluster's packages only where clusters run
     from splitserve.v1 import inference_pb2 as pb
     from splitserve.v1 import inference_pb2_grpc
 
@@ -184,11 +185,18 @@ def main() -> int:
     parser.add_argument("--transfer-prompt-len", type=int, default=1024)
     parser.add_argument("--kv-backend", choices=["torch", "nixl"], default="torch")
     parser.add_argument("--skip-engine", action="store_true", help="only the transfer part")
+    parser.add_argument("--skip-transfer", action="store_true", help="only the engine part")
+    parser.add_argument(
+        "--device",
+        default="cpu",
+        help="the engine part's device: cuda puts every rank on the GPU(s), sharing one",
+    )
     args = parser.parse_args()
     ensure_model(args.model, seed=0, **LLAMA_156M)
     if not args.skip_engine:
         engine_part(args)
-    transfer_part(args)
+    if not args.skip_transfer:
+        transfer_part(args)
     return 0
 
 
