@@ -141,7 +141,8 @@ def _context(args: argparse.Namespace, sample: TraceSample, trace_kind: TraceKin
         "paper_trace": trace_kind,
         "perf_model": f"{args.perf_model} ({args.model}, TP {args.tp})",
         "power_basis": args.power_basis,
-        "policy": args.policy,
+        "policy": args.policy if args.fidelity == "splitserve" else "SplitwiseSim's (mixed_pool, token_jsq)",
+        "fidelity": args.fidelity,
         "rate_tolerance": args.rate_tolerance,
     }
 
@@ -151,7 +152,7 @@ def _print(result: PlanResult, paper: list[Any], context: dict[str, Any]) -> Non
         result,
         [
             f"sample       {context['sample']}",
-            f"perf model   {context['perf_model']}, policy {context['policy']}",
+            f"perf model   {context['perf_model']}, policy {context['policy']}, fidelity {context['fidelity']}",
             f"power basis  {context['power_basis']}",
             "",
         ],

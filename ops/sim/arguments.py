@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from ops.sim.config import FIDELITIES
 from ops.sim.design import DESIGNS
 from router.policies import add_policy_arguments, parse_policy_options
 
@@ -28,6 +29,13 @@ def add_input_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--tp", type=int, default=8, help="tensor parallelism: GPUs per model instance (default 8)"
     )
+    parser.add_argument(
+        "--fidelity",
+        choices=FIDELITIES,
+        default="splitserve",
+        help="splitserve (default): our model of a cluster; splitwise-sim: the way Microsoft's SplitwiseSim models "
+        "it (its batching, perf interpolation, memory, KV transfer, schedulers and latency definitions; no --policy)",
+    )
 
 
 def add_link_and_kv_arguments(group: argparse._ActionsContainer) -> None:
@@ -49,6 +57,7 @@ def shared_config(args: argparse.Namespace) -> dict[str, Any]:
         "policy_options": parse_policy_options(args.policy_option),
         "kv_capacity_tokens": args.kv_capacity_tokens,
         "link_gbps": args.link_gbps,
+        "fidelity": args.fidelity,
     }
 
 

@@ -20,13 +20,14 @@ from pathlib import Path
 from cluster.machines import load_catalog
 from ops.bench.report import write_request_csv
 from ops.bench.samples import RequestSample
-from ops.bench.workload import load_azure_trace
+from ops.bench.workload import TraceRequest, load_azure_trace
 from ops.cli_errors import require_file
 from ops.sim.arguments import shared_config
 from ops.sim.config import SimConfig
 from ops.sim.design import ClusterDesign, Pool, make_design
 from ops.sim.result import SimResult
 from ops.sim.simulator import simulate
+from ops.sim.splitwise_sim.trace import is_splitwise_sim_trace, load_splitwise_sim_trace
 
 EXIT_USAGE = 2
 
@@ -55,14 +56,7 @@ def _run(args: argparse.Namespace) -> int:
         iteration_overhead_s=args.iteration_overhead_ms / 1000.0,
         kv_bytes_per_token=args.kv_bytes_per_token,
     )
-    requests = load_azure_trace(
-        args.trace,
-        time_scale=args.time_scale,
-        token_scale=args.token_scale,
-        max_context=args.max_context,
-        limit=args.limit,
-        start=args.start,
-    )
+    requests = read_trace(args)
     result = simulate(design, requests, config)
     print("\n".join(result.summary_lines()))
     if args.output:
@@ -70,6 +64,22 @@ def _run(args: argparse.Namespace) -> int:
     if args.requests_csv:
         write_request_csv(args.requests_csv, request_samples(result))
     return 0
+
+
+def read_trace(args: argparse.Namespace) -> list[TraceRequest]:
+    """The --trace rows asked for: an Azure trace, or one in SplitwiseSim's format (told apart by the header)."""
+    if not is_splitwise_sim_trace(args.trace):
+        return load_azure_trace(args.trace, time_scale=args.time_scale, token_scale=args.token_scale,
+                                max_context=args.max_context, limit=args.limit, start=args.start)  # fmt: skip
+    for flag, value, default in (
+        ("--token-scale", args.token_scale, 1.0),
+        ("--max-context", args.max_context, None),
+    ):
+        if value != default:
+            raise ValueError(f"{flag} applies to Azure traces only; {args.trace} is in SplitwiseSim's format")
+    return load_splitwise_sim_trace(
+        args.trace, time_scale=args.time_scale, limit=args.limit, start=args.start
+    )
 
 
 def design_from_args(args: argparse.Namespace) -> ClusterDesign:

@@ -9,7 +9,11 @@ from pathlib import Path
 
 from cluster.machines import MachineType
 
-__all__ = ["SimConfig"]
+__all__ = ["FIDELITIES", "SimConfig"]
+
+# How a cluster is modelled: "splitserve", ours (ops/sim/simulator.py); "splitwise-sim", the way Microsoft's
+# SplitwiseSim models it (ops/sim/splitwise_sim/). docs/planning.md says where and why they differ.
+FIDELITIES = ("splitserve", "splitwise-sim")
 
 
 @dataclass(frozen=True)
@@ -45,8 +49,11 @@ class SimConfig:
     # through the router), added to every iteration that decodes; 0 for Splitwise's simulator. Measure it on a real
     # cluster as the time between tokens of a request alone minus the performance model's batch-1 token time.
     iteration_overhead_s: float = 0.0
+    fidelity: str = "splitserve"  # one of FIDELITIES
 
     def __post_init__(self) -> None:
+        if self.fidelity not in FIDELITIES:
+            raise ValueError(f"fidelity must be one of {', '.join(FIDELITIES)}, got {self.fidelity!r}")
         object.__setattr__(self, "perf_csv", Path(self.perf_csv))
         for name in ("tensor_parallel", "max_batch_tokens", "max_batch_size"):
             _check_int(name, getattr(self, name), minimum=1)

@@ -37,6 +37,7 @@ from ops.sim.config import SimConfig
 from ops.sim.design import ClusterDesign, machine_type
 from ops.sim.node import Node, RequestBook
 from ops.sim.result import SimResult, slo_check
+from ops.sim.splitwise_sim import simulate_splitwise_sim
 from ops.sim.timing import load_timers
 from router.cluster_index import ROLES, RoleArrays
 from router.policies import create_policy
@@ -50,7 +51,11 @@ _INITIAL_EXPECTED_OUTPUT = 128
 
 
 def simulate(design: ClusterDesign, requests: Sequence[TraceRequest], config: SimConfig) -> SimResult:
-    """Run `requests` (arrival offsets in seconds, in order) through `design`; ValueError for unusable input."""
+    """Run `requests` (arrival offsets in seconds, in order) through `design`; ValueError for unusable input.
+
+    With config.fidelity "splitwise-sim" the run is SplitwiseSim's model instead (ops/sim/splitwise_sim)."""
+    if config.fidelity == "splitwise-sim":
+        return simulate_splitwise_sim(design, requests, config)
     started = time.perf_counter()
     run = _Simulation(design, requests, config)
     run.run()

@@ -80,3 +80,51 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path: Path, capsys: pytest.Capture
     (tmp_path / "empty.csv").write_text("")
     for expected, argv in cases.items():
         assert expected in _error_of([*argv, "--limit", "20"], capsys), expected
+
+
+SPLITWISE_TRACE = Path(__file__).resolve().parents[1] / "data" / "splitwise-sim" / "trace_conv_130rps_10s.csv"
+SPLITWISE_BASE = [
+    "simulate",
+    "--trace",
+    str(SPLITWISE_TRACE),
+    "--perf-model",
+    str(CSV),
+    "--fidelity",
+    "splitwise-sim",
+]
+
+
+def test_splitwise_sim_fidelity_reads_its_trace_format(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "sim.json"
+    argv = [
+        *SPLITWISE_BASE,
+        "--design",
+        "splitwise-hh",
+        "--prefill",
+        "25",
+        "--decode",
+        "15",
+        "--output",
+        str(out),
+    ]
+    assert main(argv) == 0
+    assert "policy splitwise-sim mixed_pool" in capsys.readouterr().out
+    result = json.loads(out.read_text())["result"]
+    assert result["requests"] == 1274 and result["slo_passed"] is True
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--policy", "cost"], "placement policy has no meaning in SplitwiseSim fidelity"),
+        (["--link-gbps", "400"], "link_gbps has no meaning in SplitwiseSim fidelity"),
+        (["--token-scale", "0.5"], "--token-scale applies to Azure traces only"),
+    ],
+)
+def test_splitwise_sim_fidelity_refuses_what_it_does_not_model(
+    extra: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = [*SPLITWISE_BASE, "--design", "splitwise-hh", "--prefill", "2", "--decode", "1", *extra]
+    assert message in _error_of(argv, capsys)
