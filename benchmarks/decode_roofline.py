@@ -31,6 +31,14 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--prompt", type=int, default=128, help="prompt tokens")
     p.add_argument("--tokens", type=int, default=128, help="tokens decoded (timed)")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    p.add_argument(
+        "--profile",
+        type=int,
+        default=0,
+        metavar="STEPS",
+        help="afterwards, decode STEPS more tokens under torch.profiler and print its busiest operations to stderr "
+        "(where a step's time goes: host work or device kernels)",
+    )
     return p.parse_args()
 
 
@@ -108,7 +116,26 @@ def main() -> int:
         "ms_per_token": round(per_token * 1e3, 3), "roofline_ms_per_token": round(roofline * 1e3, 3),
         "share_of_roofline": round(roofline / per_token, 3),
     }))  # fmt: skip
+    if args.profile:
+        profile_decode(engine, prompt, args.profile, args.device)
     return 0
+
+
+def profile_decode(engine: object, prompt: list[int], steps: int, device: str) -> None:
+    """Decode `steps` tokens at batch 1 under torch.profiler; its table, by self CPU time, goes to stderr."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from engine.sampling_params import SamplingParams
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
+    params = SamplingParams(max_tokens=steps + 1, temperature=0.0, ignore_eos=True)
+    engine.add_request("profiled", prompt, params)  # type: ignore[attr-defined]
+    engine.step()  # type: ignore[attr-defined]  # the prefill, left out
+    with profile(activities=activities) as profiler:
+        while engine.has_unfinished():  # type: ignore[attr-defined]
+            engine.step()  # type: ignore[attr-defined]
+        _sync(device)
+    print(profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=30), file=sys.stderr)
 
 
 def weight_bytes(model: object) -> int:

@@ -29,6 +29,7 @@ import csv
 import json
 import subprocess
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -195,9 +196,11 @@ def _run_splitwise_sim(
     overrides = splitwise_sim_overrides(design, sizes.get("prefill", 0), sizes.get("decode", 0),
                                         sizes.get("colocated", 0))  # fmt: skip
     command = [args.python, "run.py", *overrides, f"trace.filename={trace}", f"output_dir={out}"]
+    started = time.perf_counter()
     done = subprocess.run(command, cwd=checkout, capture_output=True, text=True, timeout=3600)
     if done.returncode != 0 or not detailed.exists():
         raise RuntimeError(f"SplitwiseSim failed on {design} {trace}: {done.stderr[-2000:]}")
+    (out / "splitserve-run-seconds.txt").write_text(f"{time.perf_counter() - started:.2f}\n")
     print(f"SplitwiseSim {design} {trace}: done", file=sys.stderr)
     return detailed
 
@@ -235,7 +238,10 @@ def _their_figures(detailed: Path, requests: list[Any], a100: Any) -> dict[str, 
     e2e = np.array([float(rows[i]["response_times"]) for i in range(len(requests))])
     prompt = np.array([r.prompt_tokens for r in requests])
     output = np.array([r.output_tokens for r in requests])
-    return _figures(ttft, e2e, prompt, output, a100)
+    figures = _figures(ttft, e2e, prompt, output, a100)
+    seconds = detailed.parent.parent / "splitserve-run-seconds.txt"
+    figures["wall_s"] = float(seconds.read_text()) if seconds.exists() else None
+    return figures
 
 
 def _our_figures(result: SimResult, a100: Any) -> dict[str, Any]:

@@ -61,7 +61,11 @@ def run(tp: int, args: argparse.Namespace, role: str = "colocated") -> dict[str,
         rng = random.Random(0)
         prompts = [[rng.randrange(3, 30000) for _ in range(args.prompt_len)] for _ in range(args.batch)]
         params = SamplingParams(max_tokens=args.decode_steps + 1, temperature=0.0, ignore_eos=True)
-        _prompts_step(engine, "warm-up", [prompts[0][:32]], SamplingParams(max_tokens=2))  # first-call costs
+        # First-call costs (on a GPU also the kernels' first launches at the timed batch's shapes): the same batch
+        # once, untimed.
+        _prompts_step(
+            engine, "warm-up", prompts, SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
+        )
         while engine.has_unfinished():
             engine.step()
         prompt_s = _prompts_step(engine, "r", prompts, params)
