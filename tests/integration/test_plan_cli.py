@@ -103,3 +103,16 @@ def test_a_plan_past_its_time_limit_stops_with_one_line() -> None:
         "splitserve plan: error: the plan did not finish within --time-limit 0.001 s"
     )
     assert out.stderr.count("\n") == 1
+
+
+def test_a_plan_in_splitwise_sims_model(tmp_path: Path) -> None:
+    """--fidelity splitwise-sim: the same search over SplitwiseSim's model, its schedulers named in the header."""
+    out = plan(*BASE, "--design", "splitwise-hh", "--budget", "4xdgx-h100", "--fidelity", "splitwise-sim",
+               "--output", str(tmp_path / "plan.json"))  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "policy SplitwiseSim's (mixed_pool, token_jsq), fidelity splitwise-sim" in out.stdout
+    assert any(line.startswith("splitwise-hh") for line in out.stdout.splitlines()), out.stdout
+    document = json.loads((tmp_path / "plan.json").read_text())
+    assert document["feasible"] is True
+    refused = plan(*BASE, "--design", "splitwise-hh", "--fidelity", "splitwise-sim", "--policy", "cost")
+    assert refused.returncode == 2 and "placement policy has no meaning" in refused.stderr
