@@ -9,6 +9,11 @@ $TORCH_EXTENSIONS_DIR), keyed by a hash of the sources, their folder and the fla
 processes reuse the build. `make install` builds it once (`main()`), so servers do not compile while
 serving. Where it cannot be built (no compiler), or with SPLITSERVE_NATIVE_KERNELS=0, the torch ops serve instead;
 the reason is logged once.
+
+A build holds a lock file in its folder while it runs, and torch makes every other process wait, with no deadline,
+until that file is gone. A build killed midway (a test's cluster stopped while a node was compiling) leaves the file
+behind, and every later start would hang on it. So before a build, a lock whose folder has seen no progress (no file
+written) for STALE_LOCK_S is removed: a live build writes an object file at least every minute or two.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import logging
 import os
 import sys
 import threading
+import time
 from pathlib import Path
 from types import ModuleType
 
@@ -30,6 +36,7 @@ _SOURCE_DIR = Path(__file__).with_name("csrc")
 # torch.set_num_threads sizes them too (measured: decode attention 2.0 -> 0.75 ms a layer on 2 cores).
 _FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp"]
 DISABLE_ENV = "SPLITSERVE_NATIVE_KERNELS"
+STALE_LOCK_S = 300.0
 
 _lock = threading.Lock()
 _loaded: ModuleType | None = None
@@ -70,14 +77,36 @@ def _build() -> ModuleType:
     for path in sorted(_SOURCE_DIR.iterdir()):
         key += path.name.encode() + path.read_bytes()
     digest = hashlib.sha256(key).hexdigest()[:12]
+    name = f"splitserve_cpu_kernels_{digest}"
+    wait_for_build_lock(Path(cpp_extension._get_build_directory(name, verbose=False)))
     return cpp_extension.load(
-        name=f"splitserve_cpu_kernels_{digest}",
+        name=name,
         sources=[str(path) for path in sources],
         extra_cflags=_FLAGS,
         extra_ldflags=["-fopenmp"],
         extra_include_paths=[str(_SOURCE_DIR)],
         verbose=False,
     )
+
+
+def wait_for_build_lock(build_dir: Path, stale_s: float = STALE_LOCK_S, poll_s: float = 1.0) -> None:
+    """Wait while another process builds here; remove its lock once the folder has made no progress for stale_s.
+
+    Returns when there is no lock (torch then takes it and builds, or loads the finished build); a build that
+    another process starts in between is waited for by torch as before."""
+    lock = build_dir / "lock"
+    while lock.exists():
+        try:
+            last_write = max(path.stat().st_mtime for path in build_dir.iterdir())
+        except (FileNotFoundError, ValueError):  # the build finished (or the folder emptied) while we looked
+            continue
+        if time.time() - last_write > stale_s:
+            _log.warning(
+                "removing the build lock %s: no progress for %.0f s (its build was killed)", lock, stale_s
+            )
+            lock.unlink(missing_ok=True)
+            return
+        time.sleep(poll_s)
 
 
 def main() -> None:

@@ -3,7 +3,7 @@
 It runs the router's own placement policies (router.policy) over Splitwise's performance model (cluster.perfmodel)
 with machine-level batching, KV transfers and modeled power, on Azure-format traces; see simulator.py for a
 request's life, node.py for a machine's, hardware.py for the assumptions and result.py for the accounting.
-Torch-free, like the router.
+SimConfig(fidelity="splitwise-sim") runs SplitwiseSim's model instead (splitwise_sim/). Torch-free, like the router.
 """
 
 from ops.sim.config import SimConfig
