@@ -281,29 +281,18 @@ class _Simulation:
         with np.errstate(invalid="ignore", divide="ignore"):
             tbt = np.where(output > 1, (finish - first_token) / np.maximum(output - 1, 1), np.nan)
         duration = float(finish.max() - arrival.min())
-        slo = slo_check(self.reference, prompt, output, ttft, tbt, e2e)
-        cost_per_hour = self.design.cost_per_hour(self.catalog)
-        return SimResult(
-            arrival_s=arrival,
-            ttft_s=ttft,
-            tbt_s=tbt,
-            e2e_s=e2e,
-            prompt_tokens=prompt,
-            output_tokens=output,
-            prefill_node=self.prefill_node,
-            decode_node=[self._decoder(i).spec.node_id for i in range(len(arrival))],
-            design=self.design.describe(),
+        return SimResult.assemble(
+            self.design,
+            self.catalog,
+            latencies=(arrival, ttft, tbt, e2e),
+            prompt=prompt,
+            output=output,
+            nodes=(self.prefill_node, [self._decoder(i).spec.node_id for i in range(len(arrival))]),
             policy=self.config.policy,
             reference_hardware=self.config.reference_hardware,
-            machines=self.design.machines(),
-            cost_per_hour=cost_per_hour,
             duration_s=duration,
-            throughput_rps=len(arrival) / duration if duration > 0 else math.inf,
-            tokens_per_s=float(output.sum()) / duration if duration > 0 else math.inf,
-            cost_usd=cost_per_hour * duration / 3600.0,
             energy_j=sum(node.energy_j(duration) for node in self.nodes),
-            slo=slo,
-            slo_passed=slo.passed,
+            slo=slo_check(self.reference, prompt, output, ttft, tbt, e2e),
             wall_s=wall_s,
             events=self.processed,
         )

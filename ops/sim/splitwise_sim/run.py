@@ -26,15 +26,13 @@ from functools import partial
 import numpy as np
 
 from cluster.machines import BUILTIN_MACHINES
-from cluster.slo import SPLITWISE_SLO_LIMITS
-from ops.bench.slo import SloCheck, SloRow
-from ops.bench.stats import percentile
+from ops.bench.slo import SloCheck
 from ops.bench.workload import TraceRequest
 from ops.sim.cluster import build_specs
 from ops.sim.config import SimConfig
 from ops.sim.design import ClusterDesign, machine_type
 from ops.sim.node import NodeSpec
-from ops.sim.result import SimResult
+from ops.sim.result import SimResult, slowdown_check
 from ops.sim.splitwise_sim.events import EventLoop
 from ops.sim.splitwise_sim.instance import Instance, Limits
 from ops.sim.splitwise_sim.perf import SplitwisePerf, load_perf
@@ -198,34 +196,22 @@ class _Run:
         e2e = np.array([r.completion for r in self.requests]) - arrival
         tbt = (e2e - ttft) / output
         duration = float((arrival + e2e).max() - arrival.min())
-        cost_per_hour = self.design.cost_per_hour(self.catalog)
         every = [instance for pool in self.instances.values() for instance in pool]
         specs = {spec.node_id: spec for pool in self.specs.values() for spec in pool}
-        energy = sum(_energy_j(instance, specs[instance.name], duration) for instance in every)
         placed = [p for p in self.placed if p is not None]
         reference = self.perf[self.config.reference_hardware]
-        slo = splitwise_slo_check(reference, prompt, output, ttft, tbt, e2e)
-        return SimResult(
-            arrival_s=arrival,
-            ttft_s=ttft,
-            tbt_s=tbt,
-            e2e_s=e2e,
-            prompt_tokens=prompt,
-            output_tokens=output,
-            prefill_node=[p.name for p, _ in placed],
-            decode_node=[d.name for _, d in placed],
-            design=self.design.describe(),
+        return SimResult.assemble(
+            self.design,
+            self.catalog,
+            latencies=(arrival, ttft, tbt, e2e),
+            prompt=prompt,
+            output=output,
+            nodes=([p.name for p, _ in placed], [d.name for _, d in placed]),
             policy=f"splitwise-sim {self.policy}",
             reference_hardware=self.config.reference_hardware,
-            machines=self.design.machines(),
-            cost_per_hour=cost_per_hour,
             duration_s=duration,
-            throughput_rps=len(arrival) / duration if duration > 0 else math.inf,
-            tokens_per_s=float(output.sum()) / duration if duration > 0 else math.inf,
-            cost_usd=cost_per_hour * duration / 3600.0,
-            energy_j=energy,
-            slo=slo,
-            slo_passed=slo.passed,
+            energy_j=sum(_energy_j(instance, specs[instance.name], duration) for instance in every),
+            slo=splitwise_slo_check(reference, prompt, output, ttft, tbt, e2e),
             wall_s=wall_s,
             events=self.loop.processed,
         )
@@ -244,13 +230,7 @@ def splitwise_slo_check(
     alone_tbt = np.array([reference.token(int(p)) for p in prompt])
     alone_e2e = alone_ttft + alone_tbt * (output - 1)
     slowdowns = {"ttft": ttft / alone_ttft, "tbt": tbt / alone_tbt, "e2e": e2e / alone_e2e}
-    rows = []
-    for (metric, q), limit in SPLITWISE_SLO_LIMITS.items():
-        value = percentile(slowdowns[metric], q)
-        rows.append(SloRow(metric=metric, percentile=q, slowdown=value, limit=limit, ok=value < limit))
-    return SloCheck(
-        mode="per_request", compared=len(prompt), rows=tuple(rows), passed=all(r.ok for r in rows)
-    )
+    return slowdown_check(slowdowns, compared=len(prompt), strict=True)
 
 
 def _check_config(config: SimConfig) -> None:
