@@ -3,7 +3,7 @@
 For each trace (SplitwiseSim's generator, run in its checkout: Poisson arrivals at each rate for --seconds, prompt
 and output sizes drawn from conv.csv or code.csv, numpy seeded with --seed before each trace) and each of the six
 Table V designs at the paper's iso-power splits, it runs:
-- SplitwiseSim itself (its run.py, BLOOM-176B, performance_model=db: the overrides in SPLITWISE_SIM_OVERRIDES);
+- SplitwiseSim itself (its run.py, BLOOM-176B, performance_model=db: the overrides in splitwise_sim_overrides);
 - `splitserve simulate --fidelity splitwise-sim` (ops/sim/splitwise_sim);
 - `splitserve simulate` (our default model), with `--policy jsq` and with `--policy mixed` for split designs;
 and prints, per design and trace, P50/P90/P99 of TTFT, TBT and E2E and the 9-SLO verdict of each, with our figures'
@@ -91,9 +91,6 @@ def splitwise_sim_overrides(design: str, prefill: int, decode: int, colocated: i
     return [*table[design], "performance_model=db", "seed=0"]
 
 
-SPLITWISE_SIM_OVERRIDES = splitwise_sim_overrides  # named in tests/data/splitwise-sim/README.md
-
-
 def main() -> int:
     args = _parse()
     checkout: Path = args.splitwise_sim.resolve()
@@ -162,7 +159,7 @@ def _drop_ray_launcher(config: Path) -> None:
         config.write_text("".join(kept))
 
 
-def _trace_name(kind: str, rate: int) -> str:
+def _trace_name(kind: str, rate: int | str) -> str:
     return f"bench_{kind}_{rate}"
 
 
@@ -176,10 +173,11 @@ def _generate_trace(args: argparse.Namespace, checkout: Path, kind: str, rate: i
         return
     path.parent.mkdir(exist_ok=True)
     source = DATA / "azure-llm-inference-2023" / SOURCES[kind]
+    template = str(path.parent / f"{_trace_name(kind, '{}')}.csv")  # its generator fills in the rate
     code = (
         "import numpy, generate_trace as g\n"
         f"numpy.random.seed({args.seed})\n"
-        f"g.generate_traces(1_000_000, {args.seconds}, [{rate}], {str(source)!r}, {str(path)!r}.replace('{rate}', '{{}}'))\n"
+        f"g.generate_traces(1_000_000, {args.seconds}, [{rate}], {str(source)!r}, {template!r})\n"
     )
     subprocess.run([args.python, "-c", code], cwd=checkout, check=True, timeout=600)
 

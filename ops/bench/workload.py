@@ -34,6 +34,7 @@ __all__ = [
     "PromptBuilder",
     "TraceRequest",
     "Workload",
+    "check_requests",
     "fixed_concurrency",
     "load_azure_trace",
     "make_workload",
@@ -52,6 +53,17 @@ class TraceRequest:
     arrival_s: float  # offset from the run's first request, in seconds; 0.0 and ignored in closed mode
     prompt_tokens: int  # >= 1
     output_tokens: int  # >= 1; the number of tokens to generate (sent as max_tokens, EOS ignored)
+
+
+def check_requests(requests: Sequence[TraceRequest]) -> None:
+    """What a simulation needs of its requests: arrivals finite and in order, prompt and output >= 1 token."""
+    previous = -math.inf
+    for i, request in enumerate(requests):
+        if not (math.isfinite(request.arrival_s) and request.arrival_s >= previous):
+            raise ValueError(f"request {i}: arrival offsets must be finite and non-decreasing")
+        if request.prompt_tokens < 1 or request.output_tokens < 1:
+            raise ValueError(f"request {i}: prompt and output lengths must be >= 1")
+        previous = request.arrival_s
 
 
 @dataclass(frozen=True, slots=True)

@@ -89,13 +89,18 @@ def instances_per_machine(machine: MachineType, tensor_parallel: int) -> int:
     return machine.gpus // tensor_parallel
 
 
-def gpu_memory_bytes(accelerator: str) -> float:
+def gpu_memory_gb(accelerator: str) -> int:
+    """The N of an accelerator named "...-Ngb"; ValueError when the name does not tell."""
     match = re.search(r"(\d+)gb", accelerator)
     if match is None:
         raise ValueError(
             f"cannot tell the memory of accelerator {accelerator!r} from its name; give kv_capacity_tokens"
         )
-    return int(match.group(1)) * 1e9
+    return int(match.group(1))
+
+
+def gpu_memory_bytes(accelerator: str) -> float:
+    return gpu_memory_gb(accelerator) * 1e9
 
 
 def kv_capacity_tokens(model: str, machine: MachineType, tensor_parallel: int) -> int:

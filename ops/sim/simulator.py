@@ -30,7 +30,7 @@ import numpy as np
 
 from cluster.machines import BUILTIN_MACHINES
 from cluster.slo import SPLITWISE_SLO_LIMITS
-from ops.bench.workload import TraceRequest
+from ops.bench.workload import TraceRequest, check_requests
 from ops.sim import hardware
 from ops.sim.cluster import build_specs, role_arrays
 from ops.sim.config import SimConfig
@@ -81,7 +81,7 @@ class _Simulation:
         )
         self.arrival = [r.arrival_s for r in requests]
         self.book = RequestBook([r.prompt_tokens for r in requests], [r.output_tokens for r in requests])
-        self._check_requests()
+        check_requests(requests)
         specs = build_specs(design, config, self.catalog, self.timers)
         self.roles: dict[str, RoleArrays] = {role: role_arrays(specs[role], self.timers) for role in ROLES}
         self.nodes: list[Node] = []
@@ -114,17 +114,6 @@ class _Simulation:
         self.processed = 0
         self.finished_count = 0
         self.finished_output_tokens = 0
-
-    def _check_requests(self) -> None:
-        previous = -math.inf
-        for i, (arrival, prompt, output) in enumerate(
-            zip(self.arrival, self.book.prompt, self.book.output, strict=True)
-        ):
-            if not (math.isfinite(arrival) and arrival >= previous):
-                raise ValueError(f"request {i}: arrival offsets must be finite and non-decreasing")
-            if prompt < 1 or output < 1:
-                raise ValueError(f"request {i}: prompt and output lengths must be >= 1")
-            previous = arrival
 
     def _check_capacity(self) -> None:
         """Every request must fit the KV of any node it could decode on, or it would wait forever."""

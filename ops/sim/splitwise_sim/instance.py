@@ -32,7 +32,7 @@ if TYPE_CHECKING:
 
 __all__ = ["Instance", "Limits"]
 
-TaskDone = Callable[[Task, "Instance"], None]
+TaskDone = Callable[[Task], None]
 
 
 class Limits:
@@ -44,10 +44,6 @@ class Limits:
         self.max_batch_size = max_batch_size
         self.max_batch_tokens = max_batch_tokens
         self.max_preemptions = max_preemptions
-
-
-def _pending_order(task: Task) -> tuple[int, float]:
-    return task.num_preemptions, task.request.arrival
 
 
 def _arrival(request: Request) -> float:
@@ -147,7 +143,7 @@ class Instance:
             self._pause()
 
     def _add_pending(self, task: Task, preempted: bool = False) -> None:
-        bisect.insort(self.pending_queue, task, key=_pending_order)
+        bisect.insort(self.pending_queue, task, key=Task.sort_key)
         if preempted:
             self.blocked.append(task)
         if task.is_prompt:
@@ -248,7 +244,7 @@ class Instance:
         if not tasks:
             self.pending_requests.remove(request)
             del self.request_tasks[request]
-        self._task_done(task, self)
+        self._task_done(task)
 
     def _add_to_batch(self, task: Task) -> None:
         self.batch.append(task)

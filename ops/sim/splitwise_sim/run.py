@@ -17,7 +17,6 @@ What is ours: node names, cost and energy (idle, prompt and token power by busy 
 from __future__ import annotations
 
 import math
-import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -27,7 +26,8 @@ import numpy as np
 
 from cluster.machines import BUILTIN_MACHINES
 from ops.bench.slo import SloCheck
-from ops.bench.workload import TraceRequest
+from ops.bench.workload import TraceRequest, check_requests
+from ops.sim import hardware
 from ops.sim.cluster import build_specs
 from ops.sim.config import SimConfig
 from ops.sim.design import ClusterDesign, machine_type
@@ -62,7 +62,6 @@ class Transfer:
     source: Instance
     destination: Instance
     size_bytes: int
-    started: bool = False
 
 
 def simulate_splitwise_sim(
@@ -100,15 +99,13 @@ class _Run:
             )
             self.policy = "token_jsq"
         else:
-            self.scheduler = MixedPoolScheduler(
-                self.instances["prefill"], self.instances["decode"], self.shape
-            )
+            self.scheduler = MixedPoolScheduler(self.instances["prefill"], self.instances["decode"])
             self.policy = "mixed_pool"
+        check_requests(requests)
         self.requests = [
             Request(i, r.arrival_s, r.prompt_tokens, r.output_tokens, self.shape)
             for i, r in enumerate(requests)
         ]
-        self._check_requests()
         self.placed: list[tuple[Instance, Instance] | None] = [None] * len(self.requests)
         for request in self.requests:
             self.loop.schedule(request.arrival, partial(self._arrive, request))
@@ -122,7 +119,9 @@ class _Run:
             perf=self.perf[spec.hardware],
             limits=limits,
             weight_bytes=self.shape.weight_bytes,
-            max_memory=gpus * _gpu_memory_bytes(machine.accelerator),
+            max_memory=gpus
+            * hardware.gpu_memory_gb(machine.accelerator)
+            * 1024**3,  # "80gb": 80 GiB, as SplitwiseSim
             loop=self.loop,
             task_done=self._task_done,
             went_idle=self._went_idle,
@@ -130,17 +129,6 @@ class _Run:
 
     def _went_idle(self, instance: Instance) -> None:
         self.scheduler.went_idle(instance)
-
-    def _check_requests(self) -> None:
-        previous = -math.inf
-        for request in self.requests:
-            if not (math.isfinite(request.arrival) and request.arrival >= previous):
-                raise ValueError(
-                    f"request {request.index}: arrival offsets must be finite and non-decreasing"
-                )
-            if request.prompt_tokens < 1 or request.output_tokens < 1:
-                raise ValueError(f"request {request.index}: prompt and output lengths must be >= 1")
-            previous = request.arrival
 
     # -- a request's life ------------------------------------------------------------------------------------------
 
@@ -153,7 +141,7 @@ class _Run:
         if prompt is token:
             prompt.task_arrival(request.token_task)
 
-    def _task_done(self, task: Task, instance: Instance) -> None:
+    def _task_done(self, task: Task) -> None:
         request = task.request
         if not task.is_prompt:
             request.completion = self.loop.now
@@ -163,11 +151,8 @@ class _Run:
     def _offer_transfer(self, request: Request) -> None:
         transfer = request.transfer
         assert isinstance(transfer, Transfer)
-        if transfer.started:
-            return
         destination = transfer.destination
         if destination.memory + request.memory <= destination.max_memory:
-            transfer.started = True
             destination.alloc_memory(request.memory)
             self.loop.schedule(
                 transfer.size_bytes / TRANSFER_BYTES_PER_S, lambda: self._transfer_done(request)
@@ -248,13 +233,6 @@ def _check_config(config: SimConfig) -> None:
             raise ValueError(
                 f"{name} has no meaning in SplitwiseSim fidelity (its own memory, link and overheads)"
             )
-
-
-def _gpu_memory_bytes(accelerator: str) -> int:
-    match = re.search(r"(\d+)gb", accelerator)
-    if match is None:
-        raise ValueError(f"cannot tell the memory of accelerator {accelerator!r} from its name")
-    return int(match.group(1)) * 1024**3  # SplitwiseSim's processors: "80gb" is 80 GiB
 
 
 def _energy_j(instance: Instance, spec: NodeSpec, duration: float) -> float:

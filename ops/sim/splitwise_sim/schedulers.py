@@ -12,11 +12,12 @@ released as the tasks finish.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from ops.sim.splitwise_sim.instance import Instance
-    from ops.sim.splitwise_sim.work import ModelShape, Request
+    from ops.sim.splitwise_sim.work import Request
 
 __all__ = ["MixedPoolScheduler", "TokenJSQScheduler"]
 
@@ -45,10 +46,9 @@ class TokenJSQScheduler:
 
 
 class MixedPoolScheduler:
-    def __init__(self, prompt: list[Instance], token: list[Instance], shape: ModelShape) -> None:
+    def __init__(self, prompt: list[Instance], token: list[Instance]) -> None:
         self.prompt_pool, self.token_pool = list(prompt), list(token)
         self.mixed: list[Instance] = []
-        self.shape = shape
 
     def _prompt_taker(self, pool: list[Instance], request: Request) -> Instance | None:
         if not pool:
@@ -70,8 +70,8 @@ class MixedPoolScheduler:
             return None
         return best
 
-    def _lend(self, pool: list[Instance], key: object) -> Instance:
-        instance = min(pool, key=key)  # type: ignore[call-overload]
+    def _lend(self, pool: list[Instance], key: Callable[[Instance], int]) -> Instance:
+        instance = min(pool, key=key)
         pool.remove(instance)
         self.mixed.append(instance)
         instance.sched_mixed = True

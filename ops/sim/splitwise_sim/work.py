@@ -68,6 +68,7 @@ class Task:
         return self.generated == (1 if self.is_prompt else self.size)
 
     def sort_key(self) -> tuple[int, float]:
+        """A pending queue's order: fewest preemptions first, then the request's arrival."""
         return self.num_preemptions, self.request.arrival
 
 
