@@ -67,9 +67,9 @@ def redacted(url: str) -> str:
     return re.sub(r"//[^@/]*@", "//***@", url)
 
 
-def _free_port() -> int:
+def _free_port(host: str) -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
+        sock.bind((host, 0))
         port: int = sock.getsockname()[1]
         return port
 
@@ -85,13 +85,14 @@ def _stop_process(proc: subprocess.Popen[bytes], timeout_s: float) -> None:
 
 
 class EmbeddedRedis:
-    """A private `redis-server` bound to 127.0.0.1; `start()` returns once it answers PING.
+    """A private `redis-server` bound to 127.0.0.1 (or `host`); `start()` returns once it answers PING.
 
     Args:
         port: the port to listen on; a free one when None (retried on a new port if taken meanwhile).
         password: what clients must AUTH with; a random one when None.
         keyspace_events: value of `notify-keyspace-events`; "" disables them, as on many managed Redis servers.
         startup_timeout_s: how long `start()` waits for PING before giving up.
+        host: the address it listens on (loopback by default: the password is its only guard).
     """
 
     def __init__(
@@ -101,7 +102,9 @@ class EmbeddedRedis:
         password: str | None = None,
         keyspace_events: str = DEFAULT_KEYSPACE_EVENTS,
         startup_timeout_s: float = 10.0,
+        host: str = "127.0.0.1",
     ) -> None:
+        self.host = host
         self._requested_port = port
         self.password = password or secrets.token_urlsafe(24)
         self._keyspace_events = keyspace_events
@@ -116,7 +119,7 @@ class EmbeddedRedis:
     def url(self) -> str:
         if self._port is None:
             raise RedisServerError("the embedded Redis is not running: call start() first")
-        return f"redis://:{self.password}@127.0.0.1:{self._port}/0"
+        return f"redis://:{self.password}@{self.host}:{self._port}/0"
 
     @property
     def port(self) -> int | None:
@@ -151,7 +154,7 @@ class EmbeddedRedis:
         while True:
             attempts_left -= 1
             try:
-                self._launch(binary, self._requested_port or _free_port())
+                self._launch(binary, self._requested_port or _free_port(self.host))
                 self._home_port = self._port
                 return self
             except RedisServerError:
@@ -169,7 +172,7 @@ class EmbeddedRedis:
             str(binary),
             str(config),
             "--port", str(port),
-            "--bind", "127.0.0.1",
+            "--bind", self.host,
             "--save", "",
             "--appendonly", "no",
             "--dir", self._dir.name,
@@ -189,7 +192,7 @@ class EmbeddedRedis:
         assert self._proc is not None
         deadline = time.monotonic() + self._startup_timeout_s
         client = redis.Redis(
-            host="127.0.0.1",
+            host=self.host,
             port=self._port or 0,
             password=self.password,
             socket_timeout=0.5,

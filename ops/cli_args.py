@@ -20,7 +20,7 @@ def add_node_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", type=Path, required=True)
     add_redis_url_arg(parser)
     parser.add_argument("--node-id", default=None)
-    parser.add_argument("--host", default="127.0.0.1")
+    add_host_args(parser)
     parser.add_argument("--port", type=port_number, default=0, help="gRPC port (0: any free port)")
     parser.add_argument(
         "--metrics-port",
@@ -90,11 +90,35 @@ def add_node_args(parser: argparse.ArgumentParser) -> None:
     add_cluster_token_args(parser)
     add_tracing_arg(parser)
     parser.add_argument(
+        "--kv-transfer-timeout-s",
+        type=positive_float,
+        default=30.0,
+        help="a KV write not landed within this fails (prefill: the request is retried elsewhere; decode: how long "
+        "a failed transfer's blocks stay quarantined)",
+    )
+    parser.add_argument(
         "--one-piece-below",
         type=int,
         default=512,
         help="prefill: send the KV of prompts shorter than this many tokens in one piece (0: always layer by layer)",
     )
+
+
+def add_host_args(parser: argparse.ArgumentParser) -> None:
+    """--host (where the server listens) and --advertise-host (the address it gives others to dial)."""
+    parser.add_argument("--host", default="127.0.0.1", help="listen on this address (0.0.0.0: every one)")
+    parser.add_argument(
+        "--advertise-host",
+        default=None,
+        help="the address routers and peers dial (default: --host); the KV transport listens on it alone",
+    )
+
+
+def advertised_host(args: argparse.Namespace) -> str:
+    """The address a server publishes (cluster/addresses.py); ValueError for a wildcard --host without one."""
+    from cluster.addresses import advertised_host as resolve
+
+    return resolve(args.host, args.advertise_host)
 
 
 def add_router_args(parser: argparse.ArgumentParser) -> None:
@@ -103,7 +127,7 @@ def add_router_args(parser: argparse.ArgumentParser) -> None:
         "--model", type=Path, required=True, help="the served model's directory (for its tokenizer)"
     )
     add_redis_url_arg(parser)
-    parser.add_argument("--host", default="127.0.0.1")
+    add_host_args(parser)
     parser.add_argument("--grpc-port", type=port_number, default=50051)
     parser.add_argument("--http-port", type=port_number, default=8000, help="OpenAI-compatible HTTP endpoint")
     parser.add_argument(
@@ -299,4 +323,11 @@ def positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    value = float(text)
+    if not 0 < value < float("inf"):  # also refuses NaN
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text}")
     return value

@@ -38,6 +38,7 @@ def node_command(args: argparse.Namespace) -> int:
         )
         otlp_endpoint = cli_args.otlp_endpoint(args)
         cluster_token = cli_args.cluster_token(args)
+        advertise_host = cli_args.advertised_host(args)
     except ValueError as exc:
         raise UserError(str(exc)) from None
     require_dir(args.model, "--model", "model directory")
@@ -50,6 +51,7 @@ def node_command(args: argparse.Namespace) -> int:
         redis_url=args.redis_url,
         node_id=args.node_id,
         host=args.host,
+        advertise_host=advertise_host,
         port=args.port,
         metrics_port=args.metrics_port,
         kv_backend=args.kv_backend,
@@ -66,6 +68,7 @@ def node_command(args: argparse.Namespace) -> int:
         drain_timeout_s=args.drain_timeout,
         stall_timeout_s=args.stall_timeout_s,
         one_piece_below=args.one_piece_below,
+        kv_transfer_timeout_s=args.kv_transfer_timeout_s,
         otlp_endpoint=otlp_endpoint,
         cluster_token=cluster_token,
     )
@@ -95,6 +98,7 @@ def router_command(args: argparse.Namespace) -> int:
             model_dir=args.model,
             redis_url=args.redis_url,
             host=args.host,
+            advertise_host=cli_args.advertised_host(args),
             grpc_port=args.grpc_port,
             http_port=args.http_port,
             api_key=args.api_key,

@@ -23,6 +23,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
@@ -35,6 +36,21 @@ STOP_TIMEOUT_S = 20.0
 HELD_STDERR_LINES = 200  # what a starting child may print before its ready line; older lines are dropped
 # How a child's error line begins (ops/cli.py): stripped from the reason `up` repeats.
 _CHILD_ERROR_PREFIX = re.compile(r"^splitserve [\w-]+: error: ")
+
+
+@dataclass(frozen=True, slots=True)
+class Placement:
+    """Where one process of a cluster runs: the address it listens on and advertises, and a command its own runs
+    under (e.g. `ip netns exec NS`: a test's "host" in a network namespace). Hosts other than the spec's loopback
+    need a Redis they can reach: ClusterSpec.redis_host, or redis_url."""
+
+    host: str
+    prefix: tuple[str, ...] = ()
+    advertise_host: str | None = None  # what it publishes, when it listens on a wildcard host
+
+
+# (role, index among that role's processes) -> where it runs; None: the spec's host, no prefix.
+PlaceProcess = Callable[[str, int], Placement]
 
 
 class ChildStartError(RuntimeError):
@@ -60,6 +76,8 @@ class ClusterSpec:
     # Extra flags for the nodes of one role, after node_args (e.g. {"decode": ["--machine-type", "dgx-a100"]}).
     role_args: dict[str, list[str]] = field(default_factory=dict)
     router_args: list[str] = field(default_factory=list)  # extra flags for every router (e.g. --policy cost)
+    place: PlaceProcess | None = None  # where each node and router runs (default: host, as a plain child)
+    redis_host: str = "127.0.0.1"  # where the embedded Redis listens
 
 
 @dataclass(slots=True)
@@ -70,6 +88,7 @@ class Process:
     lines: queue.SimpleQueue[str | None]
     stderr: StderrRelay
     args: list[str] = field(default_factory=list)  # the flags after the role word, to start it again with
+    prefix: tuple[str, ...] = ()  # what its command runs under (Placement.prefix)
     started_at: float = field(default_factory=time.monotonic)
 
     @property
@@ -97,7 +116,7 @@ class LocalCluster:
     def start(self) -> LocalCluster:
         try:
             if not self.redis_url:
-                self.redis = EmbeddedRedis()
+                self.redis = EmbeddedRedis(host=self.spec.redis_host)
                 self.redis.start()
                 self.redis_url = self.redis.url
             roles = (
@@ -105,16 +124,22 @@ class LocalCluster:
                 + ["decode"] * self.spec.decode
                 + ["colocated"] * self.spec.colocated
             )
-            pending = [self._spawn(role, self._node_args(role)) for role in roles]
+            pending = [self._spawn_node(role, roles[:i].count(role)) for i, role in enumerate(roles)]
             for proc in pending:
                 self._await_ready(proc)
             for i in range(self.spec.routers):
                 ports = (self.spec.grpc_port, self.spec.http_port) if i == 0 else (0, 0)
-                self._await_ready(self._spawn("router", self._router_args(*ports)))
+                place = self._placement("router", i)
+                self._await_ready(self._spawn("router", self._router_args(place, *ports), place))
         except BaseException:
             self.stop()
             raise
         return self
+
+    def start_node(self, role: str) -> Process:
+        """One more node of `role` in the running cluster, placed as the spec says; its ready line is not waited
+        for (`_await_ready`, or poll_events)."""
+        return self._spawn_node(role, len(self.by_role(role)))
 
     def by_role(self, role: str) -> list[Process]:
         return [p for p in self.processes if p.role == role]
@@ -147,16 +172,19 @@ class LocalCluster:
 
     # ---- internals ------------------------------------------------------------------------------------------------
 
-    def _node_args(self, role: str) -> list[str]:
+    def _placement(self, role: str, index: int) -> Placement:
+        return Placement(self.spec.host) if self.spec.place is None else self.spec.place(role, index)
+
+    def _node_args(self, role: str, place: Placement) -> list[str]:
         return [
-            "--model", str(self.spec.model_dir), "--host", self.spec.host, "--port", "0",
+            "--model", str(self.spec.model_dir), *_host_args(place), "--port", "0",
             "--kv-backend", self.spec.kv_backend, "--threads", str(self.spec.threads_per_node),
             *self.spec.node_args, *self.spec.role_args.get(role, []),
         ]  # fmt: skip
 
-    def _router_args(self, grpc_port: int, http_port: int) -> list[str]:
+    def _router_args(self, place: Placement, grpc_port: int, http_port: int) -> list[str]:
         return [
-            "--model", str(self.spec.model_dir), "--host", self.spec.host,
+            "--model", str(self.spec.model_dir), *_host_args(place),
             "--grpc-port", str(grpc_port), "--http-port", str(http_port), *self.spec.router_args,
         ]  # fmt: skip
 
@@ -164,9 +192,13 @@ class LocalCluster:
     def http_address(self) -> str:
         return str(self.by_role("router")[0].ready["http_address"])
 
-    def _spawn(self, role: str, args: list[str]) -> Process:
-        popen, lines, stderr = self._popen(role, args)
-        proc = Process(role, popen, {}, lines, stderr, args)
+    def _spawn_node(self, role: str, index: int) -> Process:
+        place = self._placement(role, index)
+        return self._spawn(role, self._node_args(role, place), place)
+
+    def _spawn(self, role: str, args: list[str], place: Placement) -> Process:
+        popen, lines, stderr = self._popen(role, args, place.prefix)
+        proc = Process(role, popen, {}, lines, stderr, args, place.prefix)
         self.processes.append(proc)
         return proc
 
@@ -181,12 +213,12 @@ class LocalCluster:
         args = proc.args
         if proc.role == "router" and proc.ready:
             args = _with_ports(args, proc.address, str(proc.ready.get("http_address", "")))
-        proc.popen, proc.lines, proc.stderr = self._popen(proc.role, args)
+        proc.popen, proc.lines, proc.stderr = self._popen(proc.role, args, proc.prefix)
         proc.args = args
         proc.started_at = time.monotonic()
 
     def _popen(
-        self, role: str, args: list[str]
+        self, role: str, args: list[str], prefix: tuple[str, ...] = ()
     ) -> tuple[subprocess.Popen[str], queue.SimpleQueue[str | None], StderrRelay]:
         env = {
             **os.environ,
@@ -198,7 +230,7 @@ class LocalCluster:
         if role == "router" and self.spec.api_key:
             env["SPLITSERVE_API_KEY"] = self.spec.api_key
         popen = subprocess.Popen(
-            [sys.executable, "-m", "ops.cli", role, *args],
+            [*prefix, sys.executable, "-m", "ops.cli", role, *args],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             stdin=subprocess.DEVNULL,
@@ -250,6 +282,11 @@ class LocalCluster:
                 return
         proc.stderr.release()  # still starting: what it said so far helps to see why
         raise ChildStartError(f"{proc.role} was not ready within {READY_TIMEOUT_S:.0f} s")
+
+
+def _host_args(place: Placement) -> list[str]:
+    advertise = ["--advertise-host", place.advertise_host] if place.advertise_host else []
+    return ["--host", place.host, *advertise]
 
 
 class StderrRelay:

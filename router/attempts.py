@@ -4,7 +4,8 @@ A pair attempt: decode.Reserve -> prefill.Prefill (the KV streams between the no
 node's Decode stream. Every wait on a node is bounded (router/liveness.py): by a deadline, and by the node staying in
 the cluster view, so a killed or paused node is noticed within ~2.5 s. A failure is blamed on the node that caused
 it and raised as `RetryElsewhere` for the router to place the request again without that node: a Prefill that
-failed because of its decode peer (cluster/failed_side.py) blames the decode node. An attempt that ends before its
+failed because of its decode peer (cluster/failed_side.py) blames the link between the two (the decode node may be
+down, or only cut off from this prefill node). An attempt that ends before its
 decode node took the request over releases the reservation in the background: the prefill node is asked first
 whether its transfer started, and the decode node frees the blocks at once when none did (else at the prefill
 node's kv-fence, or after its quarantine).
@@ -53,11 +54,14 @@ RETRYABLE = {
 
 
 class RetryElsewhere(Exception):
-    """A node failed; place the request again without `node_id` (tokens already delivered become prior output)."""
+    """A node failed; place the request again without `node_id` (tokens already delivered become prior output).
+    `link` (prefill, decode): the prefill node could not write into the decode node; either end, or the path between
+    them, may be at fault, so the router avoids that pair rather than the decode node alone."""
 
-    def __init__(self, node_id: str, reason: str) -> None:
+    def __init__(self, node_id: str, reason: str, link: tuple[str, str] | None = None) -> None:
         super().__init__(reason)
         self.node_id = node_id
+        self.link = link
 
 
 def once_delivered(sampling: pb.SamplingParameters, relay: Relay) -> pb.SamplingParameters:
@@ -254,8 +258,8 @@ class Attempts:
 
     async def _call(self, live: Liveness, node: NodeState, call, timeout_s: float, decode_peer=None):
         """Await a unary RPC while the attempt's nodes stay in the view, at most timeout_s; node failures become
-        RetryElsewhere, request errors reach the client unchanged. A failed Prefill (`decode_peer` given) blames the decode
-        node when the prefill node says its decode peer failed, and the prefill node otherwise."""
+        RetryElsewhere, request errors reach the client unchanged. A failed Prefill (`decode_peer` given) blames the link
+        to the decode node when the prefill node says its decode peer failed, and the prefill node otherwise."""
         node_id = node.info.node_id
         try:
             async with live.bounded(node_id, node.info.role, timeout_s):
@@ -268,7 +272,9 @@ class Attempts:
                 raise
             reason = f"{node.info.role} node {node_id}: {exc.details()}"
             if decode_peer is not None and failed_side_of(exc) == "decode":
-                raise RetryElsewhere(decode_peer.info.node_id, f"{reason} (its decode peer failed)") from exc
+                decode_id = decode_peer.info.node_id
+                link = (node_id, decode_id)
+                raise RetryElsewhere(decode_id, f"{reason} (its decode peer failed)", link) from exc
             raise RetryElsewhere(node_id, reason) from exc
 
     def _release_in_background(self, prefill_stub, decode_stub, rid: str) -> None:

@@ -14,8 +14,10 @@ A request's life cycle through the router:
    the dashboard, and the responses), so two clients using the same id never touch each other's request.
 4. A node failure (reserve refused, transfer failed, node gone) frees what was reserved and retries on other nodes,
    a bounded number of times; tokens the client already has become the next attempt's prior output. The failure is
-   blamed on the node that caused it (router/attempts.py): a Prefill that failed because of its decode peer
-   excludes that decode node and keeps the prefill node. Every wait on a node is bounded (router/liveness.py): it
+   blamed on the node that caused it (router/attempts.py). A Prefill that failed because of its decode peer blames
+   their link: the next attempt keeps the prefill node (its prefix cache has the prompt) with another decode node,
+   else avoids both, else either one; a failed pair is never placed again for the request, and a node whose links
+   to two peers failed is avoided altogether. Every wait on a node is bounded (router/liveness.py): it
    ends when the node leaves the cluster view (killed, paused, cut off: its lease lapses within ~2.5 s).
 5. Client cancel: the relay's RPCs are cancelled, which aborts the request on both nodes and frees its blocks (the
    prefill node fences the transfer, so the decode node frees blocks at once rather than after a quarantine).
@@ -23,6 +25,7 @@ A request's life cycle through the router:
 
 from __future__ import annotations
 
+import logging
 import uuid
 from collections.abc import AsyncIterator
 
@@ -54,6 +57,7 @@ from router.sampling_check import check_sampling
 from splitserve.v1 import inference_pb2 as pb
 from splitserve.v1 import inference_pb2_grpc
 
+logger = logging.getLogger(__name__)
 DEFAULT_MAX_TOKENS = 16
 
 
@@ -182,7 +186,7 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
         timer = RequestTimer(self.metrics, self.config.model_name, record.arrived)
         relay = Relay(record, sampling.HasField("logprobs"), self.metrics.observe_usage, timer)
         failed: set[str] = set()
-        kept_prefill: str | None = None  # a prefill node to stay on: only its decode peer failed
+        failed_links: list[tuple[str, str]] = []  # (prefill, decode) pairs whose KV transfer failed
         reasons: list[str] = []
         for attempt in range(self.config.max_attempts):
             context_tokens = len(prompt) + len(relay.delivered)
@@ -197,7 +201,7 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
             )
             self.index.update(self.view.nodes())
             cached = self._cached_tokens(prompt + relay.delivered)
-            placement, roles = self._place(wanted, failed, kept_prefill, cached)
+            placement, roles = self._place(wanted, failed, failed_links, cached)
             if placement is None:
                 reasons.append(_pools_summary(roles))
                 break
@@ -222,10 +226,20 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
                 self.outputs.observe(len(relay.delivered))
                 return
             except RetryElsewhere as retry:
-                failed.add(retry.node_id)
-                # The decode side failed: the prefill node is fine, and may have the prompt in its prefix cache.
-                blamed_decode = placement.disaggregated and retry.node_id == placement.decode
-                kept_prefill = placement.prefill if blamed_decode else None
+                if retry.link is not None:
+                    failed_links.append(retry.link)
+                    failed |= _ends_of_two_failed_links(failed_links)
+                else:
+                    failed.add(retry.node_id)
+                blamed = "link" if retry.link is not None else "node"
+                self.metrics.retried(blamed)
+                logger.warning(
+                    "request %s: attempt %d failed (%s blamed), placing it again: %s",
+                    label,
+                    attempt + 1,
+                    blamed,
+                    retry,
+                )
                 reasons.append(str(retry))
                 record.retries.append(str(retry))
                 span.add_event(
@@ -245,17 +259,42 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
         return lookup_cached_tokens(self.kv_index, context, self.index.block_sizes)
 
     def _place(
-        self, wanted: PlacementRequest, failed: set[str], kept_prefill: str | None, cached: dict[str, int]
+        self,
+        wanted: PlacementRequest,
+        failed: set[str],
+        failed_links: list[tuple[str, str]],
+        cached: dict[str, int],
     ) -> tuple[Placement | None, dict[str, RoleArrays]]:
-        """A placement avoiding the failed nodes; on `kept_prefill` (with another decode node) when it can take it."""
-        if kept_prefill is not None and self.view.get(kept_prefill) is not None:
-            others = {s.info.node_id for s in self.view.nodes("prefill")} - {kept_prefill}
-            roles = self.index.for_request(self.tracker, exclude=failed | others, cached_tokens=cached)
+        """A placement avoiding the failed nodes and every failed link. After a link failed, in order: the last
+        failed link's prefill node with another decode node (its prefix cache holds the prompt; the decode node was
+        the likelier culprit), neither end of any failed link, another prefill node, another decode node."""
+        choices = [failed]
+        if failed_links:
+            prefills, decodes = {p for p, _ in failed_links}, {d for _, d in failed_links}
+            last = failed_links[-1][0]
+            other_prefills = {s.info.node_id for s in self.view.nodes("prefill")} - {last}
+            keep_last = other_prefills | {d for p, d in failed_links if p == last}
+            choices = [failed | keep_last, failed | prefills | decodes, failed | prefills, failed | decodes]
+        for exclude in choices:
+            roles = self.index.for_request(self.tracker, exclude=exclude, cached_tokens=cached)
             placement = self.policy.place(wanted, roles)
-            if placement is not None and placement.disaggregated:
+            if placement is None or (placement.prefill, placement.decode) in failed_links:
+                continue
+            if (
+                placement.disaggregated or exclude is choices[-1]
+            ):  # one node for both: only when no pair is left
                 return placement, roles
-        roles = self.index.for_request(self.tracker, exclude=failed, cached_tokens=cached)
-        return self.policy.place(wanted, roles), roles
+        return None, roles
+
+
+def _ends_of_two_failed_links(links: list[tuple[str, str]]) -> set[str]:
+    """Nodes whose links to two different peers failed: the node itself is cut off (or down), not one path."""
+    prefill_peers: dict[str, set[str]] = {}
+    decode_peers: dict[str, set[str]] = {}
+    for prefill, decode in links:
+        prefill_peers.setdefault(prefill, set()).add(decode)
+        decode_peers.setdefault(decode, set()).add(prefill)
+    return {n for peers in (prefill_peers, decode_peers) for n, seen in peers.items() if len(seen) >= 2}
 
 
 def _pools_summary(roles: dict[str, RoleArrays]) -> str:

@@ -12,6 +12,8 @@ never share counts. What it exports:
   client receives them), splitserve:e2e_request_latency_seconds: histograms labelled {model, route}, route "pair"
   (a prefill node and a decode node) or "colocated" (one node ran the whole request), as measured at the router.
 - splitserve:requests_total{model, outcome}: placed requests by outcome, "ok" or the gRPC status of the failure.
+- splitserve:retries_total{blamed}: attempts abandoned and placed again, by what was blamed: "node" (it failed or
+  left the cluster) or "link" (a prefill node could not write into its decode node).
 Each node serves its own metrics too (cluster/node/metrics.py).
 """
 
@@ -82,8 +84,17 @@ class RouterMetrics:
             ["model", "outcome"],
             registry=self.registry,
         )
+        self.retries = Counter(
+            "splitserve:retries",
+            "Attempts abandoned and placed again, by what was blamed: node, or link (prefill to decode)",
+            ["blamed"],
+            registry=self.registry,
+        )
         if view is not None:
             self.registry.register(_NodePower(view))
+
+    def retried(self, blamed: str) -> None:
+        self.retries.labels(blamed).inc()
 
     def request_failed(self, model: str, code: grpc.StatusCode) -> None:
         self.requests.labels(model, code.name.lower()).inc()

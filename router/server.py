@@ -46,6 +46,7 @@ class RouterOptions:
     model_dir: Path
     redis_url: str
     host: str = "127.0.0.1"
+    advertise_host: str | None = None  # the address in the ready line (default: host)
     grpc_port: int = 50051
     http_port: int = 8000
     api_key: str | None = None  # None: SPLITSERVE_API_KEY from the environment, if set
@@ -143,8 +144,9 @@ async def run_router(options: RouterOptions) -> int:
         await server.stop(None)  # a gRPC server left running outlives the event loop, and fails noisily then
         return _cannot_listen(exc, options.host, options.http_port, "--http-port")
     http_port = runner.addresses[0][1]
-    ready = {"event": "ready", "role": "router", "address": f"{options.host}:{port}"}
-    print(json.dumps({**ready, "http_address": f"{options.host}:{http_port}"}), flush=True)
+    public = options.advertise_host or options.host
+    ready = {"event": "ready", "role": "router", "address": f"{public}:{port}"}
+    print(json.dumps({**ready, "http_address": f"{public}:{http_port}"}), flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -43,6 +43,7 @@ import grpc
 import redis
 
 from cluster import tracing
+from cluster.addresses import default_ucx_net_devices
 from cluster.allocator import keep_freed_memory
 from cluster.auth import ClusterTokenInterceptor
 from cluster.grpc_util import make_server
@@ -66,7 +67,8 @@ class NodeOptions:
     model_dir: Path
     redis_url: str
     node_id: str | None = None
-    host: str = "127.0.0.1"
+    host: str = "127.0.0.1"  # where the node listens
+    advertise_host: str | None = None  # what it registers for routers and peers to dial (default: host)
     port: int = 0  # 0: any free port (printed in the ready line)
     metrics_port: int = 0  # Prometheus GET /metrics on host (0: any free port, printed in the ready line)
     kv_backend: str = "torch"
@@ -93,6 +95,7 @@ class NodeOptions:
     one_piece_below: int = (
         512  # prefill: prompts shorter than this send their KV in one piece, not layer by layer
     )
+    kv_transfer_timeout_s: float = 30.0  # a KV write not landed by then fails (and quarantines its blocks)
 
 
 class NodeService(Protocol):
@@ -151,7 +154,7 @@ async def run_node(options: NodeOptions, service_names: list[str], attach: Attac
         pull.on_import = metrics.observe_kv_import
     metrics_server = MetricsServer(metrics)
     try:
-        metrics_address = await metrics_server.start(options.host, options.metrics_port)
+        metrics_port = int((await metrics_server.start(options.host, options.metrics_port)).rsplit(":", 1)[1])
     except OSError as exc:  # nothing is registered yet
         where = f"{options.host}:{options.metrics_port}"
         return cannot_listen(f"cannot serve metrics on {where}", "--metrics-port", exc)
@@ -159,7 +162,8 @@ async def run_node(options: NodeOptions, service_names: list[str], attach: Attac
         await service.start()
     await server.start()
     await health.set(True)
-    address = f"{options.host}:{port}"
+    address = f"{public_host(options)}:{port}"
+    metrics_address = f"{public_host(options)}:{metrics_port}"
     registration = NodeRegistration(options.redis_url)
     registration.register(
         NodeInfo(
@@ -258,15 +262,21 @@ def _engine_config(options: NodeOptions) -> EngineConfig:
     )
 
 
+def public_host(options: NodeOptions) -> str:
+    return options.advertise_host or options.host
+
+
 def _make_transport(options: NodeOptions, node_id: str, engine: LLMEngine) -> Any:
     if options.role == "colocated":
         return None
     from kvtransfer import create_transport
 
-    # The torch backend listens on one address for its peers: the node's own (a pod IP on Kubernetes), not loopback.
-    extra: dict[str, Any] = {}
+    # The transport listens on the address peers dial alone (a pod IP on Kubernetes, never every interface).
+    extra: dict[str, Any] = {"transfer_timeout_s": options.kv_transfer_timeout_s}
     if options.kv_backend == "torch":
-        extra = {"host": options.host, "cluster_token": options.cluster_token}
+        extra |= {"host": public_host(options), "cluster_token": options.cluster_token}
+    else:  # UCX's TCP transport on that address's interface (RDMA ports stay available)
+        default_ucx_net_devices(public_host(options))
     transport = create_transport(options.kv_backend, node_id, **extra)
     transport.register(engine.kv_layers)
     return transport

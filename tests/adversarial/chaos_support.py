@@ -113,7 +113,7 @@ def kv_all_free(view: ClusterView, node_id: str) -> bool:
 
 def start_node(cluster: LocalCluster, role: str) -> Process:
     """A new node of `role` in a running cluster, without waiting for it (see `await_node`)."""
-    return cluster._spawn(role, cluster._node_args(role))
+    return cluster.start_node(role)
 
 
 def await_node(cluster: LocalCluster, proc: Process, view: ClusterView) -> None:

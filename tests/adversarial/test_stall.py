@@ -49,7 +49,7 @@ def _serve_around_the_stuck_node(
     with ClusterView(cluster.redis_url) as view:
         stuck = cluster.by_role("prefill")[0]
         # The healthy nodes start without the hook (the environment above was restored).
-        healthy = [cluster._spawn(role, cluster._node_args(role)) for role in ("prefill", "decode")]
+        healthy = [cluster.start_node(role) for role in ("prefill", "decode")]
         for proc in healthy:
             await_node(cluster, proc, view)
         withdrawn_at: list[float] = []

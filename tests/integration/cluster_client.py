@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import grpc
 
 from splitserve.v1 import inference_pb2 as pb
 from splitserve.v1 import inference_pb2_grpc
+
+if TYPE_CHECKING:
+    from ops.launcher import LocalCluster
 
 CALL_TIMEOUT_S = 120.0
 
@@ -60,3 +66,11 @@ def status_of(address: str, prompt: list[int] | str, **sampling: object) -> tupl
     except grpc.aio.AioRpcError as exc:
         return exc.code(), exc.details() or ""
     return grpc.StatusCode.OK, ""
+
+
+def recent_requests(cluster: LocalCluster, n: int) -> list[dict]:
+    """The router's last n requests, newest first (its dashboard API): nodes, retries, phases, KV bytes."""
+    address = cluster.by_role("router")[0].ready["http_address"]
+    with urllib.request.urlopen(f"http://{address}/dashboard/api/state", timeout=10) as reply:
+        recent = json.load(reply)["requests"]["recent"]
+    return list(recent[:n])

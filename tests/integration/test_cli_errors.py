@@ -98,6 +98,15 @@ def test_nodes_name_the_port_flag_to_change(role: str, flag: str, busy_port: int
     assert error_line(result) == f"splitserve {role}: error: port {busy_port} is in use (change {flag})"
 
 
+@pytest.mark.parametrize("role", ["prefill", "decode", "router"])
+def test_a_wildcard_host_needs_an_address_to_advertise(role: str, llama_dir: Path) -> None:
+    for host in ("0.0.0.0", "::"):
+        result = run(role, "--model", str(llama_dir), "--redis-url", REDIS_URL, "--host", host)
+        error_line(result, f"--host {host} listens on every interface", "--advertise-host")
+    result = run(role, "--model", str(llama_dir), "--redis-url", REDIS_URL, "--advertise-host", "0.0.0.0")
+    error_line(result, "--advertise-host 0.0.0.0 is not an address others can dial")
+
+
 def test_a_port_out_of_range_is_one_line() -> None:
     error_line(run("up", "--http-port", "70000"), "--http-port", "0..65535")
 

@@ -13,10 +13,8 @@ exactly the single engine's tokens: a stale index costs a recompute, never a wro
 
 from __future__ import annotations
 
-import json
 import random
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -28,7 +26,7 @@ from engine.engine import LLMEngine
 from engine.prefix_hash import chain
 from engine.sampling_params import SamplingParams
 from ops.launcher import ClusterSpec, LocalCluster
-from tests.integration.cluster_client import generate_many
+from tests.integration.cluster_client import generate_many, recent_requests
 
 pytestmark = pytest.mark.timeout(300)
 MAX_TOKENS = 24
@@ -41,14 +39,6 @@ LAYERS = 2  # the tiny model's
 
 def blocks(prompt: list[int]) -> int:
     return -(-len(prompt) // BLOCK)
-
-
-def recent_requests(cluster: LocalCluster, n: int) -> list[dict]:
-    """The router's last n requests (its dashboard API)."""
-    address = cluster.by_role("router")[0].ready["http_address"]
-    with urllib.request.urlopen(f"http://{address}/dashboard/api/state", timeout=10) as reply:
-        recent = json.load(reply)["requests"]["recent"]
-    return recent[:n]
 
 
 def single_engine_tokens(model: Path, prompts: list[list[int]]) -> list[list[int]]:

@@ -32,7 +32,7 @@ from tests.hf_reference import assert_matches_reference, load_reference
 from tests.integration import test_cluster_failures as failures
 from tests.integration import test_kv_routing as kv_routing
 from tests.integration import test_node_control as node_control
-from tests.integration.cluster_client import generate_many
+from tests.integration.cluster_client import generate_many, recent_requests
 from tests.integration.test_hf_parity import MAX_TOKENS, PROMPT_LENGTHS, mixed_prompts
 
 pytestmark = pytest.mark.timeout(600)
@@ -237,7 +237,7 @@ def test_tp2_nodes_reuse_a_conversations_prefix_both_ways(llama_dir: Path) -> No
         ]
         assert [r.token_ids for r in second] == out2
         assert all(r.usage and r.usage.cached_prompt_tokens >= kv_routing.BLOCK for r in second)
-        records = kv_routing.recent_requests(cluster, 2)
+        records = recent_requests(cluster, 2)
         assert all(r["imported_bytes"] > 0 for r in records), records  # the answer's blocks came back
 
 
@@ -249,7 +249,7 @@ def test_a_killed_prefill_rank_takes_its_node_down_and_its_prompts_retry_on_the_
     request completes with a single engine's tokens."""
     batch = failures.prompts(8, 300, seed=2)
     with rank_killed_mid_stream(llama_dir, "prefill", batch, after_tokens=0, prefill=2, decode=1) as run:
-        retried = [r for r in kv_routing.recent_requests(run.cluster, len(batch)) if r["retries"]]
+        retried = [r for r in recent_requests(run.cluster, len(batch)) if r["retries"]]
         assert retried and all(
             run.victim.node_id in r["retries"][0] for r in retried
         )  # its prompts went elsewhere
