@@ -13,6 +13,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from importlib import metadata
 from typing import Any
 
 from cluster.machines import BUILTIN_MACHINES
@@ -27,7 +28,8 @@ POOLS = ("router", *NODE_POOLS, COLOCATED)
 PULL_POLICIES = ("Always", "IfNotPresent", "Never")
 
 DEFAULTS: dict[str, Any] = {
-    "image": "splitserve:0.1.0",
+    # `make image` tags the image with the package version, so the default follows each release.
+    "image": f"splitserve:{metadata.version('splitserve')}",
     "imagePullPolicy": "IfNotPresent",
     "model.mountPath": "/models",
     "pool.replicas": 1,
