@@ -74,3 +74,13 @@ def recent_requests(cluster: LocalCluster, n: int) -> list[dict]:
     with urllib.request.urlopen(f"http://{address}/dashboard/api/state", timeout=10) as reply:
         recent = json.load(reply)["requests"]["recent"]
     return list(recent[:n])
+
+
+def backend_available(name: str) -> bool:
+    """Whether the KV transport `name` can be created here (NIXL is an optional package)."""
+    if name == "nixl":
+        try:
+            import nixl  # noqa: F401
+        except ImportError:
+            return False
+    return True

@@ -18,24 +18,15 @@ from engine.sampling_params import SamplingParams
 from ops.launcher import ClusterSpec, LocalCluster
 from splitserve.v1 import inference_pb2 as pb
 from splitserve.v1 import inference_pb2_grpc
-from tests.integration.cluster_client import generate_many, status_of
+from tests.integration.cluster_client import backend_available, generate_many, status_of
 
 pytestmark = pytest.mark.timeout(600)
 BACKENDS = ["torch", "nixl"]
 
 
-def _backend_available(name: str) -> bool:
-    if name == "nixl":
-        try:
-            import nixl  # noqa: F401
-        except ImportError:
-            return False
-    return True
-
-
 @pytest.fixture(scope="module", params=BACKENDS)
 def cluster(request: pytest.FixtureRequest, llama_dir: Path) -> Iterator[LocalCluster]:
-    if not _backend_available(request.param):
+    if not backend_available(request.param):
         pytest.skip(f"the {request.param} KV backend is not installed")
     spec = ClusterSpec(
         model_dir=llama_dir,

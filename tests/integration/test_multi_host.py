@@ -29,7 +29,7 @@ from engine.engine import LLMEngine
 from engine.sampling_params import SamplingParams
 from engine.tiny_model import make_tiny_model
 from ops.launcher import ClusterSpec, LocalCluster, Placement
-from tests.integration.cluster_client import generate, generate_many, recent_requests
+from tests.integration.cluster_client import backend_available, generate, generate_many, recent_requests
 from tests.integration.netns_hosts import NetnsHosts, unavailable_reason
 
 pytestmark = pytest.mark.timeout(900)
@@ -55,18 +55,9 @@ def wide_kv_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_tiny_model(root / "llama", arch="llama", layers=4, hidden=256, heads=8, kv_heads=8, seed=11)
 
 
-def _backend_available(name: str) -> bool:
-    if name == "nixl":
-        try:
-            import nixl  # noqa: F401
-        except ImportError:
-            return False
-    return True
-
-
 @pytest.fixture(scope="module", params=BACKENDS)
 def cluster(request: pytest.FixtureRequest, hosts: NetnsHosts, wide_kv_model: Path) -> Iterator[LocalCluster]:
-    if not _backend_available(request.param):
+    if not backend_available(request.param):
         pytest.skip(f"the {request.param} KV backend is not installed")
 
     def place(role: str, index: int) -> Placement:
