@@ -195,14 +195,14 @@ def test_a_1_gbit_link_still_overlaps_the_transfer(
 def test_cutting_a_prefill_node_off_mid_transfer_fails_no_request(
     cluster: LocalCluster, hosts: NetnsHosts, wide_kv_model: Path, fault: str
 ) -> None:
-    """P->D links slowed (so transfers last seconds), four long prompts in flight; once KV is moving, the prefill
+    """P->D links slowed to 40 Mbit/s (so transfers last seconds), four long prompts in flight; once KV is moving, the prefill
     node sending the most is cut off from the decode nodes: `partition` cuts its links to them only (Redis and the
     router still reach it, so it stays in the cluster), `link-down` takes its host's link down (it leaves the
     cluster). Restored after twice the transfer timeout. Every request returns the single engine's tokens."""
     prompts = fresh_prompts(4, [1200, 900], seed=3 if fault == "partition" else 4)
     expected = single_engine(wide_kv_model, prompts, max_tokens=4)
-    for p in PREFILL:
-        hosts.shape(p, "20mbit", DECODE)
+    for p in PREFILL:  # a prompt's KV takes ~2 s: caught midway, and two prompts' writes still land in time
+        hosts.shape(p, "40mbit", DECODE)
     victim: str | None = None
 
     def cut(name: str) -> None:
