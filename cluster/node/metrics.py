@@ -106,11 +106,12 @@ class MetricsServer:
         app.router.add_get("/metrics", self._metrics)
         self._runner = web.AppRunner(app, access_log=None)
 
-    async def start(self, host: str, port: int) -> str:
-        """Listen on host:port (0: any free port) and return the address it took."""
+    async def start(self, host: str, port: int) -> int:
+        """Listen on host:port (0: any free port) and return the port it took."""
         await self._runner.setup()
         await web.TCPSite(self._runner, host, port).start()
-        return f"{host}:{self._runner.addresses[0][1]}"
+        taken: int = self._runner.addresses[0][1]
+        return taken
 
     async def stop(self) -> None:
         await self._runner.cleanup()

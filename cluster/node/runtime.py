@@ -154,7 +154,7 @@ async def run_node(options: NodeOptions, service_names: list[str], attach: Attac
         pull.on_import = metrics.observe_kv_import
     metrics_server = MetricsServer(metrics)
     try:
-        metrics_port = int((await metrics_server.start(options.host, options.metrics_port)).rsplit(":", 1)[1])
+        metrics_port = await metrics_server.start(options.host, options.metrics_port)
     except OSError as exc:  # nothing is registered yet
         where = f"{options.host}:{options.metrics_port}"
         return cannot_listen(f"cannot serve metrics on {where}", "--metrics-port", exc)
@@ -162,8 +162,8 @@ async def run_node(options: NodeOptions, service_names: list[str], attach: Attac
         await service.start()
     await server.start()
     await health.set(True)
-    address = f"{public_host(options)}:{port}"
-    metrics_address = f"{public_host(options)}:{metrics_port}"
+    public = _public_host(options)
+    address, metrics_address = f"{public}:{port}", f"{public}:{metrics_port}"
     registration = NodeRegistration(options.redis_url)
     registration.register(
         NodeInfo(
@@ -262,7 +262,7 @@ def _engine_config(options: NodeOptions) -> EngineConfig:
     )
 
 
-def public_host(options: NodeOptions) -> str:
+def _public_host(options: NodeOptions) -> str:
     return options.advertise_host or options.host
 
 
@@ -274,9 +274,9 @@ def _make_transport(options: NodeOptions, node_id: str, engine: LLMEngine) -> An
     # The transport listens on the address peers dial alone (a pod IP on Kubernetes, never every interface).
     extra: dict[str, Any] = {"transfer_timeout_s": options.kv_transfer_timeout_s}
     if options.kv_backend == "torch":
-        extra |= {"host": public_host(options), "cluster_token": options.cluster_token}
+        extra |= {"host": _public_host(options), "cluster_token": options.cluster_token}
     else:  # UCX's TCP transport on that address's interface (RDMA ports stay available)
-        default_ucx_net_devices(public_host(options))
+        default_ucx_net_devices(_public_host(options))
     transport = create_transport(options.kv_backend, node_id, **extra)
     transport.register(engine.kv_layers)
     return transport

@@ -15,7 +15,6 @@ Everything is removed on exit, also on failure: processes still in a namespace a
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
 import subprocess
@@ -27,10 +26,12 @@ from ops.launcher import Placement
 COMMAND_TIMEOUT_S = 20.0
 
 
+def _run(*command: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(command, capture_output=True, text=True, timeout=COMMAND_TIMEOUT_S, check=check)
+
+
 def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        ["ip", *args], capture_output=True, text=True, timeout=COMMAND_TIMEOUT_S, check=check
-    )
+    return _run("ip", *args, check=check)
 
 
 def unavailable_reason() -> str | None:
@@ -145,61 +146,48 @@ class NetnsHosts:
         _ip("-n", self.namespace(a), "route", "del", "blackhole", f"{self.address(b)}/32", check=False)
         _ip("-n", self.namespace(b), "route", "del", "blackhole", f"{self.address(a)}/32", check=False)
 
+    def _tc(self, name: str, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        """`tc` on host `name`'s eth0."""
+        return _run("ip", "netns", "exec", self.namespace(name), "tc", *args, check=check)
+
     def shape(self, name: str, rate: str, towards: list[str]) -> None:
         """Limit what `name` sends to the `towards` hosts to `rate` (tc syntax: "1gbit"); the rest goes unshaped."""
         self.unshape(name)
-        tc = ["ip", "netns", "exec", self.namespace(name), "tc"]
-        commands = [
-            ["qdisc", "add", "dev", "eth0", "root", "handle", "1:", "htb", "default", "20", "r2q", "1000"],
-            ["class", "add", "dev", "eth0", "parent", "1:", "classid", "1:10", "htb", "rate", rate],
-            ["class", "add", "dev", "eth0", "parent", "1:", "classid", "1:20", "htb", "rate", "100gbit"],
-        ]
+        self._tc(
+            name, "qdisc", "add", "dev", "eth0", "root", "handle", "1:", "htb", "default", "20", "r2q", "1000"
+        )
+        self._tc(name, "class", "add", "dev", "eth0", "parent", "1:", "classid", "1:10", "htb", "rate", rate)
+        self._tc(
+            name, "class", "add", "dev", "eth0", "parent", "1:", "classid", "1:20", "htb", "rate", "100gbit"
+        )
         for host in towards:
-            match = ["match", "ip", "dst", f"{self.address(host)}/32", "flowid", "1:10"]
-            commands.append(
-                ["filter", "add", "dev", "eth0", "parent", "1:", "protocol", "ip", "prio", "1", "u32"]
-            )
-            commands[-1] += match
-        for command in commands:
-            subprocess.run(
-                [*tc, *command], capture_output=True, text=True, timeout=COMMAND_TIMEOUT_S, check=True
+            destination = ["match", "ip", "dst", f"{self.address(host)}/32", "flowid", "1:10"]
+            self._tc(
+                name,
+                "filter",
+                "add",
+                "dev",
+                "eth0",
+                "parent",
+                "1:",
+                "protocol",
+                "ip",
+                "prio",
+                "1",
+                "u32",
+                *destination,
             )
         self._shaped.add(name)
 
     def unshape(self, name: str) -> None:
-        with contextlib.suppress(subprocess.CalledProcessError):
-            subprocess.run(
-                ["ip", "netns", "exec", self.namespace(name), "tc", "qdisc", "del", "dev", "eth0", "root"],
-                capture_output=True,
-                timeout=COMMAND_TIMEOUT_S,
-                check=False,
-            )
+        self._tc(name, "qdisc", "del", "dev", "eth0", "root", check=False)  # none there: nothing to undo
         self._shaped.discard(name)
 
     def sent_bytes(self, name: str) -> int:
         """Bytes that left `name` through its shaped class so far (0 when it is not shaped)."""
         if name not in self._shaped:
             return 0
-        shown = subprocess.run(
-            [
-                "ip",
-                "netns",
-                "exec",
-                self.namespace(name),
-                "tc",
-                "-s",
-                "class",
-                "show",
-                "dev",
-                "eth0",
-                "classid",
-                "1:10",
-            ],
-            capture_output=True,
-            text=True,
-            timeout=COMMAND_TIMEOUT_S,
-            check=True,
-        ).stdout
+        shown = self._tc(name, "-s", "class", "show", "dev", "eth0", "classid", "1:10").stdout
         found = re.search(r"Sent (\d+) bytes", shown)
         return int(found.group(1)) if found else 0
 
@@ -215,13 +203,7 @@ class NetnsHosts:
 
     def listening(self, name: str) -> list[tuple[str, int, int]]:
         """(local address, port, pid) of every TCP socket listening in host `name`."""
-        shown = subprocess.run(
-            ["ip", "netns", "exec", self.namespace(name), "ss", "-Htlnp"],
-            capture_output=True,
-            text=True,
-            timeout=COMMAND_TIMEOUT_S,
-            check=True,
-        ).stdout
+        shown = _run("ip", "netns", "exec", self.namespace(name), "ss", "-Htlnp").stdout
         found = []
         for line in shown.splitlines():
             fields = line.split()
