@@ -7,7 +7,8 @@ tokens/s), then decode steps at that batch (ms per step), greedy, bfloat16 by de
 engine benchmarks.
 
 Transfer part: one prefill and one decode node for each pair of TP degrees (prefill TP, decode TP) in 1-1, 2-1, 1-2
-and 2-2, each node's ranks sharing `--threads` threads, `--transfer-requests` prompts of `--transfer-prompt-len`
+and 2-2 (rank to rank), and 2-2 through both nodes' rank 0 (`--no-kv-rank-to-rank`, the baseline of the rank-to-rank
+path), each node's ranks sharing `--threads` threads, `--transfer-requests` prompts of `--transfer-prompt-len`
 tokens sent one at a time (so nothing queues), two output tokens each. From the router's request log, per request:
 the prompt's compute on the prefill node (`prefill`, which at TP 2 includes gathering each layer's KV into rank 0's
 transfer pool), the wait after it until the KV had landed (`transfer`), the whole transfer (`transfer_seconds`) and
@@ -47,7 +48,15 @@ from engine.config import EngineConfig, EngineRole  # noqa: E402
 from engine.engine import LLMEngine  # noqa: E402
 from engine.sampling_params import SamplingParams  # noqa: E402
 
-PAIRS = ((1, 1), (2, 1), (1, 2), (2, 2))  # (prefill TP, decode TP)
+# name -> (prefill TP, decode TP, rank to rank): 2-2 writes each rank's heads to the peer rank (cluster/node/rank_kv.py),
+# 2-2-via-rank0 sends them through both nodes' rank 0 (--no-kv-rank-to-rank), as every pair of different degrees does.
+PAIRS = {
+    "1-1": (1, 1, True),
+    "2-1": (2, 1, True),
+    "1-2": (1, 2, True),
+    "2-2": (2, 2, True),
+    "2-2-via-rank0": (2, 2, False),
+}
 
 
 def run(tp: int, args: argparse.Namespace, role: str = "colocated") -> dict[str, float]:
@@ -96,7 +105,9 @@ def _prompts_step(engine: LLMEngine, tag: str, prompts: list[list[int]], params:
     return elapsed
 
 
-def run_split(prefill_tp: int, decode_tp: int, args: argparse.Namespace) -> dict[str, float]:
+def run_split(
+    prefill_tp: int, decode_tp: int, rank_to_rank: bool, args: argparse.Namespace
+) -> dict[str, float]:
     """Median per-request phases of one prefill and one decode node at these TP degrees."""
     import grpc
 
@@ -106,6 +117,7 @@ def run_split(prefill_tp: int, decode_tp: int, args: argparse.Namespace) -> dict
 
     role_args = {
         role: ["--tensor-parallel", str(tp), "--threads", str(max(1, args.threads // tp))]
+        + ([] if rank_to_rank else ["--no-kv-rank-to-rank"])
         for role, tp in (("prefill", prefill_tp), ("decode", decode_tp))
     }
     spec = ClusterSpec(model_dir=args.model, prefill=1, decode=1, grpc_port=0, http_port=0, threads_per_node=args.threads,
@@ -158,16 +170,14 @@ def engine_part(args: argparse.Namespace) -> None:
 
 
 def transfer_part(args: argparse.Namespace) -> None:
-    results: dict[tuple[int, int], list[dict[str, float]]] = {pair: [] for pair in PAIRS}
+    results: dict[str, list[dict[str, float]]] = {name: [] for name in PAIRS}
     for round_ in range(1, args.rounds + 1):
-        for pair in PAIRS if round_ % 2 else PAIRS[::-1]:
-            figures = run_split(*pair, args)
-            results[pair].append(figures)
-            print(json.dumps({"round": round_, "prefill_tp": pair[0], "decode_tp": pair[1],
-                              **{k: round(v, 2) for k, v in figures.items()}}))  # fmt: skip
+        for name in PAIRS if round_ % 2 else list(PAIRS)[::-1]:
+            figures = run_split(*PAIRS[name], args)
+            results[name].append(figures)
+            print(json.dumps({"round": round_, "pair": name, **{k: round(v, 2) for k, v in figures.items()}}))
     median = {
-        f"{p}-{d}": {k: statistics.median(r[k] for r in runs) for k in runs[0]}
-        for (p, d), runs in results.items()
+        name: {k: statistics.median(r[k] for r in runs) for k in runs[0]} for name, runs in results.items()
     }
     base = median["1-1"]
     over = {pair: {k: v / base[k] for k, v in figures.items() if base[k]} for pair, figures in median.items()}

@@ -34,6 +34,7 @@ import grpc
 
 from cluster import tracing
 from cluster.grpc_util import abort_with
+from cluster.node.rank_kv import RankedKV
 from cluster.node.recent_ids import RecentIds
 from cluster.power.accounting import ledger_of
 from cluster.proto_convert import charged_usage, output_to_proto
@@ -72,6 +73,10 @@ class DecodeNodeService(cluster_pb2_grpc.DecodeNodeServicer):
         self._tasks: list[asyncio.Task[None]] = []
         self.charges = ledger_of(engine)
         self.prefix_export = PrefixExport(engine, transport)
+        # A tensor-parallel node's ranks' own transports (cluster/node/rank_kv.py): a prefill node of the same
+        # degree writes each rank's heads there, and its kv-done counts once every rank has it.
+        self.ranks: RankedKV | None = getattr(transport, "ranks", None)
+        self._kv_in_ranks: set[str] = set()  # reservations whose KV came rank to rank: nothing to import
 
     @property
     def pending_work(self) -> int:
@@ -110,6 +115,8 @@ class DecodeNodeService(cluster_pb2_grpc.DecodeNodeServicer):
         hold = min(request.hold_seconds or 30.0, MAX_HOLD_S)
         self._expiry[rid] = time.monotonic() + hold
         self._kv_done[rid] = asyncio.Event()
+        if self.ranks is not None:  # a ranks' notification of an earlier attempt must not count for this one
+            self.ranks.discard_arrivals(rid)
         self._awaiting_kv.set()
         try:
             params = sampling_from_proto(request.sampling)
@@ -161,8 +168,10 @@ class DecodeNodeService(cluster_pb2_grpc.DecodeNodeServicer):
         try:
             # The router already delivered the first token (and its logprob): only its id matters here.
             first_id = request.first_token.token_id
+            in_ranks = rid in self._kv_in_ranks
+            self._kv_in_ranks.discard(rid)
             try:
-                await self.engine.call(lambda e: e.admit(rid, first_id))
+                await self.engine.call(lambda e: e.admit(rid, first_id, kv_in_ranks=in_ranks))
             except EngineError as exc:
                 tracing.mark_failed(span, str(exc))
                 await abort_with(context, exc)
@@ -235,6 +244,7 @@ class DecodeNodeService(cluster_pb2_grpc.DecodeNodeServicer):
             self._fenced.add(rid)
 
     async def _drop(self, rid: str) -> None:
+        self._kv_in_ranks.discard(rid)
         self._expiry.pop(rid, None)
         self._kv_done.pop(rid, None)
         self._quarantined.discard(rid)
@@ -249,15 +259,24 @@ class DecodeNodeService(cluster_pb2_grpc.DecodeNodeServicer):
                 self._awaiting_kv.clear()
                 await self._awaiting_kv.wait()
             for _peer, payload in self.transport.notifications():
-                done = parse_kv_done(payload)
-                event = self._kv_done.get(done or "")
-                if event is not None:
-                    event.set()
-                # kv-done of a request dropped meanwhile is its last write too: it ends the quarantine like a fence.
-                last = parse_kv_fence(payload) or (done if done in self._quarantined else None)
-                if last is not None:
-                    self._fence_arrived(last)
+                self._notified(payload)
+            if self.ranks is not None:
+                for _peer, payload in await asyncio.to_thread(self.ranks.notifications):
+                    self._notified(payload, in_ranks=True)
             await asyncio.sleep(NOTIFICATION_POLL_S)
+
+    def _notified(self, payload: bytes, in_ranks: bool = False) -> None:
+        """A notification the node's transport (or every one of its ranks') received."""
+        done = parse_kv_done(payload)
+        event = self._kv_done.get(done or "")
+        if event is not None:
+            if in_ranks:
+                self._kv_in_ranks.add(done or "")
+            event.set()
+        # kv-done of a request dropped meanwhile is its last write too: it ends the quarantine like a fence.
+        last = parse_kv_fence(payload) or (done if done in self._quarantined else None)
+        if last is not None:
+            self._fence_arrived(last)
 
     async def _reap_expired(self) -> None:
         while True:

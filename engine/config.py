@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -166,6 +167,19 @@ class EngineRole(StrEnum):
     DECODE = "decode"  # tokens only; KV arrives from a prefill engine
 
 
+@dataclass(frozen=True, slots=True)
+class RankExtension:
+    """What each tensor-parallel worker rank also builds over its KV pool, by name (picklable: it crosses a
+    process spawn): `module.factory(rank, kv_caches, **options)` (engine/tensor_parallel/rank_calls.py)."""
+
+    module: str
+    factory: str
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def build(self, rank: int, kv_caches: list[Any]) -> Any:
+        return getattr(importlib.import_module(self.module), self.factory)(rank, kv_caches, **self.options)
+
+
 @dataclass(slots=True)
 class EngineConfig:
     """How the engine runs a model: memory, batching and placement. Validated in __post_init__."""
@@ -184,6 +198,8 @@ class EngineConfig:
     # Ranks the model is split over (engine/tensor_parallel/): this process and tensor_parallel - 1 workers.
     tensor_parallel: int = 1
     tensor_parallel_timeout_s: float = 60.0  # a collective not done by then fails: a rank is gone or hung
+    # What each worker rank also runs with its KV pool (engine/tensor_parallel/rank_calls.py); None: nothing.
+    rank_extension: RankExtension | None = None
     seed: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
 

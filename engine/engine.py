@@ -49,6 +49,7 @@ from engine.outputs import (
     KVHandoff,
     KVLayerHook,
     KVLayerWrite,
+    KVStepPlanner,
     RequestOutput,
 )
 from engine.prefix_import import PrefixImport
@@ -60,6 +61,7 @@ from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler, SchedulerOutput
 from engine.sequence import FinishReason, Sequence, SequenceStatus, TokenLogprob
 from engine.tensor_parallel import CollectiveFailed
+from engine.tensor_parallel.rank_calls import RankChannel
 
 __all__ = [  # the output types live in engine.outputs; importing them from here keeps working
     "Completion",
@@ -114,6 +116,7 @@ class LLMEngine:
         self._admitted = 0
         self._preemptions = 0
         self._kv_layer_hook: KVLayerHook | None = None
+        self._kv_step_planner: KVStepPlanner | None = None
         self._rng = torch.Generator().manual_seed(self.config.seed)
         self._failures: list[RequestFailedError] = []  # failed since the last take_failures()
         self._fault = FaultInjector.from_env()  # a test hook; None in production
@@ -178,9 +181,18 @@ class LLMEngine:
         failures, self._failures = self._failures, []
         return failures
 
-    def set_kv_layer_hook(self, hook: KVLayerHook | None) -> None:
-        """Prefill role: hook(layer, writes) runs right after each layer's new KV is in the cache."""
+    def set_kv_layer_hook(self, hook: KVLayerHook | None, planner: KVStepPlanner | None = None) -> None:
+        """Prefill role: hook(layer, writes) runs right after each layer's new KV is in the cache.
+
+        planner(writes), if given, runs once per step before the forward; what it returns (picklable) is the step's
+        layer plan, which the tensor-parallel worker ranks' extensions get with the step (rank_calls.py)."""
         self._kv_layer_hook = hook
+        self._kv_step_planner = planner
+
+    @property
+    def rank_channels(self) -> list[RankChannel]:
+        """Calls to the worker ranks' extensions (EngineConfig.rank_extension), rank 1's first; empty at TP 1."""
+        return [] if self.tp_group is None else list(self.tp_group.channels)
 
     # ---- prefill role: hand-over ----------------------------------------------------------------------------------
 
@@ -262,15 +274,25 @@ class LLMEngine:
     def _cached_blocks_of(self, seq: Sequence) -> int:
         return seq.num_cached_prompt_tokens // self.config.block_size
 
-    def admit(self, request_id: str, first_token_id: int, first_logprob: TokenLogprob | None = None) -> None:
-        """The prompt's KV is in the reserved blocks: start generating after the prefill engine's first token."""
+    def admit(
+        self,
+        request_id: str,
+        first_token_id: int,
+        first_logprob: TokenLogprob | None = None,
+        kv_in_ranks: bool = False,
+    ) -> None:
+        """The prompt's KV is in the reserved blocks: start generating after the prefill engine's first token.
+
+        kv_in_ranks: at tensor parallel > 1, the KV was written into each rank's own pool (rank to rank), not into
+        kv_layers, so there is nothing to import."""
         seq = self._held.get(request_id)
         if seq is None or seq.status != SequenceStatus.RESERVED:
             raise UnknownRequestError(f"no reserved request {request_id!r} to admit")
         if not 0 <= first_token_id < self.model_config.vocab_size:
             raise InvalidRequestError(f"first token id {first_token_id} is outside the vocabulary")
         del self._held[request_id]
-        self.import_blocks(seq.block_ids[self._cached_blocks_of(seq) :])  # the blocks the transport wrote
+        if not kv_in_ranks:
+            self.import_blocks(seq.block_ids[self._cached_blocks_of(seq) :])  # the blocks the transport wrote
         seq.num_computed_tokens = seq.num_tokens
         self.blocks.register_computed_blocks(seq)
         self.scheduler.add_running(seq)
@@ -442,10 +464,10 @@ class LLMEngine:
         )
 
     def _forward(self, sched: SchedulerOutput) -> StepLogits:
-        hook = self._layer_hook_for(sched)
+        hook, plan = self._layer_hook_for(sched)
         if self._fault is not None:
             hook = self._fault.around(hook, (c.seq for c in sched.chunks))
-        return self.runner.run(sched, hook)
+        return self.runner.run(sched, hook, plan)
 
     def _hand_over(self, seq: Sequence, out: RequestOutput) -> RequestOutput:
         """Prefill role: stop after the first token and keep the blocks for the transport."""
@@ -473,12 +495,14 @@ class LLMEngine:
         self._held.pop(seq.request_id, None)
         self._seqs.pop(seq.request_id, None)
 
-    def _layer_hook_for(self, sched: SchedulerOutput) -> Callable[[int], None] | None:
+    def _layer_hook_for(self, sched: SchedulerOutput) -> tuple[Callable[[int], None] | None, object]:
+        """The step's layer hook on this rank, and the layer plan for the worker ranks (None: none)."""
         hook = self._kv_layer_hook
         if hook is None or self.config.role != EngineRole.PREFILL:
-            return None
+            return None, None
         writes = sched.kv_writes(self.config.block_size)
-        return lambda layer: hook(layer, writes)
+        plan = self._kv_step_planner(writes) if self._kv_step_planner is not None else None
+        return (lambda layer: hook(layer, writes)), plan
 
 
 @contextlib.contextmanager

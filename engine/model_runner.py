@@ -28,6 +28,8 @@ class StepInputs:
     prompt_rows: list[PromptRows]  # rows whose prompt logprobs were asked for
     # Tensor parallel: blocks the transfer pool received since the last step, for every rank to take its heads of.
     kv_imports: list[int] = dataclasses.field(default_factory=list)
+    # Tensor parallel: what every rank's extension does after each layer of this step (rank_calls.py); opaque here.
+    layer_plan: object = None
 
     def to(self, device: torch.device) -> StepInputs:
         """The same step with every tensor on `device` (a tensor-parallel rank on another GPU)."""
@@ -128,9 +130,13 @@ class ModelRunner:
         element = torch.empty((), dtype=model.dtype).element_size()
         return cfg.num_layers * 2 * block_size * cfg.num_kv_heads * cfg.head_dim * element
 
-    def run(self, sched: SchedulerOutput, on_layer_stored: LayerHook | None = None) -> StepLogits:
-        """Compute the step: fp32 logits for each chunk that completes its sequence, and any prompt logprobs."""
+    def run(
+        self, sched: SchedulerOutput, on_layer_stored: LayerHook | None = None, layer_plan: object = None
+    ) -> StepLogits:
+        """Compute the step: fp32 logits for each chunk that completes its sequence, and any prompt logprobs.
+        layer_plan goes to the tensor-parallel worker ranks with the step (rank 0's hook has its own copy)."""
         inputs = self.prepare(sched)
+        inputs.layer_plan = layer_plan
         graphs = self.decode_graphs
         if (
             graphs is not None

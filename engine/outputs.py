@@ -22,6 +22,8 @@ class KVLayerWrite:
 
 
 KVLayerHook = Callable[[int, list[KVLayerWrite]], None]
+# Once per step, before the forward: the step's layer plan for the tensor-parallel worker ranks (None: none).
+KVStepPlanner = Callable[[list[KVLayerWrite]], object]
 
 
 @dataclass(slots=True)

@@ -20,6 +20,7 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -28,13 +29,14 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from engine.config import EngineConfig, EngineRole, ModelConfig
+from engine.config import EngineConfig, EngineRole, ModelConfig, RankExtension
 from engine.devices import resolve_device, resolve_dtype
 from engine.errors import EngineBrokenError, ModelLoadError
 from engine.model_runner import ModelRunner
 from engine.models.decoder import DecoderModel
 from engine.tensor_parallel import CollectiveFailed, TPComm, TPPlan
 from engine.tensor_parallel.kv_resharding import GatherBlocks, KVResharding
+from engine.tensor_parallel.rank_calls import RankChannel, serve_calls
 
 logger = logging.getLogger(__name__)
 
@@ -63,15 +65,19 @@ class WorkerSpec:
     role: (
         str  # EngineRole's value: prefill and decode ranks keep the transfer pool in step (kv_resharding.py)
     )
+    rank_extension: RankExtension | None = None  # what else each worker does with its pool (rank_calls.py)
 
 
 class TPGroup:
     """Rank 0's side: the workers' processes, and the groups to announce steps and compute with."""
 
-    def __init__(self, spec: WorkerSpec, store: Any, processes: list[Any]) -> None:
+    def __init__(
+        self, spec: WorkerSpec, store: Any, processes: list[Any], channels: list[RankChannel]
+    ) -> None:
         self.spec = spec
         self._store = store
         self._processes = processes
+        self.channels = channels  # rank 1's first: calls to the workers' extensions (empty calls without one)
         self.step = TPComm(store, 0, spec.world, IDLE_TIMEOUT_S, HOST, prefix="step")
         self.compute = TPComm(store, 0, spec.world, spec.timeout_s, HOST, prefix="compute")
         self._closed = False
@@ -85,16 +91,23 @@ class TPGroup:
         )
         spec = _with_port(spec_without_port, store.port)
         context = mp.get_context("spawn")
+        pipes = [context.Pipe() for _ in range(1, spec.world)]
         processes = [
             context.Process(
-                target=worker_main, args=(spec, rank), name=f"splitserve-tp-rank{rank}", daemon=True
+                target=worker_main,
+                args=(spec, rank, pipes[rank - 1][1]),
+                name=f"splitserve-tp-rank{rank}",
+                daemon=True,
             )
             for rank in range(1, spec.world)
         ]
         for process in processes:
             process.start()
+        for _, worker_end in pipes:
+            worker_end.close()  # the worker holds its own copy: rank 0 reads EOF once the worker is gone
+        channels = [RankChannel(rank, pipes[rank - 1][0]) for rank in range(1, spec.world)]
         try:
-            return cls(spec, store, processes)
+            return cls(spec, store, processes, channels)
         except CollectiveFailed as exc:
             _stop(processes)
             raise ModelLoadError(
@@ -126,6 +139,8 @@ class TPGroup:
             with contextlib.suppress(CollectiveFailed):
                 self.step.broadcast_object(None)
         _stop(self._processes)
+        for channel in self.channels:
+            channel.close()
 
 
 def _with_port(spec: WorkerSpec, port: int) -> WorkerSpec:
@@ -147,8 +162,9 @@ def _stop(processes: list[Any]) -> None:
 # ---- the worker process ---------------------------------------------------------------------------------------------
 
 
-def worker_main(spec: WorkerSpec, rank: int) -> None:
-    """Rank `rank`: load its shard, then run every step rank 0 announces until told to stop."""
+def worker_main(spec: WorkerSpec, rank: int, calls: Any = None) -> None:
+    """Rank `rank`: load its shard, then run every step rank 0 announces until told to stop. `calls`: this
+    worker's end of rank 0's call pipe, served when the spec names a rank extension."""
     # Ctrl-C and SIGTERM reach the whole process group; only rank 0 decides when the ranks stop (after its drain).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -167,15 +183,26 @@ def worker_main(spec: WorkerSpec, rank: int) -> None:
         model = DecoderModel.load(spec.model_dir, config, dtype, device, spec.max_positions, plan, compute)
         runner = ModelRunner(model, spec.num_blocks, spec.block_size)
         runner.resharding = _resharding(config, EngineRole(spec.role), compute, runner)
+        extension = None
+        if spec.rank_extension is not None:
+            extension = spec.rank_extension.build(rank, runner.kv_caches)
+            serve_calls(calls, extension, rank)
         while (inputs := step.broadcast_object()) is not None:
             if isinstance(inputs, GatherBlocks):
                 assert runner.resharding is not None  # rank 0 asks only where there is one
                 runner.resharding.gather_blocks(inputs.block_ids, runner.kv_caches)
             else:
-                runner.execute(inputs.to(device))
+                runner.execute(inputs.to(device), _layer_plan_hook(extension, inputs.layer_plan))
     except CollectiveFailed as exc:
         logger.warning("tensor-parallel rank %d stops: %s", rank, exc)
         os._exit(1)
+
+
+def _layer_plan_hook(extension: Any, plan: object) -> Callable[[int], None] | None:
+    """The worker's layer hook for a step whose plan rank 0 made (rank_calls.py), if it has an extension."""
+    if extension is None or plan is None:
+        return None
+    return lambda layer: extension.on_layer_stored(layer, plan)
 
 
 def _rank_device(first: torch.device, rank: int) -> torch.device:
@@ -235,6 +262,7 @@ def start_ranks(
         timeout_s=config.tensor_parallel_timeout_s,
         threads=torch.get_num_threads(),
         role=config.role.value,
+        rank_extension=config.rank_extension,
     )
     group = TPGroup.start(spec)
     model.tp = group.compute

@@ -97,6 +97,13 @@ def add_node_args(parser: argparse.ArgumentParser) -> None:
         "a failed transfer's blocks stay quarantined)",
     )
     parser.add_argument(
+        "--no-kv-rank-to-rank",
+        dest="kv_rank_to_rank",
+        action="store_false",
+        help="at --tensor-parallel above 1: exchange KV only through rank 0's whole-heads pool, also with peers of "
+        "the same degree (default: each rank writes its own heads to the peer rank holding them)",
+    )
+    parser.add_argument(
         "--one-piece-below",
         type=int,
         default=512,

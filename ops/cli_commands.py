@@ -69,6 +69,7 @@ def node_command(args: argparse.Namespace) -> int:
         stall_timeout_s=args.stall_timeout_s,
         one_piece_below=args.one_piece_below,
         kv_transfer_timeout_s=args.kv_transfer_timeout_s,
+        kv_rank_to_rank=args.kv_rank_to_rank,
         otlp_endpoint=otlp_endpoint,
         cluster_token=cluster_token,
     )

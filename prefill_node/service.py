@@ -41,6 +41,7 @@ from cluster import tracing
 from cluster.failed_side import Side, failed_side_metadata
 from cluster.grpc_util import abort_with
 from cluster.kv_peers import KVPeers, PeerUnreachable
+from cluster.node.rank_kv import RankedKV, RankWrite
 from cluster.node.recent_ids import RecentIds
 from cluster.power.accounting import ledger_of
 from cluster.proto_convert import (
@@ -54,7 +55,8 @@ from engine.async_engine import AsyncEngine
 from engine.engine import KVHandoff, KVLayerWrite, RequestOutput
 from engine.errors import EngineError
 from engine.sequence import FinishReason
-from kvtransfer.base import TransferState
+from kvtransfer.base import TransferError, TransferState
+from kvtransfer.descriptor import NodeDescriptor
 from kvtransfer.notifications import kv_done, kv_fence
 from prefill_node.prefix_pull import DEFAULT_QUARANTINE_S, PrefixPull
 from splitserve.v1 import cluster_pb2 as cpb
@@ -82,6 +84,9 @@ class _Target:
     peer: object
     dst_blocks: list[int]
     layer_wise: bool  # stream each layer as it is computed, or send everything once the prompt is done
+    # Set when the decode node runs at this node's tensor-parallel degree: every rank writes its own heads to the
+    # decode rank holding them (cluster/node/rank_kv.py); `peer` is then that node's id, and `handles` stays empty.
+    rank_to_rank: bool = False
     skip: int = 0  # leading blocks the decode node holds already (its prefix cache): never written
     handles: list[object] = field(default_factory=list)
     error: str | None = None
@@ -123,9 +128,15 @@ class PrefillNodeService(cluster_pb2_grpc.PrefillNodeServicer):
             set()
         )  # transfers being ended (fences), referenced until done
         self.charges = ledger_of(engine)
-        # Told (seconds, bytes) of each completed transfer; the node's metrics (cluster/node/metrics.py) set it.
-        self.on_kv_transfer: Callable[[float, int], None] | None = None
-        engine.engine.set_kv_layer_hook(self._on_layer_stored)
+        # Told (seconds, bytes, rank to rank?) of each completed transfer; the node's metrics set it.
+        self.on_kv_transfer: Callable[[float, int, bool], None] | None = None
+        # A tensor-parallel node's ranks' own transports (cluster/node/rank_kv.py); None at TP 1.
+        self.ranks: RankedKV | None = getattr(transport, "ranks", None)
+        self._rank_peers: dict[bytes, str] = {}  # decode descriptors the ranks are connected to -> peer key
+        self._step_plan: list[RankWrite] = []  # this step's rank-to-rank writes (engine thread)
+        engine.engine.set_kv_layer_hook(
+            self._on_layer_stored, self._plan_rank_writes if self.ranks is not None else None
+        )
         quarantine_s = float(getattr(transport, "transfer_timeout_s", DEFAULT_QUARANTINE_S))
         self.prefix_pull = PrefixPull(engine, transport, cluster_token, quarantine_s)
 
@@ -170,12 +181,13 @@ class PrefillNodeService(cluster_pb2_grpc.PrefillNodeServicer):
         try:
             params = sampling_from_proto(request.sampling)
             await self.engine.prepare(params)  # compiles an output constraint off the engine thread
-            peer = await self._connect(request.decode_transport_descriptor)
+            peer, rank_to_rank = await self._connect(request.decode_transport_descriptor)
             layer_wise = len(prompt) + len(prior) >= self.one_piece_below
             target = _Target(
                 peer,
                 list(request.decode_block_ids[:needed]),
                 layer_wise,
+                rank_to_rank=rank_to_rank,
                 skip=request.decode_cached_blocks,
                 span=span,
                 call=asyncio.current_task(),
@@ -225,6 +237,7 @@ class PrefillNodeService(cluster_pb2_grpc.PrefillNodeServicer):
             tracing.mark_failed(span, str(exc))
             if exc.side == "decode":  # the next request reconnects: a broken path is not reused
                 self._peers.forget(request.decode_transport_descriptor)
+                self._rank_peers.pop(request.decode_transport_descriptor, None)
             context.set_trailing_metadata(failed_side_metadata(exc.side))
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"KV transfer for {rid!r} failed: {exc}")
             raise AssertionError("unreachable") from exc
@@ -255,6 +268,9 @@ class PrefillNodeService(cluster_pb2_grpc.PrefillNodeServicer):
         every write issued for rid has settled: backends that do not keep a peer's writes in order (NIXL) announce
         each write as it lands, so only then can nothing of rid land after the fence. A failed write may still
         land until its connection is torn down: no fence then, the decode node's quarantine covers it."""
+        if target is not None and target.rank_to_rank:
+            await self._end_rank_transfer(rid, target)
+            return
         try:
             # On the engine thread, between steps: no layer hook issues a write of rid after this.
             issued = await self.engine.call(lambda e: _forget_listing_writes(e, rid, target))
@@ -277,6 +293,24 @@ class PrefillNodeService(cluster_pb2_grpc.PrefillNodeServicer):
                 exc,
             )
 
+    async def _end_rank_transfer(self, rid: str, target: _Target) -> None:
+        """_end_transfer, rank to rank: each rank fences on its own connection, once every rank's writes of rid
+        settled and none failed (the decode node frees the blocks when all of its ranks have the fence)."""
+        ranks = self.ranks
+        assert ranks is not None
+        try:
+            await self.engine.call(lambda e: _forget(e, rid))  # between steps: no plan names rid after this
+        except EngineError:
+            return
+        try:
+            if not target.done_sent:
+                while (state := (await asyncio.to_thread(ranks.state, rid))[0]) is TransferState.PENDING:
+                    await asyncio.sleep(FENCE_POLL_S)  # bounded by the writes' deadlines
+                if state is TransferState.DONE:
+                    await asyncio.to_thread(ranks.write, str(target.peer), rid, [0], [], [], kv_fence(rid))
+        finally:
+            await asyncio.to_thread(ranks.forget, rid)
+
     def _in_background(self, work: Coroutine[object, object, None]) -> None:
         task = asyncio.get_running_loop().create_task(work)
         self._background.add(task)
@@ -284,11 +318,54 @@ class PrefillNodeService(cluster_pb2_grpc.PrefillNodeServicer):
 
     # ---- transfer -------------------------------------------------------------------------------------------------
 
-    async def _connect(self, descriptor: bytes) -> object:
+    async def _connect(self, descriptor: bytes) -> tuple[object, bool]:
+        """The decode node's peer id (or, rank to rank, its node id), and whether the ranks write to its ranks."""
+        ranks = self.ranks
+        if ranks is not None:
+            key = self._rank_peers.get(descriptor)
+            if key is not None:
+                return key, True
+            try:
+                peer = NodeDescriptor.from_bytes(descriptor)
+            except TransferError:
+                peer = None  # the whole-heads transport's connect says what is wrong with it
+            if peer is not None and ranks.serves(peer):
+                try:
+                    key = await asyncio.to_thread(ranks.connect, peer)
+                except TransferError as exc:
+                    raise TransferFailed(f"cannot connect to the decode node's ranks: {exc}") from exc
+                self._rank_peers[descriptor] = key
+                return key, True
         try:
-            return await self._peers.connect(descriptor)
+            return await self._peers.connect(descriptor), False
         except PeerUnreachable as exc:
             raise TransferFailed(f"cannot connect to the decode node: {exc}") from exc
+
+    def _blocks_to_send(self, target: _Target, w: KVLayerWrite) -> tuple[list[int], list[int]] | None:
+        """(src, dst) of the blocks a step wrote for a layer-wise target, less those the decode node holds."""
+        if target.error is not None or not target.layer_wise:
+            return None
+        first = w.start // self.block_size
+        drop = max(0, target.skip - first)  # blocks the decode node holds already
+        if drop >= len(w.block_ids):
+            return None
+        return w.block_ids[drop:], target.dst_blocks[first + drop : first + len(w.block_ids)]
+
+    def _plan_rank_writes(self, writes: list[KVLayerWrite]) -> list[RankWrite] | None:
+        """Engine thread, before each step: the blocks every rank writes to its peer rank after each layer (the
+        engine hands the plan to the worker ranks with the step; rank 0 runs it from _on_layer_stored)."""
+        plan = []
+        for w in writes:
+            target = self._targets.get(w.request_id)
+            if target is None or not target.rank_to_rank:
+                continue
+            blocks = self._blocks_to_send(target, w)
+            if blocks is not None:
+                plan.append(RankWrite(str(target.peer), w.request_id, *blocks))
+                if target.first_write_at is None:
+                    target.first_write_at = time.monotonic()
+        self._step_plan = plan
+        return plan or None
 
     def _on_layer_stored(self, layer: int, writes: list[KVLayerWrite]) -> None:
         """Engine thread, right after layer `layer` stored its new KV: ship the touched blocks of our requests."""
@@ -296,13 +373,13 @@ class PrefillNodeService(cluster_pb2_grpc.PrefillNodeServicer):
             target = self._targets.get(w.request_id)
             if target is not None and target.compute_started_ns is None:
                 target.compute_started_ns = time.time_ns()  # its first layer is stored: it has left the queue
-            if target is None or target.error is not None or not target.layer_wise:
+            if target is None or target.rank_to_rank:
                 continue
-            first = w.start // self.block_size
-            drop = max(0, target.skip - first)  # blocks the decode node holds already
-            if drop < len(w.block_ids):
-                dst = target.dst_blocks[first + drop : first + len(w.block_ids)]
-                self._write(target, layer, w.block_ids[drop:], dst)
+            blocks = self._blocks_to_send(target, w)
+            if blocks is not None:
+                self._write(target, layer, *blocks)
+        if self._step_plan and self.ranks is not None:
+            self.ranks.local.on_layer_stored(layer, self._step_plan)
 
     def _write(
         self, target: _Target, layer: int, src: list[int], dst: list[int], notify: bytes | None = None
@@ -321,15 +398,20 @@ class PrefillNodeService(cluster_pb2_grpc.PrefillNodeServicer):
         if target.first_write_at is None:
             target.first_write_at = handle.started
 
+    def _unsent_blocks(self, target: _Target, out: RequestOutput, kv: KVHandoff) -> int:
+        """Leading blocks the layer hook did not send. Layer-wise: only this node's prefix-cache hits (an earlier
+        request computed them; the hook never saw them). One piece: every block. (Less target.skip: the blocks
+        the decode node holds already.)"""
+        if not target.layer_wise:
+            return len(kv.block_ids)
+        return -(-out.num_cached_prompt_tokens // self.block_size)
+
     async def _complete_transfer(self, rid: str, out: RequestOutput, kv: KVHandoff, deadline: float) -> None:
         target = self._targets[rid]
-        # Layer-wise: only this node's prefix-cache hits remain (an earlier request computed them; the hook never
-        # saw them). One piece: every block. Either way not the blocks the decode node holds already.
-        unsent = (
-            len(kv.block_ids)
-            if not target.layer_wise
-            else -(-out.num_cached_prompt_tokens // self.block_size)
-        )
+        if target.rank_to_rank:
+            await self._complete_rank_transfer(rid, out, kv, deadline)
+            return
+        unsent = self._unsent_blocks(target, out, kv)
         if unsent > target.skip:
             src, dst = kv.block_ids[target.skip : unsent], target.dst_blocks[target.skip : unsent]
 
@@ -353,7 +435,48 @@ class PrefillNodeService(cluster_pb2_grpc.PrefillNodeServicer):
         if target.first_write_at is not None:
             target.transfer_seconds = time.monotonic() - target.first_write_at
             if self.on_kv_transfer is not None:
-                self.on_kv_transfer(target.transfer_seconds, target.bytes_written)
+                self.on_kv_transfer(target.transfer_seconds, target.bytes_written, target.rank_to_rank)
+
+    async def _complete_rank_transfer(
+        self, rid: str, out: RequestOutput, kv: KVHandoff, deadline: float
+    ) -> None:
+        """_complete_transfer, rank to rank: every rank sends its heads of the unsent blocks, and, once every
+        rank's writes landed, its own kv-done (the decode node admits the request when all of its ranks have it)."""
+        ranks, target = self.ranks, self._targets[rid]
+        assert ranks is not None  # rank_to_rank targets exist only then
+        key, layers = str(target.peer), list(range(len(kv.kv_layers)))
+        unsent = self._unsent_blocks(target, out, kv)
+        if unsent > target.skip:
+            src, dst = kv.block_ids[target.skip : unsent], target.dst_blocks[target.skip : unsent]
+            await self.engine.call(lambda _e: ranks.write(key, rid, layers, src, dst))
+            if target.first_write_at is None:
+                target.first_write_at = time.monotonic()
+        await self._wait_ranks(rid, deadline)
+        last, tail = layers[-1], len(target.dst_blocks) - 1  # the last block: see _complete_transfer
+        await self.engine.call(
+            lambda _e: ranks.write(
+                key, rid, [last], kv.block_ids[tail : tail + 1], target.dst_blocks[tail:], kv_done(rid)
+            )
+        )
+        target.done_sent = True
+        target.bytes_written = await self._wait_ranks(rid, deadline)
+        if target.first_write_at is not None:
+            target.transfer_seconds = time.monotonic() - target.first_write_at
+            if self.on_kv_transfer is not None:
+                self.on_kv_transfer(target.transfer_seconds, target.bytes_written, target.rank_to_rank)
+
+    async def _wait_ranks(self, rid: str, deadline: float) -> int:
+        """Until every rank's writes of rid landed (their bytes); TransferFailed if one failed or time ran out."""
+        assert self.ranks is not None
+        while True:
+            state, error, sent = await asyncio.to_thread(self.ranks.state, rid)
+            if state is TransferState.FAILED:
+                raise TransferFailed(f"a KV write failed: {error}")
+            if state is TransferState.DONE:
+                return sent
+            if time.monotonic() > deadline:
+                raise TransferFailed("the decode node did not take every write before the deadline")
+            await asyncio.sleep(TRANSFER_POLL_S)
 
     async def _wait(self, target: _Target, deadline: float) -> None:
         while True:

@@ -9,7 +9,9 @@ Every metric carries {role, node, machine_type}, so one Prometheus job can scrap
 - splitserve:node_power_watts{source}: the node's power meter, read when scraped (NVML "measured" or "modeled").
 - Prefill nodes: splitserve:kv_transfer_seconds, a histogram of each request's KV transfer from its first write
   issued to its last write done (layer-wise transfers start while the prompt is still being computed), and
-  splitserve:kv_transfer_bytes_total, the bytes those completed transfers wrote into decode nodes;
+  splitserve:kv_transfer_bytes_total, the bytes those completed transfers wrote into decode nodes (of them,
+  splitserve:kv_rank_to_rank_transfers_total counts those each tensor-parallel rank wrote to its peer rank itself,
+  cluster/node/rank_kv.py);
   splitserve:kv_imported_blocks_total and splitserve:kv_imported_bytes_total, the prefix blocks decode nodes wrote
   back into this node so it need not compute them (prefill_node/prefix_pull.py).
 One registry per node (not prometheus_client's global one), so tests that run several nodes in one process never
@@ -53,6 +55,7 @@ class NodeMetrics:
         self.registry.register(_PowerCollector(identity, meter))
         self._transfer_seconds: Histogram | None = None
         self._transfer_bytes: Counter | None = None
+        self._rank_to_rank: Counter | None = None
         self._imported: tuple[Counter, Counter] | None = None
         if identity.role == "prefill":  # only prefill nodes send KV
             self._transfer_seconds = Histogram(
@@ -65,6 +68,12 @@ class NodeMetrics:
             self._transfer_bytes = Counter(
                 "splitserve:kv_transfer_bytes",
                 "Bytes of KV written into decode nodes by completed transfers",
+                LABELS,
+                registry=self.registry,
+            ).labels(*identity.label_values)
+            self._rank_to_rank = Counter(
+                "splitserve:kv_rank_to_rank_transfers",
+                "Completed transfers each tensor-parallel rank wrote to the decode rank holding its KV heads",
                 LABELS,
                 registry=self.registry,
             ).labels(*identity.label_values)
@@ -86,12 +95,14 @@ class NodeMetrics:
         self._imported[0].inc(num_blocks)
         self._imported[1].inc(num_bytes)
 
-    def observe_kv_transfer(self, seconds: float, num_bytes: int) -> None:
+    def observe_kv_transfer(self, seconds: float, num_bytes: int, rank_to_rank: bool = False) -> None:
         """One request's KV reached its decode node (the prefill service calls it)."""
-        if self._transfer_seconds is None or self._transfer_bytes is None:
+        if self._transfer_seconds is None or self._transfer_bytes is None or self._rank_to_rank is None:
             raise RuntimeError(f"a {self.identity.role} node sends no KV")
         self._transfer_seconds.observe(seconds)
         self._transfer_bytes.inc(num_bytes)
+        if rank_to_rank:
+            self._rank_to_rank.inc()
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

@@ -47,6 +47,7 @@ from cluster.addresses import default_ucx_net_devices
 from cluster.allocator import keep_freed_memory
 from cluster.auth import ClusterTokenInterceptor
 from cluster.grpc_util import make_server
+from cluster.node import rank_kv
 from cluster.node.control import ControlWatcher, MoveToPool, serve_until_stop_or_move
 from cluster.node.metrics import MetricsServer, NodeIdentity, NodeMetrics
 from cluster.node.progress_watch import ProgressWatch
@@ -57,6 +58,7 @@ from cluster.state.kv_events import KVEventPublisher
 from engine.async_engine import AsyncEngine
 from engine.config import EngineConfig, EngineRole
 from engine.engine import LLMEngine
+from engine.tensor_parallel import TPPlan
 
 IDLE_POLL_S = 0.05
 
@@ -96,6 +98,8 @@ class NodeOptions:
         512  # prefill: prompts shorter than this send their KV in one piece, not layer by layer
     )
     kv_transfer_timeout_s: float = 30.0  # a KV write not landed by then fails (and quarantines its blocks)
+    # TP > 1: each rank exchanges its own KV heads with the same rank of a peer of the same degree (rank_kv.py).
+    kv_rank_to_rank: bool = True
 
 
 class NodeService(Protocol):
@@ -127,7 +131,7 @@ async def run_node(options: NodeOptions, service_names: list[str], attach: Attac
         tracing.endpoint_from(options.otlp_endpoint),
         {"splitserve.node_id": node_id, "splitserve.machine_type": settings.machine.name},
     )
-    engine = LLMEngine(options.model_dir, _engine_config(options))
+    engine = LLMEngine(options.model_dir, _engine_config(options, node_id))
     async_engine = AsyncEngine(engine, name=f"engine-{options.role}", step_observer=power.ledger)
     transport = _make_transport(options, node_id, engine)
     # Public Inference included: a node serves only its routers, never a client that skipped one.
@@ -248,7 +252,9 @@ async def run_node(options: NodeOptions, service_names: list[str], attach: Attac
     return 0
 
 
-def _engine_config(options: NodeOptions) -> EngineConfig:
+def _engine_config(options: NodeOptions, node_id: str) -> EngineConfig:
+    # The worker ranks of a split prefill or decode node run a transport each (cluster/node/rank_kv.py).
+    ranks_transfer = options.tensor_parallel > 1 and options.role != "colocated" and options.kv_rank_to_rank
     return EngineConfig(
         role=EngineRole(options.role),
         dtype=options.dtype,
@@ -259,7 +265,23 @@ def _engine_config(options: NodeOptions) -> EngineConfig:
         max_num_seqs=options.max_num_seqs,
         enable_prefix_caching=options.prefix_caching,
         tensor_parallel=options.tensor_parallel,
+        rank_extension=(
+            rank_kv.rank_extension(options.kv_backend, node_id, _rank_transport_options(options))
+            if ranks_transfer
+            else None
+        ),
     )
+
+
+def _rank_transport_options(options: NodeOptions) -> dict[str, Any]:
+    """What each rank's transport is made with (the host: UCX's interface for NIXL, the bind address for torch)."""
+    extra: dict[str, Any] = {
+        "transfer_timeout_s": options.kv_transfer_timeout_s,
+        "host": _public_host(options),
+    }
+    if options.kv_backend == "torch":
+        extra["cluster_token"] = options.cluster_token
+    return extra
 
 
 def _public_host(options: NodeOptions) -> str:
@@ -279,7 +301,19 @@ def _make_transport(options: NodeOptions, node_id: str, engine: LLMEngine) -> An
         default_ucx_net_devices(_public_host(options))
     transport = create_transport(options.kv_backend, node_id, **extra)
     transport.register(engine.kv_layers)
-    return transport
+    if engine.config.rank_extension is None:  # TP 1, or rank to rank turned off
+        return transport
+    world = engine.config.tensor_parallel
+    heads = [TPPlan(engine.model_config, r, world).kv_heads for r in range(world)]
+    local = rank_kv.start_rank_kv(
+        0,
+        engine.runner.kv_caches,
+        backend=options.kv_backend,
+        node_id=node_id,
+        transport_options=_rank_transport_options(options),
+    )
+    ranks = rank_kv.RankedKV(local, engine.rank_channels, [(h.start, h.stop) for h in heads])
+    return rank_kv.TensorParallelTransport(transport, ranks)
 
 
 def _busy(engine: AsyncEngine, service: NodeService) -> bool:

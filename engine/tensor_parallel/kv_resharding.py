@@ -1,5 +1,5 @@
-"""The whole-heads KV pool a tensor-parallel prefill or decode node exchanges with other nodes, kept in step with
-the ranks' own pools.
+"""The whole-heads KV pool a tensor-parallel prefill or decode node exchanges with nodes of other degrees, kept in
+step with the ranks' own pools.
 
 Each rank's pool holds only its KV heads. Other nodes, at whatever TP degree, see one pool with every KV head: the
 layout of a TP 1 node, so any prefill TP p can send to any decode TP d and the transport and its layout checks stay
@@ -13,8 +13,8 @@ every rank's pool) and re-shards through the ranks' gloo group:
 - blocks leaving a decode node (a prefix it sends back, computed by its ranks) are first gathered into the pool.
 With more ranks than KV heads a head is replicated: rank 0 takes it from the first rank that holds it.
 Cost: rank 0 holds a second pool (inside the node's KV memory budget: fewer blocks), and each transferred byte
-crosses the ranks' group once more.
-Each rank writing the heads the receiving rank owns straight through its own transport would save both.
+crosses the ranks' group once more. Between nodes of the same degree, prompts' KV skips it: each rank writes its
+heads to the peer rank holding them (cluster/node/rank_kv.py).
 """
 
 from __future__ import annotations

@@ -174,6 +174,32 @@ def test_split_cluster_prefill_tp2_to_decode_tp1_returns_a_single_engines_tokens
         assert [r.token_ids for r in generate_many(cluster.router_address, prompts, **sampling)] == want
 
 
+@pytest.mark.parametrize("kv_backend", ["torch", "nixl"])
+def test_split_cluster_at_equal_tp_writes_rank_to_rank_and_returns_a_single_engines_tokens(
+    kv_backend: str, llama_dir: Path
+) -> None:
+    """Prefill and decode nodes both at `--tensor-parallel 2`: each prefill rank writes its own KV heads into the
+    decode rank holding them, through a transport of its own (cluster/node/rank_kv.py), layer by layer and in one
+    piece; the decode node admits a request once both of its ranks have their kv-done. Tokens: a single TP 1
+    engine's; every transfer counted as rank to rank on the prefill node's /metrics."""
+    if kv_backend == "nixl":
+        pytest.importorskip("nixl")
+    prompts = mixed_prompts(500, seed=8)[:6]  # both sides of --one-piece-below 64
+    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    want = [
+        c.token_ids for c in LLMEngine(llama_dir, EngineConfig(num_kv_blocks=256)).generate(prompts, params)
+    ]
+    spec = ClusterSpec(model_dir=llama_dir, prefill=1, decode=1, grpc_port=0, http_port=0, kv_backend=kv_backend,
+                       node_args=["--tensor-parallel", "2"],
+                       role_args={"prefill": ["--one-piece-below", "64"]})  # fmt: skip
+    with LocalCluster(spec) as cluster:
+        sampling = {"max_tokens": 12, "temperature": 0.0, "ignore_eos": True}
+        assert [r.token_ids for r in generate_many(cluster.router_address, prompts, **sampling)] == want
+        (prefill,) = cluster.by_role("prefill")
+        counted = node_control.samples(prefill.metrics_address, "splitserve:kv_rank_to_rank_transfers_total")
+        assert [value for _, value in counted] == [len(prompts)]
+
+
 @dataclass
 class KilledRank:
     cluster: LocalCluster
@@ -184,14 +210,22 @@ class KilledRank:
 
 @contextlib.contextmanager
 def rank_killed_mid_stream(
-    model: Path, role: str, batch: list[list[int]], after_tokens: int, prefill: int, decode: int
+    model: Path,
+    role: str,
+    batch: list[list[int]],
+    after_tokens: int,
+    prefill: int,
+    decode: int,
+    every_node_tp2: bool = False,
 ) -> Iterator[KilledRank]:
-    """A cluster whose `role` nodes run at `--tensor-parallel 2`; SIGKILL to rank 1 of the first one once every
-    stream has `after_tokens` tokens. Checks what holds for every such kill: all streams end with a single engine's
-    tokens, the victim exits non-zero and leaves the registry. Yields the run for the caller's own checks."""
+    """A cluster whose `role` nodes (or all, every_node_tp2) run at `--tensor-parallel 2`; SIGKILL to rank 1 of the
+    first `role` node once every stream has `after_tokens` tokens. Checks what holds for every such kill: all
+    streams end with a single engine's tokens, the victim exits non-zero and leaves the registry. Yields the run
+    for the caller's own checks."""
     expected = failures.expected_tokens(model, batch)
+    tp2 = ["--tensor-parallel", "2"]
     spec = ClusterSpec(model_dir=model, prefill=prefill, decode=decode, grpc_port=0, http_port=0,
-                       role_args={role: ["--tensor-parallel", "2"]})  # fmt: skip
+                       node_args=tp2 if every_node_tp2 else [], role_args={} if every_node_tp2 else {role: tp2})  # fmt: skip
     with LocalCluster(spec) as cluster, ClusterView(cluster.redis_url) as view:
         victim = cluster.by_role(role)[0]
         (rank,) = child_pids(victim.popen.pid)
@@ -218,6 +252,27 @@ def test_decode_tp2_nodes_return_a_single_engines_tokens_and_a_killed_rank_fails
         assert min(run.progress) < failures.MAX_TOKENS, (
             "every stream finished before the kill: the test proved nothing"
         )
+
+
+def test_a_killed_decode_rank_between_rank_to_rank_nodes_fails_no_request(llama_dir: Path) -> None:
+    """Every node at `--tensor-parallel 2` (KV rank to rank); SIGKILL to rank 1 of a decode node mid-stream: its
+    streams resume on the other decode node, their KV (prompt and tokens so far) written rank to rank again, with
+    a single engine's tokens."""
+    batch = failures.prompts(4, 40, seed=4)
+    with rank_killed_mid_stream(
+        llama_dir, "decode", batch, after_tokens=5, prefill=1, decode=2, every_node_tp2=True
+    ) as run:
+        assert min(run.progress) < failures.MAX_TOKENS, "every stream finished before the kill"
+        (prefill,) = run.cluster.by_role("prefill")
+        (transfers,) = [
+            value
+            for _, value in node_control.samples(
+                prefill.metrics_address, "splitserve:kv_rank_to_rank_transfers_total"
+            )
+        ]
+        assert transfers > len(batch), (
+            "no stream resumed rank to rank"
+        )  # the first transfers, then the resumed
 
 
 def test_tp2_nodes_reuse_a_conversations_prefix_both_ways(llama_dir: Path) -> None:
