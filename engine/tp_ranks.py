@@ -193,6 +193,8 @@ def worker_main(spec: WorkerSpec, rank: int, calls: Any = None) -> None:
                 runner.resharding.gather_blocks(inputs.block_ids, runner.kv_caches)
             else:
                 runner.execute(inputs.to(device), _layer_plan_hook(extension, inputs.layer_plan))
+        if extension is not None:  # its threads must stop before the interpreter tears their objects down
+            extension.close()
     except CollectiveFailed as exc:
         logger.warning("tensor-parallel rank %d stops: %s", rank, exc)
         os._exit(1)

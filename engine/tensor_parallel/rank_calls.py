@@ -8,7 +8,8 @@ RankExtension, engine/config.py) names a factory that each worker calls once its
 - answers rank 0's calls, `call(method, *args)` on rank 0's RankChannel runs `getattr(obj, method)(*args)` in the
   worker, on a thread of its own (one call at a time per worker; replies carry the result or the error's text);
 - runs inside every step that carries a layer plan: `obj.on_layer_stored(layer, plan)` right after each layer's KV
-  of the step is in the rank's pool (StepInputs.layer_plan: rank 0 makes it, every rank gets it with the step).
+  of the step is in the rank's pool (StepInputs.layer_plan: rank 0 makes it, every rank gets it with the step);
+- is closed, `obj.close()`, when rank 0 stops the worker.
 Every call has a deadline: a worker that is gone or stuck makes the call raise RankCallFailed, never hang.
 """
 
