@@ -4,16 +4,18 @@ KV transfer between TP degrees, same cores.
 Engine part: TP 1 runs one process with `--threads` threads; TP 2 runs two processes with `--threads / 2` each, so
 both use the same cores. Per round and setup (alternating, fresh engine each): a batch of prompts computed (prefill
 tokens/s), then decode steps at that batch (ms per step), greedy, bfloat16 by default on the 156M Llama of the
-engine benchmarks.
+engine benchmarks. Two more TP 2 setups in the prefill role: `tp2-prefill-role` gathers every layer's KV into rank
+0's whole-heads pool as it is computed (KV that leaves through that pool), `tp2-prefill-rank-to-rank` does not (KV
+that each rank sends itself, cluster/node/rank_kv.py); their prompts over the colocated TP 2 engine's are printed.
 
 Transfer part: one prefill and one decode node for each pair of TP degrees (prefill TP, decode TP) in 1-1, 2-1, 1-2
-and 2-2 (rank to rank), and 2-2 through both nodes' rank 0 (`--no-kv-rank-to-rank`, the baseline of the rank-to-rank
-path), each node's ranks sharing `--threads` threads, `--transfer-requests` prompts of `--transfer-prompt-len`
-tokens sent one at a time (so nothing queues), two output tokens each. From the router's request log, per request:
-the prompt's compute on the prefill node (`prefill`, which at TP 2 includes gathering each layer's KV into rank 0's
-transfer pool), the wait after it until the KV had landed (`transfer`), the whole transfer (`transfer_seconds`) and
-TTFT. A TP 2 decode node also reads the received blocks into its ranks' pools before the request's first step
-(inside `decode`). Pairs alternate by round; medians and each pair over 1-1 are printed.
+and 2-2, KV rank to rank (each prefill rank writes the heads each decode rank holds), and 2-1, 1-2 and 2-2 through
+both nodes' whole-heads pools (`--no-kv-rank-to-rank`: rank 0 gathers and sends, the decode node's rank 0 receives
+and hands each rank its heads), each node's ranks sharing `--threads` threads, `--transfer-requests` prompts of
+`--transfer-prompt-len` tokens sent one at a time (so nothing queues), two output tokens each. From the router's
+request log, per request: the prompt's compute on the prefill node (`prefill`), the wait after it until the KV had
+landed (`transfer`), the whole transfer (`transfer_seconds`) and TTFT. Pairs alternate by round; medians and each
+pair over 1-1 are printed.
 
     python benchmarks/tensor_parallel.py [--rounds 3] [--batch 8] [--prompt-len 256] [--decode-steps 32]
                                          [--transfer-requests 8] [--transfer-prompt-len 1024] [--skip-engine]
@@ -46,26 +48,36 @@ import torch  # noqa: E402
 
 from engine.config import EngineConfig, EngineRole  # noqa: E402
 from engine.engine import LLMEngine  # noqa: E402
+from engine.outputs import KVStepPlan  # noqa: E402
 from engine.sampling_params import SamplingParams  # noqa: E402
 
-# name -> (prefill TP, decode TP, rank to rank): 2-2 writes each rank's heads to the peer rank (cluster/node/rank_kv.py),
-# 2-2-via-rank0 sends them through both nodes' rank 0 (--no-kv-rank-to-rank), as every pair of different degrees does.
+# name -> (prefill TP, decode TP, rank to rank): each prefill rank writes its heads to the decode ranks holding them
+# (cluster/node/rank_kv.py); the -via-rank0 pairs send them through both nodes' whole-heads pools instead
+# (--no-kv-rank-to-rank).
 PAIRS = {
     "1-1": (1, 1, True),
     "2-1": (2, 1, True),
     "1-2": (1, 2, True),
     "2-2": (2, 2, True),
+    "2-1-via-rank0": (2, 1, False),
+    "1-2-via-rank0": (1, 2, False),
     "2-2-via-rank0": (2, 2, False),
 }
 
 
-def run(tp: int, args: argparse.Namespace, role: str = "colocated") -> dict[str, float]:
+def run(tp: int, args: argparse.Namespace, role: str = "colocated", mirror: bool = True) -> dict[str, float]:
     """A batch of prompts in one step, then (colocated) decode steps to the end. In the prefill role the prompts'
-    step also gathers every layer's KV into rank 0's transfer pool: its cost over the colocated TP 2 step."""
+    step also gathers every layer's KV into rank 0's transfer pool (mirror), or, as for KV going rank to rank, not:
+    their cost over the colocated TP 2 step."""
     torch.set_num_threads(max(1, args.threads // tp))
     config = EngineConfig(device=args.device, dtype=args.dtype, num_kv_blocks=1024, max_num_batched_tokens=args.batch * args.prompt_len,
                           max_num_seqs=args.batch, tensor_parallel=tp, role=EngineRole(role))  # fmt: skip
     engine = LLMEngine(args.model, config)
+    if not mirror:  # what a prefill node's service plans when every request's KV goes rank to rank
+        engine.set_kv_layer_hook(
+            lambda _layer, _writes: None,
+            lambda writes: KVStepPlan(unmirrored=frozenset(w.request_id for w in writes)),
+        )
     try:
         rng = random.Random(0)
         prompts = [[rng.randrange(3, 30000) for _ in range(args.prompt_len)] for _ in range(args.batch)]
@@ -147,15 +159,20 @@ def run_split(
     }
 
 
-ENGINE_SETUPS = {"tp1": (1, "colocated"), "tp2": (2, "colocated"), "tp2-prefill-role": (2, "prefill")}
+ENGINE_SETUPS = {
+    "tp1": (1, "colocated", True),
+    "tp2": (2, "colocated", True),
+    "tp2-prefill-role": (2, "prefill", True),
+    "tp2-prefill-rank-to-rank": (2, "prefill", False),
+}
 
 
 def engine_part(args: argparse.Namespace) -> None:
     results: dict[str, list[dict[str, float]]] = {name: [] for name in ENGINE_SETUPS}
     for round_ in range(1, args.rounds + 1):
         for name in ENGINE_SETUPS if round_ % 2 else list(ENGINE_SETUPS)[::-1]:
-            tp, role = ENGINE_SETUPS[name]
-            figures = run(tp, args, role)
+            tp, role, mirror = ENGINE_SETUPS[name]
+            figures = run(tp, args, role, mirror)
             results[name].append(figures)
             print(
                 json.dumps({"round": round_, "setup": name, **{k: round(v, 2) for k, v in figures.items()}})
@@ -164,8 +181,8 @@ def engine_part(args: argparse.Namespace) -> None:
         name: {k: statistics.median(r[k] for r in runs) for k in runs[0]} for name, runs in results.items()
     }
     ratios = {k: median["tp2"][k] / median["tp1"][k] for k in median["tp1"]}
-    gather = median["tp2-prefill-role"]["prefill_tok_s"] / median["tp2"]["prefill_tok_s"]
-    print(json.dumps({"median": median, "tp2_over_tp1": ratios, "prefill_role_over_tp2_prompts": gather},
+    prompts = {name: median[name]["prefill_tok_s"] / median["tp2"]["prefill_tok_s"] for name in median}
+    print(json.dumps({"median": median, "tp2_over_tp1": ratios, "prompts_over_colocated_tp2": prompts},
                      default=lambda v: round(v, 3)))  # fmt: skip
 
 

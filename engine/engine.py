@@ -49,6 +49,7 @@ from engine.outputs import (
     KVHandoff,
     KVLayerHook,
     KVLayerWrite,
+    KVStepPlan,
     KVStepPlanner,
     RequestOutput,
 )
@@ -464,10 +465,10 @@ class LLMEngine:
         )
 
     def _forward(self, sched: SchedulerOutput) -> StepLogits:
-        hook, plan = self._layer_hook_for(sched)
+        hook, plan, mirrored = self._layer_hook_for(sched)
         if self._fault is not None:
             hook = self._fault.around(hook, (c.seq for c in sched.chunks))
-        return self.runner.run(sched, hook, plan)
+        return self.runner.run(sched, hook, plan, mirrored)
 
     def _hand_over(self, seq: Sequence, out: RequestOutput) -> RequestOutput:
         """Prefill role: stop after the first token and keep the blocks for the transport."""
@@ -495,14 +496,28 @@ class LLMEngine:
         self._held.pop(seq.request_id, None)
         self._seqs.pop(seq.request_id, None)
 
-    def _layer_hook_for(self, sched: SchedulerOutput) -> tuple[Callable[[int], None] | None, object]:
-        """The step's layer hook on this rank, and the layer plan for the worker ranks (None: none)."""
+    def _layer_hook_for(
+        self, sched: SchedulerOutput
+    ) -> tuple[Callable[[int], None] | None, KVStepPlan | None, list[int] | None]:
+        """The step's layer hook on this rank, its plan (None: none), and the slots mirrored into a tensor-parallel
+        transfer pool (None: all)."""
         hook = self._kv_layer_hook
         if hook is None or self.config.role != EngineRole.PREFILL:
-            return None, None
+            return None, None, None
         writes = sched.kv_writes(self.config.block_size)
-        plan = self._kv_step_planner(writes) if self._kv_step_planner is not None else None
-        return (lambda layer: hook(layer, writes)), plan
+        if self._kv_step_planner is None:
+            return (lambda layer: hook(layer, writes)), None, None
+        plan = self._kv_step_planner(writes)
+        if self.runner.resharding is None:  # no transfer pool to mirror into
+            return (lambda layer: hook(layer, writes)), plan, None
+        bs = self.config.block_size
+        mirrored = [
+            w.block_ids[p // bs - w.start // bs] * bs + p % bs
+            for w in writes
+            if w.request_id not in plan.unmirrored
+            for p in range(w.start, w.end)
+        ]
+        return (lambda layer: hook(layer, writes)), plan, mirrored
 
 
 @contextlib.contextmanager

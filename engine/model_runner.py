@@ -13,6 +13,7 @@ from engine import kernels
 from engine.decode_graphs import Capture, DecodeGraphs, cuda_capture
 from engine.models.attention import AttentionBatch, PrefillChunk
 from engine.models.decoder import DecoderModel, LayerHook
+from engine.outputs import KVStepPlan
 from engine.prompt_logprobs import PromptRows, compute, rows_of_chunk
 from engine.scheduler import SchedulerOutput
 from engine.sequence import Sequence, TokenLogprob
@@ -30,6 +31,8 @@ class StepInputs:
     kv_imports: list[int] = dataclasses.field(default_factory=list)
     # Tensor parallel: what every rank's extension does after each layer of this step (rank_calls.py); opaque here.
     layer_plan: object = None
+    # Tensor parallel prefill role: the slots whose stored KV is mirrored into the transfer pool (None: every slot).
+    mirror_slots: torch.Tensor | None = None
 
     def to(self, device: torch.device) -> StepInputs:
         """The same step with every tensor on `device` (a tensor-parallel rank on another GPU)."""
@@ -50,6 +53,7 @@ class StepInputs:
             positions=self.positions.to(device),
             attention=attention,
             sample_rows=self.sample_rows.to(device),
+            mirror_slots=None if self.mirror_slots is None else self.mirror_slots.to(device),
         )
 
 
@@ -131,12 +135,20 @@ class ModelRunner:
         return cfg.num_layers * 2 * block_size * cfg.num_kv_heads * cfg.head_dim * element
 
     def run(
-        self, sched: SchedulerOutput, on_layer_stored: LayerHook | None = None, layer_plan: object = None
+        self,
+        sched: SchedulerOutput,
+        on_layer_stored: LayerHook | None = None,
+        plan: KVStepPlan | None = None,
+        mirror_slots: list[int] | None = None,
     ) -> StepLogits:
         """Compute the step: fp32 logits for each chunk that completes its sequence, and any prompt logprobs.
-        layer_plan goes to the tensor-parallel worker ranks with the step (rank 0's hook has its own copy)."""
+        plan's layer plan goes to the tensor-parallel worker ranks with the step (rank 0's hook has its own copy);
+        mirror_slots: the only slots mirrored into the transfer pool (None: all)."""
         inputs = self.prepare(sched)
-        inputs.layer_plan = layer_plan
+        if plan is not None:
+            inputs.layer_plan = plan.layer_plan
+        if mirror_slots is not None:
+            inputs.mirror_slots = torch.tensor(mirror_slots, dtype=torch.long, device=self.model.device)
         graphs = self.decode_graphs
         if (
             graphs is not None
@@ -159,9 +171,8 @@ class ModelRunner:
         if self.resharding is not None:
             if inputs.kv_imports:
                 self.resharding.import_blocks(inputs.kv_imports, self.kv_caches)
-            on_layer_stored = self.resharding.mirroring(
-                on_layer_stored, inputs.attention.slot_mapping, self.kv_caches
-            )
+            mirrored = inputs.attention.slot_mapping if inputs.mirror_slots is None else inputs.mirror_slots
+            on_layer_stored = self.resharding.mirroring(on_layer_stored, mirrored, self.kv_caches)
         hidden = self.model.forward(
             inputs.input_ids, inputs.positions, inputs.attention, self.kv_caches, on_layer_stored
         )

@@ -22,8 +22,22 @@ class KVLayerWrite:
 
 
 KVLayerHook = Callable[[int, list[KVLayerWrite]], None]
-# Once per step, before the forward: the step's layer plan for the tensor-parallel worker ranks (None: none).
-KVStepPlanner = Callable[[list[KVLayerWrite]], object]
+
+
+@dataclass(frozen=True, slots=True)
+class KVStepPlan:
+    """What a prefill engine's step does with its new KV besides the layer hook (tensor parallel only)."""
+
+    layer_plan: object = (
+        None  # what every rank's extension does after each layer (rank_calls.py); None: nothing
+    )
+    # Requests whose KV never leaves through the whole-heads transfer pool (it goes rank to rank, or nowhere):
+    # their stored rows are not mirrored into it (kv_resharding.py).
+    unmirrored: frozenset[str] = frozenset()
+
+
+# Once per step, before the forward (engine.set_kv_layer_hook).
+KVStepPlanner = Callable[[list[KVLayerWrite]], KVStepPlan]
 
 
 @dataclass(slots=True)

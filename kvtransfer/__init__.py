@@ -14,11 +14,12 @@ from kvtransfer.base import (
     TransferTimeout,
 )
 from kvtransfer.factory import BACKENDS, create_transport
-from kvtransfer.layout import BlockRun, KVLayout, coalesce_block_pairs
+from kvtransfer.layout import BlockRun, HeadSlice, KVLayout, coalesce_block_pairs
 
 __all__ = [
     "BACKENDS",
     "BlockRun",
+    "HeadSlice",
     "KVLayout",
     "KVTransport",
     "PeerId",

@@ -5,12 +5,15 @@ One transport object per node, created by `kvtransfer.create_transport(name, nod
 1. `register(kv_layers)`: once, the node's whole paged pool (`engine.kv_layers`); it stays registered until close().
 2. `local_descriptor() -> bytes`: what a peer needs to reach this node (its id, pool layout, addresses); the node
    publishes it in the cluster state.
-3. `connect(peer_descriptor) -> PeerId`: the writing side (prefill) opens a path to a receiving side (decode). It
-   checks that the two pools agree on everything but their number of blocks and raises TransferError when they do
-   not or when the peer cannot be reached. Idempotent: connecting again to the same descriptor returns the same
+3. `connect(peer_descriptor, head_slices=False) -> PeerId`: the writing side (prefill) opens a path to a receiving
+   side (decode). It checks that the two pools agree on everything but their number of blocks (and, with
+   head_slices, their number of KV heads) and raises TransferError when they do not or when the peer cannot be
+   reached. Idempotent: connecting again to the same descriptor returns the same
    PeerId (the peer's node id); a new descriptor under the same node id (the peer restarted) replaces the old path.
-4. `write_blocks(peer, layer, src_blocks, dst_blocks, notify) -> TransferHandle`: one-sided write of local blocks
-   `src_blocks[i]` of `layer` into the peer's blocks `dst_blocks[i]` of the same layer. The receiving node's code
+4. `write_blocks(peer, layer, src_blocks, dst_blocks, notify, heads) -> TransferHandle`: one-sided write of local
+   blocks `src_blocks[i]` of `layer` into the peer's blocks `dst_blocks[i]` of the same layer; with a HeadSlice,
+   only those KV heads (tensor-parallel ranks of different degrees, cluster/node/rank_kv.py). Whole-block writes
+   need pools with the same KV heads. The receiving node's code
    does nothing per write. The source blocks must stay unchanged until the handle settles. Bad arguments raise
    ValueError; a transport failure never raises here but shows as a FAILED handle.
 5. `poll(handle) -> TransferState`: PENDING, then DONE or FAILED for good. Each write has a deadline (the
@@ -49,7 +52,7 @@ from typing import NewType
 
 import torch
 
-from kvtransfer.layout import KVLayout
+from kvtransfer.layout import HeadSlice, KVLayout
 
 PeerId = NewType("PeerId", str)  # the peer's node id, the same on every node that talks to it
 
@@ -80,7 +83,7 @@ class TransferHandle:
 
     peer: PeerId
     layer: int
-    num_bytes: int  # payload bytes (blocks x block_bytes)
+    num_bytes: int  # payload bytes (blocks x block_bytes, or the head slice's share of them)
     deadline: float  # time.monotonic() after which a pending write is FAILED
     state: TransferState = TransferState.PENDING
     error: str | None = None  # why it FAILED
@@ -121,8 +124,9 @@ class KVTransport(abc.ABC):
         """What a peer passes to connect() to reach this node; ValueError before register()."""
 
     @abc.abstractmethod
-    def connect(self, peer_descriptor: bytes) -> PeerId:
-        """Open (or reuse) a path to the peer; TransferError if it is unreachable or its layout incompatible."""
+    def connect(self, peer_descriptor: bytes, head_slices: bool = False) -> PeerId:
+        """Open (or reuse) a path to the peer; TransferError if it is unreachable or its layout incompatible.
+        head_slices: the writes will be HeadSlices, so the two pools' numbers of KV heads may differ."""
 
     @abc.abstractmethod
     def write_blocks(
@@ -132,8 +136,10 @@ class KVTransport(abc.ABC):
         src_blocks: Sequence[int],
         dst_blocks: Sequence[int],
         notify: bytes | None = None,
+        heads: HeadSlice | None = None,
     ) -> TransferHandle:
-        """Start writing local blocks src_blocks[i] of layer into the peer's dst_blocks[i]; returns at once."""
+        """Start writing local blocks src_blocks[i] of layer (only `heads`, if given) into the peer's dst_blocks[i];
+        returns at once."""
 
     @abc.abstractmethod
     def poll(self, handle: TransferHandle) -> TransferState:
@@ -189,8 +195,19 @@ def check_write(
     src_blocks: Sequence[int],
     dst_blocks: Sequence[int],
     notify: bytes | None,
+    heads: HeadSlice | None = None,
 ) -> tuple[list[int], list[int]]:
     """Validate write_blocks arguments (ValueError naming the problem); returns the block ids as int lists."""
+    if heads is None:
+        if local.num_kv_heads != peer.num_kv_heads:
+            raise ValueError(
+                f"whole blocks of {local.num_kv_heads} KV heads cannot go into blocks of {peer.num_kv_heads}: "
+                "write a HeadSlice"
+            )
+    elif isinstance(heads, HeadSlice):
+        heads.check(local.num_kv_heads, peer.num_kv_heads)
+    else:
+        raise ValueError(f"heads must be None or a HeadSlice, got {heads!r}")
     if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < local.num_layers:
         raise ValueError(f"layer must be an integer in [0, {local.num_layers}), got {layer!r}")
     if len(src_blocks) != len(dst_blocks):

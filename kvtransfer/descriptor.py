@@ -97,14 +97,17 @@ def with_tp_ranks(descriptor: bytes, ranks: tuple[RankDescriptor, ...]) -> bytes
     return dataclasses.replace(NodeDescriptor.from_bytes(descriptor), tp_ranks=ranks).to_bytes()
 
 
-def check_peer(peer: NodeDescriptor, backend: str, node_id: str, layout: KVLayout) -> None:
-    """TransferError unless a node (backend, node_id, layout) can exchange blocks with the described peer."""
+def check_peer(
+    peer: NodeDescriptor, backend: str, node_id: str, layout: KVLayout, head_slices: bool = False
+) -> None:
+    """TransferError unless a node (backend, node_id, layout) can exchange blocks (or, with head_slices, slices
+    of their KV heads) with the described peer."""
     if peer.backend != backend:
         raise TransferError(
             f"peer {peer.node_id!r} uses the {peer.backend!r} KV transport, this node {backend!r}"
         )
     if peer.node_id == node_id:
         raise TransferError(f"node {node_id!r} cannot connect to itself")
-    reason = layout.compatible_with(peer.layout)
+    reason = layout.compatible_with(peer.layout, head_slices)
     if reason is not None:
         raise TransferError(f"cannot connect to {peer.node_id!r}: {reason}")

@@ -4,6 +4,10 @@ A node's pool is one tensor per transformer layer, `[num_blocks, 2, block_size, 
 (engine.kernels describes it). Block b of a layer is therefore the contiguous byte range
 `[b * block_bytes, (b + 1) * block_bytes)` of that layer's tensor, K then V. A prefill node can write its blocks
 into a decode node's blocks when both pools agree on everything but their number of blocks.
+
+Tensor-parallel ranks of different degrees hold different KV heads: a rank writes only some heads of its blocks
+into some heads of the peer rank's blocks (a HeadSlice). Then the pools may also differ in their number of KV heads,
+and each block's slice is 2 x block_size runs of `count x head_dim` elements (heads are the second-to-last dim).
 """
 
 from __future__ import annotations
@@ -74,12 +78,13 @@ class KVLayout:
             raise ValueError(f"block {block} is out of range [0, {self.num_blocks})")
         return block * self.block_bytes, self.block_bytes
 
-    def compatible_with(self, other: KVLayout) -> str | None:
-        """Why blocks of this pool cannot be copied into other's (or back), or None when they can."""
+    def compatible_with(self, other: KVLayout, head_slices: bool = False) -> str | None:
+        """Why blocks of this pool cannot be copied into other's (or back), or None when they can. head_slices:
+        the two exchange slices of heads (HeadSlice), so their numbers of KV heads may differ."""
         differences = [
             f"{name} {getattr(self, name)} here vs {getattr(other, name)} at the peer"
             for name in _MUST_MATCH
-            if getattr(self, name) != getattr(other, name)
+            if getattr(self, name) != getattr(other, name) and not (head_slices and name == "num_kv_heads")
         ]
         return "incompatible KV layouts: " + ", ".join(differences) if differences else None
 
@@ -129,6 +134,31 @@ class KVLayout:
     @classmethod
     def from_bytes(cls, data: bytes) -> KVLayout:
         return cls.from_json(data)
+
+
+@dataclass(frozen=True, slots=True)
+class HeadSlice:
+    """KV heads [src_start, src_start + count) of each source block, written into heads [dst_start, dst_start +
+    count) of its destination block; the rest of the destination block is left as it is."""
+
+    src_start: int
+    dst_start: int
+    count: int
+
+    def check(self, src_heads: int, dst_heads: int) -> None:
+        """ValueError unless the slice lies within both pools' KV heads."""
+        values = (self.src_start, self.dst_start, self.count)
+        if any(not isinstance(v, int) or isinstance(v, bool) for v in values) or self.count < 1:
+            raise ValueError(f"a head slice needs integer starts and a positive count, got {self}")
+        if not 0 <= self.src_start <= src_heads - self.count:
+            raise ValueError(
+                f"source heads {self.src_start}+{self.count} exceed the {src_heads} KV heads here"
+            )
+        if not 0 <= self.dst_start <= dst_heads - self.count:
+            raise ValueError(f"destination heads {self.dst_start}+{self.count} exceed the peer's {dst_heads}")
+
+    def bytes_per_block(self, layout: KVLayout) -> int:
+        return 2 * layout.block_size * self.count * layout.head_dim * layout.element_size
 
 
 @dataclass(frozen=True, slots=True)

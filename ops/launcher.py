@@ -23,7 +23,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
@@ -136,10 +136,15 @@ class LocalCluster:
             raise
         return self
 
-    def start_node(self, role: str) -> Process:
-        """One more node of `role` in the running cluster, placed as the spec says; its ready line is not waited
-        for (`_await_ready`, or poll_events)."""
-        return self._spawn_node(role, len(self.by_role(role)))
+    def start_node(self, role: str, extra_args: Sequence[str] = (), wait: bool = False) -> Process:
+        """One more node of `role` in the running cluster, placed as the spec says, with extra_args after the
+        spec's; its ready line is waited for with `wait` (else poll_events)."""
+        index = len(self.by_role(role))
+        place = self._placement(role, index)
+        proc = self._spawn(role, [*self._node_args(role, place), *extra_args], place)
+        if wait:
+            self._await_ready(proc)
+        return proc
 
     def by_role(self, role: str) -> list[Process]:
         return [p for p in self.processes if p.role == role]

@@ -52,8 +52,9 @@ from cluster.proto_convert import (
 )
 from cluster.sampling_proto import sampling_from_proto
 from engine.async_engine import AsyncEngine
-from engine.engine import KVHandoff, KVLayerWrite, RequestOutput
+from engine.engine import KVHandoff, KVLayerWrite, LLMEngine, RequestOutput
 from engine.errors import EngineError
+from engine.outputs import KVStepPlan
 from engine.sequence import FinishReason
 from kvtransfer.base import TransferError, TransferState
 from kvtransfer.descriptor import NodeDescriptor
@@ -351,9 +352,11 @@ class PrefillNodeService(cluster_pb2_grpc.PrefillNodeServicer):
             return None
         return w.block_ids[drop:], target.dst_blocks[first + drop : first + len(w.block_ids)]
 
-    def _plan_rank_writes(self, writes: list[KVLayerWrite]) -> list[RankWrite] | None:
-        """Engine thread, before each step: the blocks every rank writes to its peer rank after each layer (the
-        engine hands the plan to the worker ranks with the step; rank 0 runs it from _on_layer_stored)."""
+    def _plan_rank_writes(self, writes: list[KVLayerWrite]) -> KVStepPlan:
+        """Engine thread, before each step: the blocks every rank writes to its peer ranks after each layer (the
+        engine hands the plan to the worker ranks with the step; rank 0 runs it from _on_layer_stored), and the
+        requests whose KV need not be mirrored into rank 0's whole-heads pool: all but those that leave through
+        it (a whole-path peer's; cached blocks it is sent later are gathered then, _complete_transfer)."""
         plan = []
         for w in writes:
             target = self._targets.get(w.request_id)
@@ -365,7 +368,9 @@ class PrefillNodeService(cluster_pb2_grpc.PrefillNodeServicer):
                 if target.first_write_at is None:
                     target.first_write_at = time.monotonic()
         self._step_plan = plan
-        return plan or None
+        whole_path = {w.request_id for w in writes if _leaves_whole(self._targets.get(w.request_id))}
+        unmirrored = frozenset(w.request_id for w in writes if w.request_id not in whole_path)
+        return KVStepPlan(plan or None, unmirrored)
 
     def _on_layer_stored(self, layer: int, writes: list[KVLayerWrite]) -> None:
         """Engine thread, right after layer `layer` stored its new KV: ship the touched blocks of our requests."""
@@ -414,8 +419,12 @@ class PrefillNodeService(cluster_pb2_grpc.PrefillNodeServicer):
         unsent = self._unsent_blocks(target, out, kv)
         if unsent > target.skip:
             src, dst = kv.block_ids[target.skip : unsent], target.dst_blocks[target.skip : unsent]
+            # Cached blocks another request computed may not be in the whole-heads pool (_plan_rank_writes).
+            cached = kv.block_ids[target.skip : out.num_cached_prompt_tokens // self.block_size]
 
-            def send_unsent(_engine: object) -> None:
+            def send_unsent(engine: LLMEngine) -> None:
+                if self.ranks is not None and cached:
+                    engine.export_blocks(cached)
                 for layer in range(len(kv.kv_layers)):
                     self._write(target, layer, src, dst)
 
@@ -523,6 +532,11 @@ def _queued_s(target: _Target, started_ns: int) -> float:
     if target.compute_started_ns is None:
         return 0.0
     return max(0.0, (target.compute_started_ns - started_ns) / 1e9)
+
+
+def _leaves_whole(target: _Target | None) -> bool:
+    """Whether a request's KV is sent from the whole-heads pool (to a peer without ranks)."""
+    return target is not None and not target.rank_to_rank
 
 
 def _first_token(out: RequestOutput) -> pb.TokenLogprob:

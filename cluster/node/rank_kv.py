@@ -1,31 +1,37 @@
-"""KV from rank to rank: a tensor-parallel prefill node's ranks write their KV heads straight into the decode ranks
-that hold the same heads, each through a transport of its own, instead of through rank 0's whole-heads transfer pool.
+"""KV from rank to rank: each tensor-parallel rank of a prefill node writes the KV heads it holds straight into the
+decode ranks that hold them, through a transport of its own, at any pair of degrees (a TP 1 node is one rank).
 
-When: the prefill and the decode node run at the same tensor-parallel degree (so rank i holds the same KV heads on
-both sides, and its blocks copy whole). Any other pair of degrees, and the prefix blocks nodes lend each other, go
-through the transfer pool as before (engine/tensor_parallel/kv_resharding.py).
+Routes (`kv_routes`): for each receiving rank and each KV head it holds, the first sending rank that holds the head
+sends it; consecutive heads from one sender form one route. Between equal degrees rank i sends rank i its whole
+blocks; otherwise a route is a HeadSlice (kvtransfer/layout.py): those heads of each block. Replicated heads (more
+ranks than KV heads) are sent once, by the first rank holding them, to every receiving rank that holds them.
 
 Pieces:
 - RankKV: one rank's transport over that rank's own pool, in every rank's process (rank 0's node process and each
-  worker rank's, where the engine builds it by name: `rank_extension()` and engine/tensor_parallel/rank_calls.py).
-  It keeps the handles of each request's writes, so that rank 0 can ask how they stand.
-- RankedKV: rank 0's view of all of them: it publishes every rank's descriptor with the node's
-  (NodeDescriptor.tp_ranks), connects rank i to the peer's rank i, fans writes out, sums up states, and, on a decode
-  node, turns the ranks' notifications into one per request once every rank has it.
+  worker rank's, where the engine builds it by name: `rank_extension()`, engine/tensor_parallel/rank_calls.py).
+  It keeps each request's write handles, so that rank 0 can ask how they stand. A TP 1 node's only rank uses the
+  node's own transport (`shares_transport`); worker ranks and rank 0 of a split node have their own.
+- RankedKV: rank 0's view of all of them: it publishes every rank's descriptor and KV heads with the node's
+  (NodeDescriptor.tp_ranks), connects each rank along its routes, fans writes out, sums up states, and, on a decode
+  node, turns the ranks' notifications into one per request once every route's has arrived.
+- TensorParallelTransport: the node's transport as its services see it: the whole-heads transport (peers without
+  ranks, prefix blocks lent between nodes) plus `ranks`.
 Writes made while the prompt is computed come from the step's layer plan: rank 0's prefill service lists, before
-each step, which blocks of which request go where; every rank gets the list with the step and writes its own heads of
-those blocks right after each layer is stored, so the transfer overlaps the rest of the forward on every rank.
-Completion: each rank sends `kv-done:<request id>` on its own connection after every write of the request completed
-(one connection keeps its writes in order), and the decode node admits the request once all of its ranks have it.
-Fences work the same way.
+each step, which blocks of which request go to which peer; every rank gets the list with the step and writes its
+routes' heads of those blocks right after each layer is stored, so the transfer overlaps the rest of the forward.
+Completion: once every rank's writes are done, each rank sends `kv-done:<request id>` along each of its routes
+(one connection keeps its writes in order), and the decode node admits the request when every route's has arrived.
+Fences work the same way. Which peers go rank to rank: those that publish ranks, unless both are TP 1 (the
+whole-heads path is the same thing there).
 """
 
 from __future__ import annotations
 
 import contextlib
+import re
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,67 +49,109 @@ from kvtransfer.base import (
     TransferState,
 )
 from kvtransfer.descriptor import NodeDescriptor, RankDescriptor, with_tp_ranks
+from kvtransfer.layout import HeadSlice
 from kvtransfer.notifications import parse_kv_done, parse_kv_fence
 
-RANK_SUFFIX = ".tp"
-# A worker's transport starts with its model: the first calls wait for the worker to come up.
+# A first call waits for the worker to come up (its model and transport); a worker's connect waits for the peer.
 FIRST_CALL_TIMEOUT_S = 120.0
 CALL_TIMEOUT_S = 10.0
-CONNECT_CALL_TIMEOUT_S = (
-    60.0  # a worker's connect waits for the peer's rank (the transport's own bound is lower)
-)
+CONNECT_CALL_TIMEOUT_S = 60.0
+ARRIVAL_TTL_S = 600.0  # a notification some route never delivered (its write failed) is forgotten then
+
+HeadRanges = list[tuple[int, int]]  # per rank, the KV heads [start, stop) it holds
+_RANK_ID = re.compile(r"^(?P<node>.+)\.tp(?P<rank>\d+)of(?P<world>\d+)$")
 
 
-def rank_node_id(node_id: str, rank: int) -> str:
-    """The transport id of a node's rank (peers see it in their notifications)."""
-    return f"{node_id}{RANK_SUFFIX}{rank}"
+def rank_node_id(node_id: str, rank: int, world: int) -> str:
+    """The transport id of rank `rank` of a node split `world` ways (peers see it in their notifications)."""
+    return f"{node_id}.tp{rank}of{world}"
 
 
-def node_of_rank(rank_id: str) -> str:
-    return rank_id.rsplit(RANK_SUFFIX, 1)[0]
+def parse_rank_id(sender: str) -> tuple[str, int, int] | None:
+    """(node, rank, world) of a rank's transport id; None for a node's own transport (a TP 1 node's only rank)."""
+    match = _RANK_ID.match(sender)
+    return None if match is None else (match["node"], int(match["rank"]), int(match["world"]))
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """Sending rank src writes `heads` of each block into receiving rank dst (None: whole blocks)."""
+
+    src: int
+    dst: int
+    heads: HeadSlice | None
+
+
+def kv_routes(senders: HeadRanges, receivers: HeadRanges) -> list[Route]:
+    """Which sending rank writes which KV heads into which receiving rank (see the module docstring)."""
+    routes: list[Route] = []
+    for dst, (first, stop) in enumerate(receivers):
+        runs: list[tuple[int, int, int]] = []  # (sender, first head, count)
+        for head in range(first, stop):
+            src = next((r for r, (a, b) in enumerate(senders) if a <= head < b), None)
+            if src is None:
+                raise ValueError(f"no sending rank holds KV head {head}")
+            if runs and runs[-1][0] == src and runs[-1][1] + runs[-1][2] == head:
+                runs[-1] = (src, runs[-1][1], runs[-1][2] + 1)
+            else:
+                runs.append((src, head, 1))
+        for src, head, count in runs:
+            whole = senders[src] == (head, head + count) == receivers[dst]
+            routes.append(
+                Route(src, dst, None if whole else HeadSlice(head - senders[src][0], head - first, count))
+            )
+    return routes
 
 
 @dataclass(frozen=True, slots=True)
 class RankWrite:
     """In a step's layer plan: request `request_id`'s blocks src (this node) -> dst (at peer `peer`), every layer."""
 
-    peer: str  # the peer node's id: each rank writes to the peer's rank of its own index
+    peer: str  # the peer node's id; each rank writes along its own routes to that peer
     request_id: str
     src: list[int]
     dst: list[int]
 
 
-def rank_extension(backend: str, node_id: str, transport_options: dict[str, Any]) -> RankExtension:
+def rank_extension(
+    backend: str, node_id: str, world: int, transport_options: dict[str, Any]
+) -> RankExtension:
     """What the engine's worker ranks build: a RankKV over their pool, by name (they are other processes)."""
-    return RankExtension(
-        "cluster.node.rank_kv",
-        "start_rank_kv",
-        {"backend": backend, "node_id": node_id, "transport_options": transport_options},
-    )
+    options = {"backend": backend, "node_id": node_id, "world": world, "transport_options": transport_options}
+    return RankExtension("cluster.node.rank_kv", "start_rank_kv", options)
 
 
 def start_rank_kv(
-    rank: int, kv_caches: list[torch.Tensor], *, backend: str, node_id: str, transport_options: dict[str, Any]
+    rank: int,
+    kv_caches: list[torch.Tensor],
+    *,
+    backend: str,
+    node_id: str,
+    world: int,
+    transport_options: dict[str, Any],
 ) -> RankKV:
-    """Worker rank side of rank_extension()."""
-    if backend == "nixl":  # UCX's TCP transport on the advertised address's interface, as on rank 0
+    """A rank's own transport over its pool (a worker rank, or rank 0 of a split node)."""
+    if backend == "nixl":  # UCX's TCP transport on the advertised address's interface, as for the node's own
         from cluster.addresses import default_ucx_net_devices
 
         default_ucx_net_devices(transport_options.get("host", "127.0.0.1"))
     options = {k: v for k, v in transport_options.items() if backend == "torch" or k != "host"}
-    return RankKV(rank, kv_caches, backend, node_id, options)
+    transport = create_transport(backend, rank_node_id(node_id, rank, world), **options)
+    transport.register(kv_caches)
+    return RankKV(rank, transport)
 
 
 class RankKV:
-    """One rank's transport over its own KV pool, and the writes it issued per request. Thread-safe."""
+    """One rank's transport over its own KV pool, its routes to each peer, and the writes it issued per request.
+    Thread-safe."""
 
-    def __init__(
-        self, rank: int, kv_caches: list[torch.Tensor], backend: str, node_id: str, options: dict[str, Any]
-    ) -> None:
+    def __init__(self, rank: int, transport: KVTransport, shares_transport: bool = False) -> None:
         self.rank = rank
-        self.transport = create_transport(backend, rank_node_id(node_id, rank), **options)
-        self.transport.register(kv_caches)
-        self._peers: dict[str, PeerId] = {}
+        self.transport = transport
+        # A TP 1 node's rank uses the node's own transport: its notifications arrive there (RankedKV.receive)
+        # and closing it is the node's business.
+        self.shares_transport = shares_transport
+        self._routes: dict[str, list[tuple[PeerId, HeadSlice | None]]] = {}
         self._writes: dict[str, list[TransferHandle]] = {}
         self._errors: dict[str, str] = {}  # requests a write of which could not even be issued
         self._lock = threading.Lock()
@@ -111,11 +159,14 @@ class RankKV:
     def descriptor(self) -> bytes:
         return self.transport.local_descriptor()
 
-    def connect(self, peer: str, descriptor: bytes) -> None:
-        """Open (or renew) the path to the peer's rank of this index; TransferError when it cannot."""
-        peer_id = self.transport.connect(descriptor)
+    def connect(self, peer: str, routes: list[tuple[bytes, HeadSlice | None]]) -> None:
+        """Open (or renew) the paths to the peer's ranks this rank writes to; TransferError when one cannot."""
+        connected = [
+            (self.transport.connect(descriptor, head_slices=heads is not None), heads)
+            for descriptor, heads in routes
+        ]
         with self._lock:
-            self._peers[peer] = peer_id
+            self._routes[peer] = connected
 
     def write(
         self,
@@ -126,23 +177,25 @@ class RankKV:
         dst: list[int],
         notify: bytes | None = None,
     ) -> None:
-        """Write src -> dst of each layer (the notify payload on the last); a failure is kept for state()."""
+        """Write src -> dst of each layer along each route to peer (the notify payload with the last layer); a
+        failure is kept for state(). A rank without routes to the peer (its heads are sent by another) writes
+        nothing."""
         with self._lock:
-            peer_id = self._peers.get(peer)
+            routes = self._routes.get(peer)
             handles = self._writes.setdefault(request_id, [])
-        if peer_id is None:
+        if routes is None:
             self._fail(request_id, f"rank {self.rank} is not connected to {peer!r}")
             return
-        for i, layer in enumerate(layers):
-            try:
-                handle = self.transport.write_blocks(
-                    peer_id, layer, src, dst, notify if i == len(layers) - 1 else None
-                )
-            except (TransferError, ValueError) as exc:
-                self._fail(request_id, f"rank {self.rank}: {exc}")
-                return
-            with self._lock:
-                handles.append(handle)
+        for peer_id, heads in routes:
+            for i, layer in enumerate(layers):
+                last = notify if i == len(layers) - 1 else None
+                try:
+                    handle = self.transport.write_blocks(peer_id, layer, src, dst, last, heads)
+                except (TransferError, ValueError) as exc:
+                    self._fail(request_id, f"rank {self.rank}: {exc}")
+                    return
+                with self._lock:
+                    handles.append(handle)
 
     def on_layer_stored(self, layer: int, plan: list[RankWrite]) -> None:
         """In a step: this rank's heads of the plan's blocks of `layer`, just stored. Never raises (the engine's
@@ -176,10 +229,14 @@ class RankKV:
             self._errors.pop(request_id, None)
 
     def notifications(self) -> list[tuple[str, bytes]]:
+        """What this rank's own transport received (a shared transport's come through RankedKV.receive)."""
+        if self.shares_transport:
+            return []
         return [(str(peer), payload) for peer, payload in self.transport.notifications()]
 
     def close(self) -> None:
-        self.transport.close()
+        if not self.shares_transport:
+            self.transport.close()
 
     def _fail(self, request_id: str, error: str) -> None:
         with self._lock:
@@ -187,20 +244,26 @@ class RankKV:
 
 
 class RankedKV:
-    """Rank 0's side: its own RankKV and calls to the workers' (rank order), presented as one node's ranks."""
+    """Rank 0's side: its own RankKV and calls to the workers' (rank order), presented as one node's ranks.
 
-    def __init__(self, local: RankKV, channels: list[RankChannel], kv_heads: list[tuple[int, int]]) -> None:
+    heads_of(world): the KV heads each rank holds when this model is split `world` ways (the same for peers)."""
+
+    def __init__(
+        self, local: RankKV, channels: list[RankChannel], heads_of: Callable[[int], HeadRanges]
+    ) -> None:
         self.local = local
         self.channels = channels
         self.world = 1 + len(channels)
-        self.kv_heads = kv_heads
+        self.heads_of = heads_of
+        self.kv_heads = heads_of(self.world)
         self._descriptors = [local.descriptor()] + [
             channel.call("descriptor", timeout_s=FIRST_CALL_TIMEOUT_S) for channel in channels
         ]
-        # (peer node, payload) -> (the ranks that have it, when the first did): a decode node's arrivals
-        self._arrivals: dict[tuple[str, bytes], tuple[frozenset[int], float]] = {}
-        self._arrivals_lock = threading.Lock()
-        self.arrival_ttl_s = 600.0  # a notification some rank never got (its write failed) is forgotten then
+        # (peer node, payload) -> ((sending rank, receiving rank) pairs seen, when the first came): a decode
+        # node's arrivals, complete once every route from that peer's degree has delivered.
+        self._arrivals: dict[tuple[str, bytes], tuple[frozenset[tuple[int, int]], float]] = {}
+        self._received: list[tuple[str, bytes]] = []  # rank 0's, when it shares the node's transport
+        self._lock = threading.Lock()
 
     def rank_descriptors(self) -> tuple[RankDescriptor, ...]:
         return tuple(
@@ -208,16 +271,28 @@ class RankedKV:
         )
 
     def serves(self, peer: NodeDescriptor) -> bool:
-        """Whether writes to this peer can go rank to rank: the same degree, each rank holding the same heads."""
-        return len(peer.tp_ranks) == self.world and [r.kv_heads for r in peer.tp_ranks] == self.kv_heads
+        """Whether writes to this peer go rank to rank: it publishes its ranks, split as this model splits, and
+        one of the two is split at all (two TP 1 nodes use their one transport as it is)."""
+        heads = [r.kv_heads for r in peer.tp_ranks]
+        if not heads or (self.world == 1 and len(heads) == 1):
+            return False
+        try:
+            return heads == self.heads_of(len(heads))
+        except Exception:  # a degree this model cannot be split into: not a peer of this model
+            return False
 
     def connect(self, peer: NodeDescriptor) -> str:
-        """Connect each rank to the peer's rank of its index; the key writes name the peer by. TransferError."""
+        """Connect every rank along its routes to the peer's ranks; the key writes name the peer by.
+        TransferError if a path cannot be opened."""
         key = peer.node_id
-        self.local.connect(key, peer.tp_ranks[0].descriptor)
-        for rank, channel in enumerate(self.channels, start=1):
+        routes = kv_routes(self.kv_heads, [r.kv_heads for r in peer.tp_ranks])
+        for rank in range(self.world):
+            mine = [(peer.tp_ranks[r.dst].descriptor, r.heads) for r in routes if r.src == rank]
+            if rank == 0:
+                self.local.connect(key, mine)
+                continue
             try:
-                channel.call("connect", key, peer.tp_ranks[rank].descriptor, timeout_s=CONNECT_CALL_TIMEOUT_S)
+                self.channels[rank - 1].call("connect", key, mine, timeout_s=CONNECT_CALL_TIMEOUT_S)
             except RankCallFailed as exc:
                 raise TransferError(str(exc)) from exc
         return key
@@ -231,7 +306,7 @@ class RankedKV:
         dst: list[int],
         notify: bytes | None = None,
     ) -> None:
-        """Every rank writes its heads of src -> dst of each layer (notify rides on each rank's last write)."""
+        """Every rank writes its routes' heads of src -> dst of each layer (notify rides on each route's last)."""
         self.local.write(peer, request_id, layers, src, dst, notify)
         for channel in self.channels:
             try:
@@ -261,40 +336,55 @@ class RankedKV:
             with contextlib.suppress(RankCallFailed):  # a rank that is gone holds nothing any more
                 channel.call("forget", request_id, timeout_s=CALL_TIMEOUT_S)
 
+    def receive(self, sender: str, payload: bytes) -> None:
+        """A notification from a peer's rank that arrived on the node's own transport (shared by rank 0)."""
+        with self._lock:
+            self._received.append((sender, payload))
+
     def notifications(self) -> list[tuple[str, bytes]]:
-        """(peer node, payload) of each notification every rank has now received (once); never blocks long."""
+        """(peer node, payload) of each notification every route has now delivered (once); never blocks long."""
         now = time.monotonic()
-        got = [self.local.notifications()]
+        with self._lock:
+            rank0, self._received = self._received, []
+        got = [rank0 + self.local.notifications()]
         for channel in self.channels:
             try:
                 got.append(channel.call("notifications", timeout_s=CALL_TIMEOUT_S))
             except RankCallFailed:
                 got.append([])  # the engine's liveness check takes the node down; nothing completes meanwhile
         complete: list[tuple[str, bytes]] = []
-        with self._arrivals_lock:
-            self._count_arrivals(got, now, complete)
+        with self._lock:
+            for receiver, notes in enumerate(got):
+                for sender, payload in notes:
+                    self._count(sender, receiver, payload, now, complete)
+            for key in [k for k, (_, first) in self._arrivals.items() if now - first > ARRIVAL_TTL_S]:
+                del self._arrivals[key]
         return complete
 
-    def _count_arrivals(
-        self, got: list[list[tuple[str, bytes]]], now: float, complete: list[tuple[str, bytes]]
+    def _count(
+        self, sender: str, receiver: int, payload: bytes, now: float, complete: list[tuple[str, bytes]]
     ) -> None:
-        for rank, rank_notes in enumerate(got):
-            for rank_id, payload in rank_notes:
-                key = (node_of_rank(rank_id), payload)
-                ranks, first = self._arrivals.get(key, (frozenset(), now))
-                ranks |= {rank}
-                if len(ranks) == self.world:
-                    self._arrivals.pop(key, None)
-                    complete.append(key)
-                else:
-                    self._arrivals[key] = (ranks, first)
-        for key in [k for k, (_, first) in self._arrivals.items() if now - first > self.arrival_ttl_s]:
-            del self._arrivals[key]
+        node, rank, world = parse_rank_id(sender) or (sender, 0, 1)
+        try:
+            expected = {(r.src, r.dst) for r in kv_routes(self.heads_of(world), self.kv_heads)}
+        except Exception:  # a sender of a degree this model does not split into: not ours
+            return
+        key = (node, payload)
+        seen, first = self._arrivals.get(key, (frozenset(), now))
+        seen |= {(rank, receiver)}
+        if seen >= expected:
+            self._arrivals.pop(key, None)
+            complete.append(key)
+        else:
+            self._arrivals[key] = (seen, first)
 
     def discard_arrivals(self, request_id: str) -> None:
-        """Forget the ranks' partial notifications of request_id (a new reservation of it starts afresh)."""
-        for key in [k for k in self._arrivals if request_id in (parse_kv_done(k[1]), parse_kv_fence(k[1]))]:
-            del self._arrivals[key]
+        """Forget the routes' partial notifications of request_id (a new reservation of it starts afresh)."""
+        with self._lock:
+            for key in [
+                k for k in self._arrivals if request_id in (parse_kv_done(k[1]), parse_kv_fence(k[1]))
+            ]:
+                del self._arrivals[key]
 
     def close(self) -> None:
         for channel in self.channels:
@@ -304,9 +394,9 @@ class RankedKV:
 
 
 class TensorParallelTransport(KVTransport):
-    """A tensor-parallel prefill or decode node's transport: the whole-heads transport over rank 0's transfer pool
-    (what every peer can use, and what this delegates to), plus the ranks' own (`ranks`), which the node's services
-    use with peers of the same degree. Its descriptor carries both."""
+    """A prefill or decode node's transport with ranks: the whole-heads transport (over rank 0's transfer pool at
+    TP > 1, the pool itself at TP 1), which it delegates to, plus `ranks`. Its descriptor carries both; what the
+    node's own transport receives from peers' ranks goes to `ranks` (a TP 1 node's rank shares it)."""
 
     def __init__(self, whole: KVTransport, ranks: RankedKV) -> None:
         self.whole = whole
@@ -320,8 +410,8 @@ class TensorParallelTransport(KVTransport):
     def local_descriptor(self) -> bytes:
         return with_tp_ranks(self.whole.local_descriptor(), self.ranks.rank_descriptors())
 
-    def connect(self, peer_descriptor: bytes) -> PeerId:
-        return self.whole.connect(peer_descriptor)
+    def connect(self, peer_descriptor: bytes, head_slices: bool = False) -> PeerId:
+        return self.whole.connect(peer_descriptor, head_slices)
 
     def write_blocks(
         self,
@@ -330,14 +420,22 @@ class TensorParallelTransport(KVTransport):
         src_blocks: Sequence[int],
         dst_blocks: Sequence[int],
         notify: bytes | None = None,
+        heads: HeadSlice | None = None,
     ) -> TransferHandle:
-        return self.whole.write_blocks(peer, layer, src_blocks, dst_blocks, notify)
+        return self.whole.write_blocks(peer, layer, src_blocks, dst_blocks, notify, heads)
 
     def poll(self, handle: TransferHandle) -> TransferState:
         return self.whole.poll(handle)
 
     def notifications(self) -> list[tuple[PeerId, bytes]]:
-        return self.whole.notifications()
+        """The whole-heads path's notifications; those a peer's rank sent go to `ranks` instead."""
+        mine = []
+        for sender, payload in self.whole.notifications():
+            if parse_rank_id(sender) is not None:
+                self.ranks.receive(sender, payload)
+            else:
+                mine.append((sender, payload))
+        return mine
 
     def close(self) -> None:
         try:

@@ -254,7 +254,7 @@ async def run_node(options: NodeOptions, service_names: list[str], attach: Attac
 
 def _engine_config(options: NodeOptions, node_id: str) -> EngineConfig:
     # The worker ranks of a split prefill or decode node run a transport each (cluster/node/rank_kv.py).
-    ranks_transfer = options.tensor_parallel > 1 and options.role != "colocated" and options.kv_rank_to_rank
+    ranks_transfer = _ranks_transfer(options) and options.tensor_parallel > 1
     return EngineConfig(
         role=EngineRole(options.role),
         dtype=options.dtype,
@@ -266,11 +266,18 @@ def _engine_config(options: NodeOptions, node_id: str) -> EngineConfig:
         enable_prefix_caching=options.prefix_caching,
         tensor_parallel=options.tensor_parallel,
         rank_extension=(
-            rank_kv.rank_extension(options.kv_backend, node_id, _rank_transport_options(options))
+            rank_kv.rank_extension(
+                options.kv_backend, node_id, options.tensor_parallel, _rank_transport_options(options)
+            )
             if ranks_transfer
             else None
         ),
     )
+
+
+def _ranks_transfer(options: NodeOptions) -> bool:
+    """Whether the node's KV goes rank to rank with peers that publish ranks (cluster/node/rank_kv.py)."""
+    return options.role != "colocated" and options.kv_rank_to_rank
 
 
 def _rank_transport_options(options: NodeOptions) -> dict[str, Any]:
@@ -301,19 +308,27 @@ def _make_transport(options: NodeOptions, node_id: str, engine: LLMEngine) -> An
         default_ucx_net_devices(_public_host(options))
     transport = create_transport(options.kv_backend, node_id, **extra)
     transport.register(engine.kv_layers)
-    if engine.config.rank_extension is None:  # TP 1, or rank to rank turned off
+    if not _ranks_transfer(options):
         return transport
     world = engine.config.tensor_parallel
-    heads = [TPPlan(engine.model_config, r, world).kv_heads for r in range(world)]
-    local = rank_kv.start_rank_kv(
-        0,
-        engine.runner.kv_caches,
-        backend=options.kv_backend,
-        node_id=node_id,
-        transport_options=_rank_transport_options(options),
-    )
-    ranks = rank_kv.RankedKV(local, engine.rank_channels, [(h.start, h.stop) for h in heads])
-    return rank_kv.TensorParallelTransport(transport, ranks)
+    if world == 1:  # the node's one rank: its pool is kv_layers, its transport the node's
+        local = rank_kv.RankKV(0, transport, shares_transport=True)
+    else:
+        local = rank_kv.start_rank_kv(
+            0,
+            engine.runner.kv_caches,
+            backend=options.kv_backend,
+            node_id=node_id,
+            world=world,
+            transport_options=_rank_transport_options(options),
+        )
+    config = engine.model_config
+
+    def heads_of(split: int) -> list[tuple[int, int]]:
+        plans = [TPPlan(config, r, split).kv_heads for r in range(split)]
+        return [(heads.start, heads.stop) for heads in plans]
+
+    return rank_kv.TensorParallelTransport(transport, rank_kv.RankedKV(local, engine.rank_channels, heads_of))
 
 
 def _busy(engine: AsyncEngine, service: NodeService) -> bool:

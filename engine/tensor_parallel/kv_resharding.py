@@ -1,20 +1,20 @@
-"""The whole-heads KV pool a tensor-parallel prefill or decode node exchanges with nodes of other degrees, kept in
-step with the ranks' own pools.
+"""The whole-heads KV pool a tensor-parallel prefill or decode node exchanges with peers that publish no ranks, and
+through which nodes lend each other prefix blocks, kept in step with the ranks' own pools.
 
 Each rank's pool holds only its KV heads. Other nodes, at whatever TP degree, see one pool with every KV head: the
 layout of a TP 1 node, so any prefill TP p can send to any decode TP d and the transport and its layout checks stay
 as they are. Rank 0 keeps that pool (the transfer pool, registered with the node's transport, same block ids as
 every rank's pool) and re-shards through the ranks' gloo group:
 - prefill role: right after a layer's KV of a step is stored, every rank sends rank 0 the rows it stored (gather);
-  rank 0 puts them, whole heads, at the same slots of the transfer pool, then the layer hook ships them. Prefill
-  nodes keep the transfer pool equal to the ranks' pools, so prefix-cache hits can be sent as well.
+  rank 0 puts them, whole heads, at the same slots of the transfer pool, then the layer hook ships them.
 - blocks that arrive from outside (a decode node's received prompt, a prefill node's pulled prefix) are queued and,
   at the start of the next step, broadcast from rank 0; every rank copies its heads into its own pool.
 - blocks leaving a decode node (a prefix it sends back, computed by its ranks) are first gathered into the pool.
 With more ranks than KV heads a head is replicated: rank 0 takes it from the first rank that holds it.
 Cost: rank 0 holds a second pool (inside the node's KV memory budget: fewer blocks), and each transferred byte
-crosses the ranks' group once more. Between nodes of the same degree, prompts' KV skips it: each rank writes its
-heads to the peer rank holding them (cluster/node/rank_kv.py).
+crosses the ranks' group once more. Prompts' KV between nodes with ranks skips it: each rank writes its heads to
+the peer ranks holding them (cluster/node/rank_kv.py), and a prefill step mirrors only the rows of requests that
+leave through the pool (StepInputs.mirror_slots; blocks exempted then are gathered if they are sent from it later).
 """
 
 from __future__ import annotations

@@ -45,7 +45,7 @@ from kvtransfer.base import (
     check_write,
 )
 from kvtransfer.descriptor import NodeDescriptor, check_peer
-from kvtransfer.layout import KVLayout
+from kvtransfer.layout import HeadSlice, KVLayout
 
 # NIXL logs INFO lines to stdout, which would mix with a CLI's output; NIXL_LOG_LEVEL still overrides this.
 if "NIXL_LOG_LEVEL" not in os.environ:
@@ -153,11 +153,11 @@ class NixlTransport(KVTransport):
                 agent_metadata=self._agent.get_agent_metadata(),
             ).to_bytes()
 
-    def connect(self, peer_descriptor: bytes) -> PeerId:
+    def connect(self, peer_descriptor: bytes, head_slices: bool = False) -> PeerId:
         node = NodeDescriptor.from_bytes(peer_descriptor)
         with self._lock:
             self._check_open()
-            check_peer(node, self.name, self.node_id, self._require_registered())
+            check_peer(node, self.name, self.node_id, self._require_registered(), head_slices)
             if len(node.layer_addresses) != node.layout.num_layers or not node.agent_metadata:
                 raise TransferError(f"descriptor of {node.node_id!r} lacks NIXL agent metadata or addresses")
             peer_id = PeerId(node.node_id)
@@ -197,6 +197,7 @@ class NixlTransport(KVTransport):
         src_blocks: Sequence[int],
         dst_blocks: Sequence[int],
         notify: bytes | None = None,
+        heads: HeadSlice | None = None,
     ) -> TransferHandle:
         with self._lock:
             self._check_open()
@@ -204,27 +205,29 @@ class NixlTransport(KVTransport):
             target = self._peers.get(peer)
             if target is None:
                 raise TransferError(f"not connected to KV peer {peer!r}")
-            src, dst = check_write(layout, target.node.layout, layer, src_blocks, dst_blocks, notify)
+            src, dst = check_write(layout, target.node.layout, layer, src_blocks, dst_blocks, notify, heads)
             now = time.monotonic()
-            handle = NixlHandle(
-                peer, layer, len(src) * layout.block_bytes, now + self.transfer_timeout_s, started=now
-            )
+            per_block = layout.block_bytes if heads is None else heads.bytes_per_block(layout)
+            handle = NixlHandle(peer, layer, len(src) * per_block, now + self.transfer_timeout_s, started=now)
             try:
                 if not src:  # nothing to copy: only the announcement
                     if notify is not None:
                         self._agent.send_notif(peer, notify)
                     handle.settle(TransferState.DONE)
                     return handle
-                local = np.asarray(src, dtype=np.int64) + layer * layout.num_blocks
-                remote = np.asarray(dst, dtype=np.int64) + layer * target.node.layout.num_blocks
-                handle.xfer = self._agent.make_prepped_xfer(
-                    "WRITE",
-                    self._local_dlist,
-                    local.astype(np.int32),
-                    target.dlist,
-                    remote.astype(np.int32),
-                    notify or b"",  # NIXL sends no notification for an empty message
-                )
+                if heads is not None:
+                    handle.xfer = self._head_slice_xfer(target.node, layer, src, dst, heads, notify)
+                else:
+                    local = np.asarray(src, dtype=np.int64) + layer * layout.num_blocks
+                    remote = np.asarray(dst, dtype=np.int64) + layer * target.node.layout.num_blocks
+                    handle.xfer = self._agent.make_prepped_xfer(
+                        "WRITE",
+                        self._local_dlist,
+                        local.astype(np.int32),
+                        target.dlist,
+                        remote.astype(np.int32),
+                        notify or b"",  # NIXL sends no notification for an empty message
+                    )
                 status = self._agent.transfer(handle.xfer)
             except _NIXL_ERRORS as exc:
                 handle.settle(TransferState.FAILED, f"NIXL write to {peer!r} failed: {exc}")
@@ -236,6 +239,34 @@ class NixlTransport(KVTransport):
             if handle.state is TransferState.PENDING:
                 self._wake.set()
             return handle
+
+    def _head_slice_xfer(
+        self,
+        peer: NodeDescriptor,
+        layer: int,
+        src: list[int],
+        dst: list[int],
+        heads: HeadSlice,
+        notify: bytes | None,
+    ) -> Any:
+        """A write of some KV heads of each block: 2 x block_size runs per block on either side, listed for this
+        write alone (the prepared lists hold whole blocks)."""
+        local_layout = self._require_registered()
+        mem_type, device_index = _memory_kind(self._kv_layers[0])
+        local = _head_slice_descriptors(
+            self._kv_layers[layer].data_ptr(), local_layout, src, heads.src_start, heads.count, device_index
+        )
+        remote = _head_slice_descriptors(
+            peer.layer_addresses[layer], peer.layout, dst, heads.dst_start, heads.count, peer.device_index
+        )
+        peer_mem = "VRAM" if peer.device == "cuda" else "DRAM"
+        return self._agent.initialize_xfer(
+            "WRITE",
+            self._agent.get_xfer_descs(local, mem_type),
+            self._agent.get_xfer_descs(remote, peer_mem),
+            peer.node_id,
+            notify or b"",
+        )
 
     def poll(self, handle: TransferHandle) -> TransferState:
         if handle.state is not TransferState.PENDING:
@@ -377,6 +408,23 @@ def _block_descriptors(addresses: list[int], layout: KVLayout, device_index: int
     rows = np.empty((layout.num_layers * layout.num_blocks, 3), dtype=np.uint64)
     rows[:, 0] = (np.asarray(addresses, dtype=np.uint64)[:, None] + offsets[None, :]).reshape(-1)
     rows[:, 1] = layout.block_bytes
+    rows[:, 2] = device_index
+    return rows
+
+
+def _head_slice_descriptors(
+    address: int, layout: KVLayout, blocks: list[int], first_head: int, count: int, device_index: int
+) -> np.ndarray:
+    """(address, length, device) rows of heads [first_head, first_head + count) of each block of one layer tensor:
+    for each block, K then V, token by token (a block is [2, block_size, heads, head_dim])."""
+    row_bytes = layout.num_kv_heads * layout.head_dim * layout.element_size  # one token's K (or V), all heads
+    offsets_in_block = np.arange(2 * layout.block_size, dtype=np.uint64) * np.uint64(row_bytes) + np.uint64(
+        first_head * layout.head_dim * layout.element_size
+    )
+    block_starts = np.asarray(blocks, dtype=np.uint64) * np.uint64(layout.block_bytes) + np.uint64(address)
+    rows = np.empty((len(blocks) * 2 * layout.block_size, 3), dtype=np.uint64)
+    rows[:, 0] = (block_starts[:, None] + offsets_in_block[None, :]).reshape(-1)
+    rows[:, 1] = count * layout.head_dim * layout.element_size
     rows[:, 2] = device_index
     return rows
 

@@ -21,7 +21,15 @@ from typing import Any
 import pytest
 import torch
 
-from kvtransfer import KVLayout, KVTransport, PeerId, TransferError, TransferState, create_transport
+from kvtransfer import (
+    HeadSlice,
+    KVLayout,
+    KVTransport,
+    PeerId,
+    TransferError,
+    TransferState,
+    create_transport,
+)
 from kvtransfer.descriptor import NodeDescriptor
 
 
@@ -244,6 +252,52 @@ def test_a_stalled_peer_cannot_hang_the_writer(backend: str) -> None:
             sender.wait([handle], timeout_s=6.0)
         assert handle.state is TransferState.FAILED, handle.error
         assert time.monotonic() - started < 2.0 + 2.0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_head_slices_land_in_their_heads_of_the_destination_blocks_only(backend: str) -> None:
+    """Tensor-parallel ranks of different degrees: a sender with 1 KV head writes it into head 1 of a receiver with
+    2 (HeadSlice), and a sender with 2 writes its head 1 into a receiver's head 0; the other heads stay zero.
+    Whole-block writes between them are refused, and so is a connect that does not ask for head slices."""
+    one_head, two_heads = layout(num_kv_heads=1), layout(num_kv_heads=2)
+    source = pool_for(one_head, seed=3)
+    with (
+        decode_node(backend, layout(num_kv_heads=2, num_blocks=RECEIVER_BLOCKS)) as node,
+        transport(backend) as sender,
+    ):
+        sender.register(source)
+        with pytest.raises(TransferError, match="num_kv_heads 1 here vs 2"):
+            sender.connect(node.descriptor)
+        peer = sender.connect(node.descriptor, head_slices=True)
+        with pytest.raises(ValueError, match="HeadSlice"):
+            sender.write_blocks(peer, 0, [0], [0])
+        with pytest.raises(ValueError, match="destination heads 2"):
+            sender.write_blocks(peer, 0, [0], [0], heads=HeadSlice(0, 2, 1))
+        handles = [
+            sender.write_blocks(peer, 0, [2, 3, 4], [7, 8, 9], heads=HeadSlice(0, 1, 1)),  # consecutive
+            sender.write_blocks(peer, 3, [9, 0], [3, 10], b"sliced", HeadSlice(0, 1, 1)),  # scattered
+        ]
+        assert sender.wait(handles, timeout_s=10.0)
+        block_bytes = 2 * one_head.block_size * one_head.head_dim * 4
+        assert [h.num_bytes for h in handles] == [3 * block_bytes, 2 * block_bytes]
+        received, pool = node.collect(1)
+        assert received == [("prefill-0", b"sliced")]
+        want = pool_for(layout(num_kv_heads=2, num_blocks=RECEIVER_BLOCKS))
+        for layer, src, dst in [(0, [2, 3, 4], [7, 8, 9]), (3, [9, 0], [3, 10])]:
+            want[layer][dst, :, :, 1:2] = source[layer][src]
+        for layer in range(one_head.num_layers):
+            assert torch.equal(pool[layer], want[layer]), f"layer {layer}"
+    wide = pool_for(two_heads, seed=5)
+    with (
+        decode_node(backend, layout(num_kv_heads=1, num_blocks=RECEIVER_BLOCKS), "decode-1") as node,
+        transport(backend, "prefill-1") as sender,
+    ):
+        sender.register(wide)
+        peer = sender.connect(node.descriptor, head_slices=True)
+        assert sender.wait([sender.write_blocks(peer, 1, [5, 1], [0, 11], b"one", HeadSlice(1, 0, 1))], 10.0)
+        _, pool = node.collect(1)
+        assert torch.equal(pool[1][[0, 11]], wide[1][[5, 1]][:, :, :, 1:2])
+        assert not pool[1][1:11].any() and not pool[0].any()
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -152,50 +152,41 @@ def test_colocated_tp2_nodes_serve_and_a_killed_rank_takes_only_its_node_down(ll
             assert [r.token_ids for r in generate_many(cluster.router_address, prompts, **sampling)] == want
 
 
-@pytest.mark.parametrize("kv_backend", ["torch", "nixl"])
-def test_split_cluster_prefill_tp2_to_decode_tp1_returns_a_single_engines_tokens(
-    kv_backend: str, llama_dir: Path
-) -> None:
-    """A prefill node at `--tensor-parallel 2` streams its ranks' KV, whole heads, into a TP 1 decode node, layer
-    by layer (`--one-piece-below 0`), over either transport."""
-    if kv_backend == "nixl":
-        pytest.importorskip("nixl")
-    prompts = mixed_prompts(500, seed=6)[:4]
-    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
-    want = [
-        c.token_ids for c in LLMEngine(llama_dir, EngineConfig(num_kv_blocks=256)).generate(prompts, params)
-    ]
-    spec = ClusterSpec(model_dir=llama_dir, prefill=1, decode=1, grpc_port=0, http_port=0, kv_backend=kv_backend,
-                       role_args={"prefill": ["--tensor-parallel", "2", "--one-piece-below", "0"]})  # fmt: skip
-    with LocalCluster(spec) as cluster:
-        (prefill,) = cluster.by_role("prefill")
-        assert len(child_pids(prefill.popen.pid)) == 1  # its rank 1
-        sampling = {"max_tokens": 12, "temperature": 0.0, "ignore_eos": True}
-        assert [r.token_ids for r in generate_many(cluster.router_address, prompts, **sampling)] == want
+RANK_TO_RANK_CASES = [
+    *[("llama", p, d, backend) for backend in ("torch", "nixl") for p, d in ((2, 2), (2, 1), (1, 2))],
+    # One KV head on every rank: sent once, by the first prefill rank, to every decode rank.
+    *[("single-kv-head", p, d, "torch") for p, d in ((2, 2), (2, 1), (1, 2))],
+]
 
 
-@pytest.mark.parametrize("kv_backend", ["torch", "nixl"])
-def test_split_cluster_at_equal_tp_writes_rank_to_rank_and_returns_a_single_engines_tokens(
-    kv_backend: str, llama_dir: Path
+@pytest.mark.parametrize(("model", "prefill_tp", "decode_tp", "kv_backend"), RANK_TO_RANK_CASES)
+def test_split_clusters_write_kv_rank_to_rank_and_return_a_single_engines_tokens(
+    model: str, prefill_tp: int, decode_tp: int, kv_backend: str, llama_dir: Path, single_kv_head: Path
 ) -> None:
-    """Prefill and decode nodes both at `--tensor-parallel 2`: each prefill rank writes its own KV heads into the
-    decode rank holding them, through a transport of its own (cluster/node/rank_kv.py), layer by layer and in one
-    piece; the decode node admits a request once both of its ranks have their kv-done. Tokens: a single TP 1
-    engine's; every transfer counted as rank to rank on the prefill node's /metrics."""
+    """A prefill node at `--tensor-parallel` p and a decode node at d: each prefill rank writes the KV heads each
+    decode rank holds straight into it, through a transport of its own (cluster/node/rank_kv.py): whole blocks at
+    p == d, head slices otherwise; layer by layer and in one piece (`--one-piece-below 64`). The decode node admits
+    a request once every route's kv-done is in. Tokens: a single TP 1 engine's; every transfer counted as rank to
+    rank on the prefill node's /metrics."""
     if kv_backend == "nixl":
         pytest.importorskip("nixl")
+    model_dir = single_kv_head if model == "single-kv-head" else llama_dir
     prompts = mixed_prompts(500, seed=8)[:6]  # both sides of --one-piece-below 64
     params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
     want = [
-        c.token_ids for c in LLMEngine(llama_dir, EngineConfig(num_kv_blocks=256)).generate(prompts, params)
+        c.token_ids for c in LLMEngine(model_dir, EngineConfig(num_kv_blocks=256)).generate(prompts, params)
     ]
-    spec = ClusterSpec(model_dir=llama_dir, prefill=1, decode=1, grpc_port=0, http_port=0, kv_backend=kv_backend,
-                       node_args=["--tensor-parallel", "2"],
-                       role_args={"prefill": ["--one-piece-below", "64"]})  # fmt: skip
+    role_args = {
+        "prefill": ["--tensor-parallel", str(prefill_tp), "--one-piece-below", "64"],
+        "decode": ["--tensor-parallel", str(decode_tp)],
+    }
+    spec = ClusterSpec(model_dir=model_dir, prefill=1, decode=1, grpc_port=0, http_port=0, kv_backend=kv_backend,
+                       role_args=role_args)  # fmt: skip
     with LocalCluster(spec) as cluster:
         sampling = {"max_tokens": 12, "temperature": 0.0, "ignore_eos": True}
         assert [r.token_ids for r in generate_many(cluster.router_address, prompts, **sampling)] == want
         (prefill,) = cluster.by_role("prefill")
+        assert len(child_pids(prefill.popen.pid)) == prefill_tp - 1  # its worker ranks
         counted = node_control.samples(prefill.metrics_address, "splitserve:kv_rank_to_rank_transfers_total")
         assert [value for _, value in counted] == [len(prompts)]
 
@@ -294,6 +285,33 @@ def test_tp2_nodes_reuse_a_conversations_prefix_both_ways(llama_dir: Path) -> No
         assert all(r.usage and r.usage.cached_prompt_tokens >= kv_routing.BLOCK for r in second)
         records = recent_requests(cluster, 2)
         assert all(r["imported_bytes"] > 0 for r in records), records  # the answer's blocks came back
+
+
+def test_cached_blocks_computed_rank_to_rank_are_gathered_for_a_peer_without_ranks(llama_dir: Path) -> None:
+    """A `--tensor-parallel 2` prefill node sends turn 1 rank to rank, so its ranks' KV is not mirrored into rank
+    0's whole-heads pool. Turn 2 goes to a decode node started with `--no-kv-rank-to-rank` (the first one gone)
+    and reuses turn 1's blocks from the prefill node's prefix cache: they are gathered into the pool before they
+    are sent, and the tokens are a single engine's (with the pool's stale blocks they would not be)."""
+    turn1, out1, turn2, out2 = kv_routing.two_turns(llama_dir, random.Random(7), 2)
+    spec = ClusterSpec(model_dir=llama_dir, prefill=1, decode=1, grpc_port=0, http_port=0,
+                       node_args=["--tensor-parallel", "2"])  # fmt: skip
+    with LocalCluster(spec) as cluster, ClusterView(cluster.redis_url) as view:
+        assert [
+            r.token_ids for r in generate_many(cluster.router_address, turn1, **kv_routing.SAMPLING)
+        ] == out1
+        (first,) = cluster.by_role("decode")
+        cluster.start_node("decode", ["--tensor-parallel", "1", "--no-kv-rank-to-rank"], wait=True)
+        first.popen.send_signal(signal.SIGTERM)
+        assert first.popen.wait(timeout=60) == 0
+        assert view.wait_for(lambda: view.get(first.node_id) is None, timeout_s=10.0)
+        second = [
+            generate_many(cluster.router_address, [prompt], **kv_routing.SAMPLING)[0] for prompt in turn2
+        ]
+        assert [r.token_ids for r in second] == out2
+        assert all(r.usage and r.usage.cached_prompt_tokens >= kv_routing.BLOCK for r in second)
+        (prefill,) = cluster.by_role("prefill")
+        counted = node_control.samples(prefill.metrics_address, "splitserve:kv_rank_to_rank_transfers_total")
+        assert [value for _, value in counted] == [len(turn1)]  # turn 2 went through the pool
 
 
 def test_a_killed_prefill_rank_takes_its_node_down_and_its_prompts_retry_on_the_other(

@@ -9,17 +9,25 @@ replicated heads on every rank that holds them.
 
 from __future__ import annotations
 
+import dataclasses
+import time
 from pathlib import Path
 
 import pytest
 import torch
 
+from cluster.node.rank_kv import RankedKV, RankKV, RankWrite, rank_extension, start_rank_kv
 from engine import prefix_import
-from engine.config import EngineConfig, EngineRole
+from engine.config import EngineConfig, EngineRole, RankExtension
 from engine.engine import LLMEngine
+from engine.outputs import KVLayerWrite, KVStepPlan, RequestOutput
 from engine.sampling_params import SamplingParams
 from engine.sequence import FinishReason
 from engine.tensor_parallel import TPPlan
+from kvtransfer import create_transport
+from kvtransfer.base import TransferState
+from kvtransfer.descriptor import NodeDescriptor
+from kvtransfer.notifications import kv_done
 from tests.integration.test_engine_roles import InProcessTransfer, prompts, run_pair
 
 pytestmark = pytest.mark.timeout(600)
@@ -27,10 +35,16 @@ pytestmark = pytest.mark.timeout(600)
 BLOCK = 16
 
 
-def engine(model_dir: Path, role: EngineRole, tp: int, closing: list[LLMEngine]) -> LLMEngine:
+def engine(
+    model_dir: Path,
+    role: EngineRole,
+    tp: int,
+    closing: list[LLMEngine],
+    extension: RankExtension | None = None,
+) -> LLMEngine:
     config = EngineConfig(
         role=role, dtype="float32", block_size=BLOCK, num_kv_blocks=96, max_num_batched_tokens=48,
-        max_num_seqs=8, tensor_parallel=tp, tensor_parallel_timeout_s=20.0,
+        max_num_seqs=8, tensor_parallel=tp, tensor_parallel_timeout_s=20.0, rank_extension=extension,
     )  # fmt: skip
     made = LLMEngine(model_dir, config)
     closing.append(made)
@@ -185,3 +199,164 @@ def test_rank_zeros_transfer_pool_counts_against_the_kv_memory_budget(
     per_block = used // split.runner.num_blocks
     assert budget - per_block < used <= budget  # as many blocks as fit, counting both pools
     assert split.runner.num_blocks < whole.runner.num_blocks  # the price of the transfer pool
+
+
+def test_a_prefill_step_mirrors_into_the_transfer_pool_only_what_may_leave_through_it(
+    llama_dir: Path, closing: list[LLMEngine]
+) -> None:
+    """A prefill node's plan exempts the requests whose KV goes rank to rank (cluster/node/rank_kv.py): their rows
+    are not gathered into rank 0's whole-heads pool, the others' are; export_blocks gathers exempted blocks later
+    (a peer without ranks may be sent them from the prefix cache)."""
+    prefill = engine(llama_dir, EngineRole.PREFILL, 2, closing)
+    prefill.set_kv_layer_hook(
+        lambda _layer, _writes: None, lambda _w: KVStepPlan(unmirrored=frozenset({"b"}))
+    )
+    params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+    batch = prompts(prefill.tokenizer.vocab_size)
+    for rid, prompt in (("a", batch[3]), ("b", batch[4])):
+        prefill.add_request(rid, prompt, params)
+    blocks: dict[str, list[int]] = {}
+    for _ in range(100):
+        blocks |= {o.request_id: o.kv.block_ids for o in prefill.step() if o.kv is not None}
+        if len(blocks) == 2:
+            break
+    assert set(blocks) == {"a", "b"}
+
+    def pool_and_ranks(rid: str) -> tuple[torch.Tensor, torch.Tensor]:
+        index = torch.tensor(blocks[rid])
+        pool = torch.stack([layer.index_select(0, index) for layer in prefill.kv_layers])
+        return pool, torch.cat(prefill.kv_blocks_by_rank(blocks[rid]), dim=-2)  # rank r holds KV head r
+
+    pool, ranks = pool_and_ranks("a")
+    assert ranks.any() and torch.equal(pool, ranks)  # mirrored as it was computed
+    pool, ranks = pool_and_ranks("b")
+    assert ranks.any() and not pool.any()  # exempt: the pool never saw it
+    prefill.export_blocks(blocks["b"])
+    pool, ranks = pool_and_ranks("b")
+    assert torch.equal(pool, ranks)
+
+
+class RankToRank:
+    """Plays the prefill node's service over real rank transports (cluster/node/rank_kv.py): each step's layer plan
+    goes to every prefill rank, whose own transport writes the heads each decode rank holds into it."""
+
+    def __init__(self, prefill: LLMEngine, decode: LLMEngine, closing: list[object]) -> None:
+        self.prefill, self.decode = prefill, decode
+        self.ranks = [ranked_kv(prefill, "p", closing), ranked_kv(decode, "d", closing)]
+        self.key = self.ranks[0].connect(published(decode, self.ranks[1]))
+        self.dst_blocks: dict[str, list[int]] = {}
+        self._plan: list[RankWrite] = []
+        prefill.set_kv_layer_hook(lambda layer, _writes: self.ranks[0].local.on_layer_stored(layer, self._plan),
+                                  self.plan)  # fmt: skip
+
+    def plan(self, writes: list[KVLayerWrite]) -> KVStepPlan:
+        self._plan = []
+        for w in writes:
+            first = w.start // BLOCK
+            dst = self.dst_blocks[w.request_id][first : first + len(w.block_ids)]
+            self._plan.append(RankWrite(self.key, w.request_id, w.block_ids, dst))
+        return KVStepPlan(self._plan, frozenset(w.request_id for w in writes))
+
+    def hand_over(self, out: RequestOutput) -> None:
+        """Every rank's writes done: each rank's kv-done; the decode node admits once every route's is in."""
+        assert out.kv is not None
+        rid, sender, receiver = out.request_id, *self.ranks
+        assert _settled(sender, rid)
+        tail = len(self.dst_blocks[rid]) - 1
+        last = len(self.prefill.kv_layers) - 1
+        sender.write(
+            self.key, rid, [last], out.kv.block_ids[tail:], self.dst_blocks[rid][tail:], kv_done(rid)
+        )
+        assert _settled(sender, rid)
+        deadline = time.monotonic() + 20
+        while ("p", kv_done(rid)) not in receiver.notifications():
+            assert time.monotonic() < deadline, f"no kv-done of {rid} from every route"
+            time.sleep(0.01)
+        self.decode.admit(rid, out.kv.first_token_id, out.kv.first_logprob, kv_in_ranks=True)
+
+
+def ranked_kv(made: LLMEngine, node_id: str, closing: list[object]) -> RankedKV:
+    world = made.config.tensor_parallel
+    options = {"host": "127.0.0.1", "transfer_timeout_s": 20.0}
+    if world == 1:
+        transport = create_transport("torch", node_id, **options)
+        transport.register(made.kv_layers)
+        local = RankKV(0, transport)
+    else:
+        local = start_rank_kv(0, made.runner.kv_caches, backend="torch", node_id=node_id, world=world,
+                              transport_options=options)  # fmt: skip
+    ranks = RankedKV(local, made.rank_channels, lambda split: _heads_of(made, split))
+    closing.insert(0, ranks)  # closed before the engines
+    return ranks
+
+
+def published(made: LLMEngine, ranks: RankedKV) -> NodeDescriptor:
+    return dataclasses.replace(
+        NodeDescriptor.from_bytes(ranks.local.descriptor()), tp_ranks=ranks.rank_descriptors()
+    )
+
+
+def _heads_of(made: LLMEngine, world: int) -> list[tuple[int, int]]:
+    plans = [TPPlan(made.model_config, r, world).kv_heads for r in range(world)]
+    return [(heads.start, heads.stop) for heads in plans]
+
+
+def _settled(ranks: RankedKV, rid: str) -> bool:
+    deadline = time.monotonic() + 20
+    while (state := ranks.state(rid)[0]) is TransferState.PENDING and time.monotonic() < deadline:
+        time.sleep(0.005)
+    return state is TransferState.DONE
+
+
+@pytest.mark.parametrize(
+    ("model", "prefill_tp", "decode_tp"), [*CASES, ("llama", 2, 2), ("single-kv-head", 2, 2)]
+)
+def test_rank_to_rank_writes_every_decode_rank_the_heads_the_prefill_ranks_computed(
+    model: str,
+    prefill_tp: int,
+    decode_tp: int,
+    tiny_models: dict[str, Path],
+    single_kv_head: Path,
+    closing: list[LLMEngine],
+) -> None:
+    """Real engines whose worker ranks each run a torch transport (EngineConfig.rank_extension): the prefill ranks
+    write, as each layer is stored, the heads each decode rank holds straight into its pool; nothing goes through
+    rank 0. Every decode rank's blocks then hold, head by head, what the prefill ranks computed, and the tokens are
+    a single TP 1 engine's."""
+    model_dir = single_kv_head if model == "single-kv-head" else tiny_models[model]
+    options = {"host": "127.0.0.1", "transfer_timeout_s": 20.0}
+    sides = [
+        engine(model_dir, role, tp, closing, rank_extension("torch", name, tp, options) if tp > 1 else None)
+        for role, tp, name in ((EngineRole.PREFILL, prefill_tp, "p"), (EngineRole.DECODE, decode_tp, "d"))
+    ]
+    prefill, decode = sides
+    transfer = RankToRank(prefill, decode, closing)  # type: ignore[arg-type]
+    params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
+    prompt = prompts(prefill.tokenizer.vocab_size)[3]  # 95 tokens: five full blocks and a partial one
+    want = engine(model_dir, EngineRole.COLOCATED, 1, closing).generate([prompt], params)[0].token_ids
+    transfer.dst_blocks["one"] = dst = decode.reserve("one", prompt, params)
+    prefill.add_request("one", prompt, params)
+    done = None
+    for _ in range(100):
+        done = next((o for o in prefill.step() if o.finish_reason == FinishReason.PREFILL_DONE), None)
+        if done is not None:
+            break
+    assert done is not None and done.kv is not None
+    computed = prefill.kv_blocks_by_rank(done.kv.block_ids)
+    transfer.hand_over(done)
+    prefill.release("one")
+    received = decode.kv_blocks_by_rank(dst)
+    for head in range(prefill.model_config.num_kv_heads):
+        want_rows = next(
+            rows
+            for r, part in enumerate(computed)
+            if (rows := _head_rows(part, head, prefill_tp, r, prefill, len(prompt))) is not None
+        )
+        got = [_head_rows(part, head, decode_tp, r, decode, len(prompt)) for r, part in enumerate(received)]
+        assert any(g is not None for g in got), f"no decode rank holds KV head {head}"
+        for rows in got:
+            assert rows is None or torch.equal(rows, want_rows), f"KV head {head} differs on a decode rank"
+    tokens: list[int] = []  # the admitted first token comes out of the first step
+    while decode.has_unfinished():
+        tokens.extend(t for o in decode.step() for t in o.new_token_ids)
+    assert tokens == want

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Sequence
 
@@ -10,6 +11,7 @@ import torch
 
 from kvtransfer import (
     BlockRun,
+    HeadSlice,
     KVLayout,
     KVTransport,
     PeerId,
@@ -160,6 +162,24 @@ def test_write_arguments_are_checked_against_both_pools() -> None:
             check_write(LAYOUT, peer, layer, src, dst, notify)  # type: ignore[arg-type]
 
 
+def test_head_slices_may_join_pools_of_different_kv_heads_and_must_fit_both() -> None:
+    two = dataclasses.replace(LAYOUT, num_kv_heads=2)
+    four = dataclasses.replace(LAYOUT, num_kv_heads=4, num_blocks=3)
+    assert "num_kv_heads 2 here vs 4" in (two.compatible_with(four) or "")
+    assert two.compatible_with(four, head_slices=True) is None
+    assert "head_dim" in (two.compatible_with(dataclasses.replace(four, head_dim=2), head_slices=True) or "")
+    assert check_write(two, four, 0, [1], [2], None, HeadSlice(1, 3, 1)) == ([1], [2])
+    for heads, problem in [
+        (HeadSlice(0, 3, 2), "destination heads 3"),
+        (HeadSlice(2, 0, 1), "source heads 2"),
+        (HeadSlice(0, 0, 0), "positive count"),
+        (None, "write a HeadSlice"),
+    ]:
+        with pytest.raises(ValueError, match=problem):
+            check_write(two, four, 0, [1], [2], None, heads)
+    assert HeadSlice(0, 0, 1).bytes_per_block(two) == two.block_bytes // 2
+
+
 class _ScriptedTransport(KVTransport):
     """Settles each handle after a given number of polls; only what wait() needs."""
 
@@ -181,11 +201,17 @@ class _ScriptedTransport(KVTransport):
     def local_descriptor(self) -> bytes:
         return b""
 
-    def connect(self, peer_descriptor: bytes) -> PeerId:
+    def connect(self, peer_descriptor: bytes, head_slices: bool = False) -> PeerId:
         return PeerId("peer")
 
     def write_blocks(
-        self, peer: PeerId, layer: int, src: Sequence[int], dst: Sequence[int], notify: bytes | None = None
+        self,
+        peer: PeerId,
+        layer: int,
+        src: Sequence[int],
+        dst: Sequence[int],
+        notify: bytes | None = None,
+        heads: HeadSlice | None = None,
     ) -> TransferHandle:
         raise NotImplementedError
 

@@ -26,7 +26,7 @@ from kvtransfer.backends.torch_backend.wire import (
 )
 from kvtransfer.base import PeerId, TransferHandle, TransferState, check_write
 from kvtransfer.descriptor import NodeDescriptor
-from kvtransfer.layout import KVLayout, coalesce_block_pairs
+from kvtransfer.layout import HeadSlice, KVLayout, coalesce_block_pairs
 
 JOIN_TIMEOUT_S = 2.0  # how long close() waits for one thread or one goodbye
 # A write whose runs (blocks consecutive on both sides) average this many bytes sends each run as its own gloo
@@ -48,6 +48,7 @@ class Job:
     src: list[int]
     dst: list[int]
     notify: bytes | None
+    heads: HeadSlice | None = None
 
 
 _Started = tuple[TorchHandle, list[Any], list[torch.Tensor]]
@@ -151,7 +152,8 @@ class OutboundPair:
             try:
                 payloads, runs = self._payloads(job)
                 works = [self.link.group.send([byte_view(p)], 1, DATA_TAG) for p in payloads]
-                header = WriteHeader(self._seq, handle.layer, tuple(job.dst), runs, job.notify)
+                heads = None if job.heads is None else (job.heads.dst_start, job.heads.count)
+                header = WriteHeader(self._seq, handle.layer, tuple(job.dst), runs, job.notify, heads)
                 self._store.queue_push(self._headers_key, header.encode())
                 self._seq += 1
             except Exception as exc:  # gloo, store or gather errors: the pair is out of step
@@ -177,6 +179,12 @@ class OutboundPair:
         if not job.src:  # an announcement copies nothing
             return [], ()
         kv_layer = self._pool[job.handle.layer]
+        if (
+            job.heads is not None
+        ):  # some heads of each block: one gathered message [n, 2, block_size, count, D]
+            index = torch.tensor(job.src, dtype=torch.long, device=kv_layer.device)
+            first, count = job.heads.src_start, job.heads.count
+            return [kv_layer.index_select(0, index)[:, :, :, first : first + count].contiguous().cpu()], ()
         runs = coalesce_block_pairs(job.src, job.dst)
         num_bytes = len(job.src) * kv_layer[0].numel() * kv_layer.element_size()
         if kv_layer.device.type == "cpu" and (len(runs) == 1 or num_bytes >= MIN_RUN_BYTES * len(runs)):
@@ -261,10 +269,14 @@ class InboundPair:
         """Validate a header and post its recvs: straight into the pool where the blocks are consecutive (and
         the pool in host memory), otherwise into a staging buffer that finish() moves into the blocks."""
         layout, dst = self._layout, header.dst_blocks
-        check_write(layout, layout, header.layer, dst, dst, header.notify)
+        # The writer's own slice is its business; here the destination's heads must exist.
+        heads = None if header.heads is None else HeadSlice(0, *header.heads)
+        check_write(layout, layout, header.layer, dst, dst, header.notify, heads)
         if not dst:
             return _Landing(header, [], None, None)
         kv_layer = self._pool[header.layer]
+        if heads is not None:
+            return self._start_head_slice(header, kv_layer, heads)
         # One gathered message whose destination is consecutive counts as a single run.
         runs = header.runs or ((len(dst),) if len(coalesce_block_pairs(dst, dst)) == 1 else ())
         slices = _run_slices(kv_layer, dst, runs) if runs else None
@@ -291,6 +303,23 @@ class InboundPair:
                     target.copy_(segment)
 
         return _Landing(header, works, finish, staging)
+
+    def _start_head_slice(self, header: WriteHeader, kv_layer: torch.Tensor, heads: HeadSlice) -> _Landing:
+        """A head slice lands in a staging buffer [n, 2, block_size, count, D], then in its heads of each block."""
+        layout, dst = self._layout, header.dst_blocks
+        staging = self._staging.get(timeout=self._timeout_s)
+        num_bytes = len(dst) * heads.bytes_per_block(layout)
+        if staging.numel() < num_bytes:
+            staging = torch.empty(num_bytes, dtype=torch.uint8)
+        shape = (len(dst), 2, layout.block_size, heads.count, layout.head_dim)
+        staged = staging[:num_bytes].view(kv_layer.dtype).view(shape)
+        index = torch.tensor(dst, dtype=torch.long, device=kv_layer.device)
+        first = heads.dst_start
+
+        def finish() -> None:
+            kv_layer[index, :, :, first : first + heads.count] = staged.to(kv_layer.device)
+
+        return _Landing(header, [self._recv(staged)], finish, staging)
 
     def _recv(self, target: torch.Tensor) -> Any:
         return self.link.group.recv([byte_view(target)], 0, DATA_TAG)

@@ -39,7 +39,7 @@ from kvtransfer.base import (
     check_write,
 )
 from kvtransfer.descriptor import NodeDescriptor, check_peer
-from kvtransfer.layout import KVLayout
+from kvtransfer.layout import HeadSlice, KVLayout
 
 _ACCEPT_QUEUE = "kv/accept"
 
@@ -132,12 +132,12 @@ class TorchTransport(KVTransport):
                 endpoint=f"{self.host}:{self._server.port}",
             ).to_bytes()
 
-    def connect(self, peer_descriptor: bytes) -> PeerId:
+    def connect(self, peer_descriptor: bytes, head_slices: bool = False) -> PeerId:
         node = NodeDescriptor.from_bytes(peer_descriptor)
         with self._connect_lock:
             with self._lock:
                 self._check_open()
-                check_peer(node, self.name, self.node_id, self._require_registered())
+                check_peer(node, self.name, self.node_id, self._require_registered(), head_slices)
                 peer_id = PeerId(node.node_id)
                 known = self._outbound.get(peer_id)
                 if known is not None and known.descriptor == peer_descriptor and known.broken is None:
@@ -145,7 +145,7 @@ class TorchTransport(KVTransport):
                 self._outbound.pop(peer_id, None)
             if known is not None:  # it broke, or the peer restarted with a new descriptor
                 known.close()
-            pair = self._open_pair(node, peer_descriptor)
+            pair = self._open_pair(node, peer_descriptor, head_slices)
             with self._lock:
                 if not self._closed:
                     self._outbound[peer_id] = pair
@@ -153,7 +153,7 @@ class TorchTransport(KVTransport):
             pair.close()
             raise TransferError("the KV transport was closed while connecting")
 
-    def _open_pair(self, node: NodeDescriptor, descriptor: bytes) -> OutboundPair:
+    def _open_pair(self, node: NodeDescriptor, descriptor: bytes, head_slices: bool) -> OutboundPair:
         host, _, port = node.endpoint.rpartition(":")
         if not host or not port.isdigit():
             raise TransferError(
@@ -165,7 +165,12 @@ class TorchTransport(KVTransport):
         except OSError as exc:
             raise TransferError(f"KV peer {node.node_id!r} at {node.endpoint} is unreachable: {exc}") from exc
         key = f"{self.node_id}/{uuid.uuid4().hex}"
-        request = {"key": key, "node_id": self.node_id, "layout": self._require_registered().to_json()}
+        request: dict[str, object] = {
+            "key": key,
+            "node_id": self.node_id,
+            "layout": self._require_registered().to_json(),
+            "head_slices": head_slices,
+        }
         if self._cluster_token:
             request["proof"] = pair_proof(self._cluster_token, key)
         try:
@@ -195,9 +200,11 @@ class TorchTransport(KVTransport):
             if not self._closed:
                 log.warning("KV transport %s stopped accepting peers: %s", self.node_id, exc)
 
-    def _accept(self, store: Any, port: int, layout: KVLayout, request: dict[str, str]) -> None:
-        key, peer = request["key"], PeerId(request["node_id"])
-        reason = self._refusal(key, request) or layout.compatible_with(KVLayout.from_json(request["layout"]))
+    def _accept(self, store: Any, port: int, layout: KVLayout, request: dict[str, Any]) -> None:
+        key, peer = str(request["key"]), PeerId(str(request["node_id"]))
+        peer_layout = KVLayout.from_json(str(request["layout"]))
+        head_slices = request.get("head_slices") is True  # each write then checks its heads fit (pairs.py)
+        reason = self._refusal(key, request) or layout.compatible_with(peer_layout, head_slices)
         store.set(f"kv/pair/{key}/answer", "ok" if reason is None else reason)
         if reason is not None or self._closed:
             return
@@ -222,7 +229,7 @@ class TorchTransport(KVTransport):
                 on_end=self._retire,
             )
 
-    def _refusal(self, key: str, request: dict[str, str]) -> str | None:
+    def _refusal(self, key: str, request: dict[str, Any]) -> str | None:
         """Why a connect request is refused before its layout is even read: no valid proof of the cluster token,
         or a pair key seen before (a request replayed by someone who read the store); None when it may go on."""
         if not self._cluster_token:
@@ -252,6 +259,7 @@ class TorchTransport(KVTransport):
         src_blocks: Sequence[int],
         dst_blocks: Sequence[int],
         notify: bytes | None = None,
+        heads: HeadSlice | None = None,
     ) -> TransferHandle:
         with self._lock:
             self._check_open()
@@ -259,12 +267,11 @@ class TorchTransport(KVTransport):
             pair = self._outbound.get(peer)
         if pair is None:
             raise TransferError(f"not connected to KV peer {peer!r}")
-        src, dst = check_write(layout, pair.node.layout, layer, src_blocks, dst_blocks, notify)
+        src, dst = check_write(layout, pair.node.layout, layer, src_blocks, dst_blocks, notify, heads)
         now = time.monotonic()
-        handle = TorchHandle(
-            peer, layer, len(src) * layout.block_bytes, now + self.transfer_timeout_s, started=now
-        )
-        pair.submit(Job(handle, src, dst, notify))
+        per_block = layout.block_bytes if heads is None else heads.bytes_per_block(layout)
+        handle = TorchHandle(peer, layer, len(src) * per_block, now + self.transfer_timeout_s, started=now)
+        pair.submit(Job(handle, src, dst, notify, heads))
         return handle
 
     def poll(self, handle: TransferHandle) -> TransferState:

@@ -17,10 +17,11 @@ BYE_TAG = 1  # one byte, sent once by the side that closes first and answered by
 IDLE = timedelta(days=30)
 DIST_ERRORS = (RuntimeError, dist.DistError)  # gloo raises RuntimeError, the TCPStore DistError subclasses
 
-# magic, sequence number, layer, block count, run count, notify length (-1: none); then the destination ids and
-# the run lengths (int32 each) and the notify bytes.
-_FIXED = struct.Struct("<4sqiiii")
-_MAGIC = b"KVW2"
+# magic, sequence number, layer, block count, run count, notify length (-1: none), the destination's first KV head
+# and the head count of a head slice (-1, -1: whole blocks); then the destination ids and the run lengths (int32
+# each) and the notify bytes.
+_FIXED = struct.Struct("<4sqiiiiii")
+_MAGIC = b"KVW3"
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,11 +33,14 @@ class WriteHeader:
     # into the pools; empty when the blocks come as a single gathered message instead.
     runs: tuple[int, ...]
     notify: bytes | None
+    # A head slice: (first KV head in the destination blocks, head count); the message holds only those heads.
+    heads: tuple[int, int] | None = None
 
     def encode(self) -> bytes:
         notify_len = -1 if self.notify is None else len(self.notify)
         counts = (len(self.dst_blocks), len(self.runs))
-        fixed = _FIXED.pack(_MAGIC, self.seq, self.layer, *counts, notify_len)
+        heads = self.heads or (-1, -1)
+        fixed = _FIXED.pack(_MAGIC, self.seq, self.layer, *counts, notify_len, *heads)
         ints = struct.pack(f"<{sum(counts)}i", *self.dst_blocks, *self.runs)
         return fixed + ints + (self.notify or b"")
 
@@ -44,7 +48,7 @@ class WriteHeader:
     def decode(cls, data: bytes) -> WriteHeader:
         """ValueError if data is not an encoded header."""
         try:
-            magic, seq, layer, num_dst, num_runs, notify_len = _FIXED.unpack_from(data)
+            magic, seq, layer, num_dst, num_runs, notify_len, head, head_count = _FIXED.unpack_from(data)
             ints_end = _FIXED.size + 4 * (num_dst + num_runs)
             if magic != _MAGIC or min(num_dst, num_runs) < 0 or len(data) != ints_end + max(notify_len, 0):
                 raise ValueError("bad magic or length")
@@ -52,7 +56,8 @@ class WriteHeader:
         except (struct.error, ValueError) as exc:
             raise ValueError(f"malformed write header ({len(data)} bytes): {exc}") from None
         notify = None if notify_len < 0 else bytes(data[ints_end:])
-        return cls(seq, layer, ints[:num_dst], ints[num_dst:], notify)
+        heads = None if head_count < 0 else (head, head_count)
+        return cls(seq, layer, ints[:num_dst], ints[num_dst:], notify, heads)
 
 
 def gloo_pair(store: Any, key: str, rank: int, host: str, timeout_s: float) -> Any:
