@@ -81,11 +81,14 @@ def run(tp: int, args: argparse.Namespace, role: str = "colocated", mirror: bool
     try:
         rng = random.Random(0)
         prompts = [[rng.randrange(3, 30000) for _ in range(args.prompt_len)] for _ in range(args.batch)]
+        # Different prompts of the same shapes, so that the timed step computes its prompts instead of finding them
+        # in the prefix cache.
+        warm_up = [[rng.randrange(3, 30000) for _ in range(args.prompt_len)] for _ in range(args.batch)]
         params = SamplingParams(max_tokens=args.decode_steps + 1, temperature=0.0, ignore_eos=True)
-        # First-call costs (on a GPU also the kernels' first launches at the timed batch's shapes): the same batch
-        # once, untimed.
+        # First-call costs (on a GPU also the kernels' first launches at the timed batch's shapes): a batch of the
+        # same shapes once, untimed.
         _prompts_step(
-            engine, "warm-up", prompts, SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
+            engine, "warm-up", warm_up, SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
         )
         while engine.has_unfinished():
             engine.step()
