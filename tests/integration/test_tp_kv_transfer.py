@@ -20,7 +20,7 @@ from cluster.node.rank_kv import RankedKV, RankKV, RankWrite, rank_extension, st
 from engine import prefix_import
 from engine.config import EngineConfig, EngineRole, RankExtension
 from engine.engine import LLMEngine
-from engine.outputs import KVLayerWrite, KVStepPlan, RequestOutput
+from engine.outputs import KVHandoff, KVLayerWrite, KVStepPlan
 from engine.sampling_params import SamplingParams
 from engine.sequence import FinishReason
 from engine.tensor_parallel import TPPlan
@@ -72,31 +72,12 @@ def test_split_across_tp_degrees_returns_a_tp1_engines_tokens_and_every_rank_hol
     prompt = prompts(prefill.tokenizer.vocab_size)[3]  # 95 tokens: five full blocks and a partial one
     transfer = InProcessTransfer(prefill, decode)
     transfer.dst_blocks["one"] = dst = decode.reserve("one", prompt, params)
-    prefill.add_request("one", prompt, params)
-    done = None
-    for _ in range(100):
-        done = next((o for o in prefill.step() if o.finish_reason == FinishReason.PREFILL_DONE), None)
-        if done is not None:
-            break
-    assert done is not None and done.kv is not None
-    src = done.kv.block_ids
-    computed = prefill.kv_blocks_by_rank(src)
-    decode.admit("one", done.kv.first_token_id, done.kv.first_logprob)
+    done = _prefill_one(prefill, "one", prompt, params)
+    computed = prefill.kv_blocks_by_rank(done.block_ids)
+    decode.admit("one", done.first_token_id, done.first_logprob)
     prefill.release("one")
     decode.step()  # the decode ranks take their heads of the received blocks before this step's forward
-    received = decode.kv_blocks_by_rank(dst)
-    assert len(computed) == prefill_tp and len(received) == decode_tp
-    for head in range(prefill.model_config.num_kv_heads):
-        want = [
-            _head_rows(part, head, prefill_tp, r, prefill, len(prompt)) for r, part in enumerate(computed)
-        ]
-        want = [w for w in want if w is not None]
-        assert want and all(torch.equal(w, want[0]) for w in want)  # replicas agree on the prefill side
-        got = [_head_rows(part, head, decode_tp, r, decode, len(prompt)) for r, part in enumerate(received)]
-        got = [g for g in got if g is not None]
-        assert got, f"no decode rank holds KV head {head}"
-        for rows in got:
-            assert torch.equal(rows, want[0]), f"KV head {head} differs on a decode rank"
+    _assert_every_rank_holds_its_heads(prefill, computed, decode, decode.kv_blocks_by_rank(dst), len(prompt))
     while decode.has_unfinished():
         decode.step()
 
@@ -108,6 +89,41 @@ def test_split_across_tp_degrees_returns_a_tp1_engines_tokens_and_every_rank_hol
     }
     tokens, _ = run_pair(prefill, decode, batch, params)
     assert tokens == want_tokens
+
+
+def _prefill_one(prefill: LLMEngine, rid: str, prompt: list[int], params: SamplingParams) -> KVHandoff:
+    """Compute one prompt on a prefill engine; its hand-over (the blocks stay held until release)."""
+    prefill.add_request(rid, prompt, params)
+    for _ in range(100):
+        done = next((o for o in prefill.step() if o.finish_reason == FinishReason.PREFILL_DONE), None)
+        if done is not None:
+            assert done.kv is not None
+            return done.kv
+    raise AssertionError(f"{rid} was not prefilled")
+
+
+def _assert_every_rank_holds_its_heads(
+    prefill: LLMEngine,
+    computed: list[torch.Tensor],
+    decode: LLMEngine,
+    received: list[torch.Tensor],
+    num_tokens: int,
+) -> None:
+    """Head by head: the prefill ranks holding a KV head agree on it, and every decode rank holding it has it."""
+    assert len(computed) == prefill.config.tensor_parallel and len(received) == decode.config.tensor_parallel
+    for head in range(prefill.model_config.num_kv_heads):
+        want = [
+            _head_rows(part, head, len(computed), r, prefill, num_tokens) for r, part in enumerate(computed)
+        ]
+        want = [w for w in want if w is not None]
+        assert want and all(torch.equal(w, want[0]) for w in want)  # replicas agree on the prefill side
+        got = [
+            _head_rows(part, head, len(received), r, decode, num_tokens) for r, part in enumerate(received)
+        ]
+        got = [g for g in got if g is not None]
+        assert got, f"no decode rank holds KV head {head}"
+        for rows in got:
+            assert torch.equal(rows, want[0]), f"KV head {head} differs on a decode rank"
 
 
 def _head_rows(
@@ -257,22 +273,19 @@ class RankToRank:
             self._plan.append(RankWrite(self.key, w.request_id, w.block_ids, dst))
         return KVStepPlan(self._plan, frozenset(w.request_id for w in writes))
 
-    def hand_over(self, out: RequestOutput) -> None:
+    def hand_over(self, rid: str, kv: KVHandoff) -> None:
         """Every rank's writes done: each rank's kv-done; the decode node admits once every route's is in."""
-        assert out.kv is not None
-        rid, sender, receiver = out.request_id, *self.ranks
+        sender, receiver = self.ranks
         assert _settled(sender, rid)
         tail = len(self.dst_blocks[rid]) - 1
         last = len(self.prefill.kv_layers) - 1
-        sender.write(
-            self.key, rid, [last], out.kv.block_ids[tail:], self.dst_blocks[rid][tail:], kv_done(rid)
-        )
+        sender.write(self.key, rid, [last], kv.block_ids[tail:], self.dst_blocks[rid][tail:], kv_done(rid))
         assert _settled(sender, rid)
         deadline = time.monotonic() + 20
         while ("p", kv_done(rid)) not in receiver.notifications():
             assert time.monotonic() < deadline, f"no kv-done of {rid} from every route"
             time.sleep(0.01)
-        self.decode.admit(rid, out.kv.first_token_id, out.kv.first_logprob, kv_in_ranks=True)
+        self.decode.admit(rid, kv.first_token_id, kv.first_logprob, kv_in_ranks=True)
 
 
 def ranked_kv(made: LLMEngine, node_id: str, closing: list[object]) -> RankedKV:
@@ -335,27 +348,11 @@ def test_rank_to_rank_writes_every_decode_rank_the_heads_the_prefill_ranks_compu
     prompt = prompts(prefill.tokenizer.vocab_size)[3]  # 95 tokens: five full blocks and a partial one
     want = engine(model_dir, EngineRole.COLOCATED, 1, closing).generate([prompt], params)[0].token_ids
     transfer.dst_blocks["one"] = dst = decode.reserve("one", prompt, params)
-    prefill.add_request("one", prompt, params)
-    done = None
-    for _ in range(100):
-        done = next((o for o in prefill.step() if o.finish_reason == FinishReason.PREFILL_DONE), None)
-        if done is not None:
-            break
-    assert done is not None and done.kv is not None
-    computed = prefill.kv_blocks_by_rank(done.kv.block_ids)
-    transfer.hand_over(done)
+    done = _prefill_one(prefill, "one", prompt, params)
+    computed = prefill.kv_blocks_by_rank(done.block_ids)
+    transfer.hand_over("one", done)
     prefill.release("one")
-    received = decode.kv_blocks_by_rank(dst)
-    for head in range(prefill.model_config.num_kv_heads):
-        want_rows = next(
-            rows
-            for r, part in enumerate(computed)
-            if (rows := _head_rows(part, head, prefill_tp, r, prefill, len(prompt))) is not None
-        )
-        got = [_head_rows(part, head, decode_tp, r, decode, len(prompt)) for r, part in enumerate(received)]
-        assert any(g is not None for g in got), f"no decode rank holds KV head {head}"
-        for rows in got:
-            assert rows is None or torch.equal(rows, want_rows), f"KV head {head} differs on a decode rank"
+    _assert_every_rank_holds_its_heads(prefill, computed, decode, decode.kv_blocks_by_rank(dst), len(prompt))
     tokens: list[int] = []  # the admitted first token comes out of the first step
     while decode.has_unfinished():
         tokens.extend(t for o in decode.step() for t in o.new_token_ids)
