@@ -261,7 +261,7 @@ class DecodeNodeService(cluster_pb2_grpc.DecodeNodeServicer):
             for _peer, payload in self.transport.notifications():
                 self._notified(payload)
             if self.ranks is not None:
-                for _peer, payload in await asyncio.to_thread(self.ranks.notifications):
+                for _peer, payload in await self.ranks.off_loop(self.ranks.notifications):
                     self._notified(payload, in_ranks=True)
             await asyncio.sleep(NOTIFICATION_POLL_S)
 

@@ -305,12 +305,12 @@ class PrefillNodeService(cluster_pb2_grpc.PrefillNodeServicer):
             return
         try:
             if not target.done_sent:
-                while (state := (await asyncio.to_thread(ranks.state, rid))[0]) is TransferState.PENDING:
+                while (state := (await ranks.off_loop(ranks.state, rid))[0]) is TransferState.PENDING:
                     await asyncio.sleep(FENCE_POLL_S)  # bounded by the writes' deadlines
                 if state is TransferState.DONE:
-                    await asyncio.to_thread(ranks.write, str(target.peer), rid, [0], [], [], kv_fence(rid))
+                    await ranks.off_loop(ranks.write, str(target.peer), rid, [0], [], [], kv_fence(rid))
         finally:
-            await asyncio.to_thread(ranks.forget, rid)
+            await ranks.off_loop(ranks.forget, rid)
 
     def _in_background(self, work: Coroutine[object, object, None]) -> None:
         task = asyncio.get_running_loop().create_task(work)
@@ -478,7 +478,7 @@ class PrefillNodeService(cluster_pb2_grpc.PrefillNodeServicer):
         """Until every rank's writes of rid landed (their bytes); TransferFailed if one failed or time ran out."""
         assert self.ranks is not None
         while True:
-            state, error, sent = await asyncio.to_thread(self.ranks.state, rid)
+            state, error, sent = await self.ranks.off_loop(self.ranks.state, rid)
             if state is TransferState.FAILED:
                 raise TransferFailed(f"a KV write failed: {error}")
             if state is TransferState.DONE:

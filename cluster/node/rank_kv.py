@@ -27,13 +27,14 @@ whole-heads path is the same thing there).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import re
 import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -58,6 +59,7 @@ CALL_TIMEOUT_S = 10.0
 CONNECT_CALL_TIMEOUT_S = 60.0
 ARRIVAL_TTL_S = 600.0  # a notification some route never delivered (its write failed) is forgotten then
 
+_T = TypeVar("_T")
 HeadRanges = list[tuple[int, int]]  # per rank, the KV heads [start, stop) it holds
 _RANK_ID = re.compile(r"^(?P<node>.+)\.tp(?P<rank>\d+)of(?P<world>\d+)$")
 
@@ -264,6 +266,13 @@ class RankedKV:
         self._arrivals: dict[tuple[str, bytes], tuple[frozenset[tuple[int, int]], float]] = {}
         self._received: list[tuple[str, bytes]] = []  # rank 0's, when it shares the node's transport
         self._lock = threading.Lock()
+
+    async def off_loop(self, method: Callable[..., _T], *args: Any) -> _T:
+        """method(*args) for the event loop: on a worker thread when it calls worker ranks (a pipe round trip
+        each), at once when this node is one rank (its answers are local and quick)."""
+        if not self.channels:
+            return method(*args)
+        return await asyncio.to_thread(method, *args)
 
     def rank_descriptors(self) -> tuple[RankDescriptor, ...]:
         return tuple(
