@@ -73,8 +73,8 @@ class DecodeNodeService(cluster_pb2_grpc.DecodeNodeServicer):
         self._tasks: list[asyncio.Task[None]] = []
         self.charges = ledger_of(engine)
         self.prefix_export = PrefixExport(engine, transport)
-        # A tensor-parallel node's ranks' own transports (cluster/node/rank_kv.py): a prefill node of the same
-        # degree writes each rank's heads there, and its kv-done counts once every rank has it.
+        # This node's ranks (cluster/node/rank_kv.py; None with --no-kv-rank-to-rank): a prefill node's ranks write
+        # the heads each of them holds there, and its kv-done counts once every route's has arrived.
         self.ranks: RankedKV | None = getattr(transport, "ranks", None)
         self._kv_in_ranks: set[str] = set()  # reservations whose KV came rank to rank: nothing to import
 

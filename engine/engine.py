@@ -185,8 +185,9 @@ class LLMEngine:
     def set_kv_layer_hook(self, hook: KVLayerHook | None, planner: KVStepPlanner | None = None) -> None:
         """Prefill role: hook(layer, writes) runs right after each layer's new KV is in the cache.
 
-        planner(writes), if given, runs once per step before the forward; what it returns (picklable) is the step's
-        layer plan, which the tensor-parallel worker ranks' extensions get with the step (rank_calls.py)."""
+        planner(writes), if given, runs once per step before the forward: its KVStepPlan's layer plan (picklable) goes
+        to the tensor-parallel worker ranks' extensions with the step (rank_calls.py), and the requests it exempts are
+        not mirrored into rank 0's transfer pool."""
         self._kv_layer_hook = hook
         self._kv_step_planner = planner
 
@@ -505,18 +506,16 @@ class LLMEngine:
         if hook is None or self.config.role != EngineRole.PREFILL:
             return None, None, None
         writes = sched.kv_writes(self.config.block_size)
-        if self._kv_step_planner is None:
-            return (lambda layer: hook(layer, writes)), None, None
-        plan = self._kv_step_planner(writes)
-        if self.runner.resharding is None:  # no transfer pool to mirror into
-            return (lambda layer: hook(layer, writes)), plan, None
-        bs = self.config.block_size
-        mirrored = [
-            w.block_ids[p // bs - w.start // bs] * bs + p % bs
-            for w in writes
-            if w.request_id not in plan.unmirrored
-            for p in range(w.start, w.end)
-        ]
+        plan = self._kv_step_planner(writes) if self._kv_step_planner is not None else None
+        mirrored = None
+        if plan is not None and self.runner.resharding is not None:
+            bs = self.config.block_size
+            mirrored = [
+                w.block_ids[p // bs - w.start // bs] * bs + p % bs
+                for w in writes
+                if w.request_id not in plan.unmirrored
+                for p in range(w.start, w.end)
+            ]
         return (lambda layer: hook(layer, writes)), plan, mirrored
 
 

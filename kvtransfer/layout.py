@@ -62,6 +62,10 @@ class KVLayout:
         """Bytes of one block of one layer, K and V together."""
         return 2 * self.block_size * self.num_kv_heads * self.head_dim * self.element_size
 
+    def write_bytes(self, num_blocks: int, heads: HeadSlice | None = None) -> int:
+        """Bytes a write of num_blocks blocks moves: whole blocks, or a head slice of each."""
+        return num_blocks * (self.block_bytes if heads is None else heads.bytes_per_block(self))
+
     @property
     def layer_bytes(self) -> int:
         return self.num_blocks * self.block_bytes

@@ -85,8 +85,8 @@ class _Target:
     peer: object
     dst_blocks: list[int]
     layer_wise: bool  # stream each layer as it is computed, or send everything once the prompt is done
-    # Set when the decode node runs at this node's tensor-parallel degree: every rank writes its own heads to the
-    # decode rank holding them (cluster/node/rank_kv.py); `peer` is then that node's id, and `handles` stays empty.
+    # Set when the decode node publishes ranks (cluster/node/rank_kv.py): every rank writes the heads it holds to the
+    # decode ranks holding them; `peer` is then that node's id, and `handles` stays empty.
     rank_to_rank: bool = False
     skip: int = 0  # leading blocks the decode node holds already (its prefix cache): never written
     handles: list[object] = field(default_factory=list)
@@ -131,7 +131,7 @@ class PrefillNodeService(cluster_pb2_grpc.PrefillNodeServicer):
         self.charges = ledger_of(engine)
         # Told (seconds, bytes, rank to rank?) of each completed transfer; the node's metrics set it.
         self.on_kv_transfer: Callable[[float, int, bool], None] | None = None
-        # A tensor-parallel node's ranks' own transports (cluster/node/rank_kv.py); None at TP 1.
+        # This node's ranks and their transports (cluster/node/rank_kv.py); None with --no-kv-rank-to-rank.
         self.ranks: RankedKV | None = getattr(transport, "ranks", None)
         self._rank_peers: dict[bytes, str] = {}  # decode descriptors the ranks are connected to -> peer key
         self._step_plan: list[RankWrite] = []  # this step's rank-to-rank writes (engine thread)
@@ -296,7 +296,7 @@ class PrefillNodeService(cluster_pb2_grpc.PrefillNodeServicer):
 
     async def _end_rank_transfer(self, rid: str, target: _Target) -> None:
         """_end_transfer, rank to rank: each rank fences on its own connection, once every rank's writes of rid
-        settled and none failed (the decode node frees the blocks when all of its ranks have the fence)."""
+        settled and none failed (the decode node frees the blocks once every route's fence is in)."""
         ranks = self.ranks
         assert ranks is not None
         try:
@@ -368,8 +368,12 @@ class PrefillNodeService(cluster_pb2_grpc.PrefillNodeServicer):
                 if target.first_write_at is None:
                     target.first_write_at = time.monotonic()
         self._step_plan = plan
-        whole_path = {w.request_id for w in writes if _leaves_whole(self._targets.get(w.request_id))}
-        unmirrored = frozenset(w.request_id for w in writes if w.request_id not in whole_path)
+        # Only a peer without ranks is sent KV from the whole-heads pool.
+        unmirrored = frozenset(
+            w.request_id
+            for w in writes
+            if (target := self._targets.get(w.request_id)) is None or target.rank_to_rank
+        )
         return KVStepPlan(plan or None, unmirrored)
 
     def _on_layer_stored(self, layer: int, writes: list[KVLayerWrite]) -> None:
@@ -441,6 +445,10 @@ class PrefillNodeService(cluster_pb2_grpc.PrefillNodeServicer):
         )
         target.done_sent = target.error is None
         await self._wait(target, deadline)
+        self._transfer_done(target)
+
+    def _transfer_done(self, target: _Target) -> None:
+        """Every write landed: time the transfer (first write issued -> now) and tell the node's metrics."""
         if target.first_write_at is not None:
             target.transfer_seconds = time.monotonic() - target.first_write_at
             if self.on_kv_transfer is not None:
@@ -450,7 +458,7 @@ class PrefillNodeService(cluster_pb2_grpc.PrefillNodeServicer):
         self, rid: str, out: RequestOutput, kv: KVHandoff, deadline: float
     ) -> None:
         """_complete_transfer, rank to rank: every rank sends its heads of the unsent blocks, and, once every
-        rank's writes landed, its own kv-done (the decode node admits the request when all of its ranks have it)."""
+        rank's writes landed, its own kv-done along each route (the decode node admits once every route's is in)."""
         ranks, target = self.ranks, self._targets[rid]
         assert ranks is not None  # rank_to_rank targets exist only then
         key, layers = str(target.peer), list(range(len(kv.kv_layers)))
@@ -469,10 +477,7 @@ class PrefillNodeService(cluster_pb2_grpc.PrefillNodeServicer):
         )
         target.done_sent = True
         target.bytes_written = await self._wait_ranks(rid, deadline)
-        if target.first_write_at is not None:
-            target.transfer_seconds = time.monotonic() - target.first_write_at
-            if self.on_kv_transfer is not None:
-                self.on_kv_transfer(target.transfer_seconds, target.bytes_written, target.rank_to_rank)
+        self._transfer_done(target)
 
     async def _wait_ranks(self, rid: str, deadline: float) -> int:
         """Until every rank's writes of rid landed (their bytes); TransferFailed if one failed or time ran out."""
@@ -532,11 +537,6 @@ def _queued_s(target: _Target, started_ns: int) -> float:
     if target.compute_started_ns is None:
         return 0.0
     return max(0.0, (target.compute_started_ns - started_ns) / 1e9)
-
-
-def _leaves_whole(target: _Target | None) -> bool:
-    """Whether a request's KV is sent from the whole-heads pool (to a peer without ranks)."""
-    return target is not None and not target.rank_to_rank
 
 
 def _first_token(out: RequestOutput) -> pb.TokenLogprob:

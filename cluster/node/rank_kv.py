@@ -38,6 +38,7 @@ from typing import Any, TypeVar
 
 import torch
 
+from cluster.addresses import default_ucx_net_devices
 from engine.config import RankExtension
 from engine.tensor_parallel.rank_calls import RankCallFailed, RankChannel
 from kvtransfer import create_transport
@@ -123,6 +124,21 @@ def rank_extension(
     return RankExtension("cluster.node.rank_kv", "start_rank_kv", options)
 
 
+def open_transport(
+    backend: str, transport_id: str, kv_pool: list[torch.Tensor], options: dict[str, Any]
+) -> KVTransport:
+    """A node's or a rank's KV transport over its pool, registered. options: transfer_timeout_s, host (the address
+    peers dial: the torch transport binds it alone; for NIXL, UCX's TCP transport takes that address's interface and
+    any RDMA ports) and, for torch, cluster_token."""
+    extra = dict(options)
+    if backend == "nixl":
+        default_ucx_net_devices(extra.pop("host", "127.0.0.1"))
+        extra.pop("cluster_token", None)
+    transport = create_transport(backend, transport_id, **extra)
+    transport.register(kv_pool)
+    return transport
+
+
 def start_rank_kv(
     rank: int,
     kv_caches: list[torch.Tensor],
@@ -133,14 +149,9 @@ def start_rank_kv(
     transport_options: dict[str, Any],
 ) -> RankKV:
     """A rank's own transport over its pool (a worker rank, or rank 0 of a split node)."""
-    if backend == "nixl":  # UCX's TCP transport on the advertised address's interface, as for the node's own
-        from cluster.addresses import default_ucx_net_devices
-
-        default_ucx_net_devices(transport_options.get("host", "127.0.0.1"))
-    options = {k: v for k, v in transport_options.items() if backend == "torch" or k != "host"}
-    transport = create_transport(backend, rank_node_id(node_id, rank, world), **options)
-    transport.register(kv_caches)
-    return RankKV(rank, transport)
+    return RankKV(
+        rank, open_transport(backend, rank_node_id(node_id, rank, world), kv_caches, transport_options)
+    )
 
 
 class RankKV:
@@ -186,7 +197,7 @@ class RankKV:
             routes = self._routes.get(peer)
             handles = self._writes.setdefault(request_id, [])
         if routes is None:
-            self._fail(request_id, f"rank {self.rank} is not connected to {peer!r}")
+            self.record_failure(request_id, f"rank {self.rank} is not connected to {peer!r}")
             return
         for peer_id, heads in routes:
             for i, layer in enumerate(layers):
@@ -194,7 +205,7 @@ class RankKV:
                 try:
                     handle = self.transport.write_blocks(peer_id, layer, src, dst, last, heads)
                 except (TransferError, ValueError) as exc:
-                    self._fail(request_id, f"rank {self.rank}: {exc}")
+                    self.record_failure(request_id, f"rank {self.rank}: {exc}")
                     return
                 with self._lock:
                     handles.append(handle)
@@ -206,7 +217,7 @@ class RankKV:
             try:
                 self.write(item.peer, item.request_id, [layer], item.src, item.dst)
             except Exception as exc:  # anything else is this request's failure, not the step's
-                self._fail(item.request_id, f"rank {self.rank}: {type(exc).__name__}: {exc}")
+                self.record_failure(item.request_id, f"rank {self.rank}: {type(exc).__name__}: {exc}")
 
     def state(self, request_id: str) -> tuple[str, str | None, int]:
         """(state, error, bytes) of every write issued for request_id here: "failed" if any failed, "pending" if
@@ -240,7 +251,8 @@ class RankKV:
         if not self.shares_transport:
             self.transport.close()
 
-    def _fail(self, request_id: str, error: str) -> None:
+    def record_failure(self, request_id: str, error: str) -> None:
+        """A write of request_id that failed before it became a handle (kept for state())."""
         with self._lock:
             self._errors.setdefault(request_id, error)
 
@@ -321,7 +333,7 @@ class RankedKV:
             try:
                 channel.call("write", peer, request_id, layers, src, dst, notify, timeout_s=CALL_TIMEOUT_S)
             except RankCallFailed as exc:
-                self.local._fail(request_id, str(exc))
+                self.local.record_failure(request_id, str(exc))
 
     def state(self, request_id: str) -> tuple[TransferState, str | None, int]:
         """Every rank's writes of request_id together: FAILED (with why) if any failed, PENDING, or DONE."""

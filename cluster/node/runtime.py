@@ -43,7 +43,6 @@ import grpc
 import redis
 
 from cluster import tracing
-from cluster.addresses import default_ucx_net_devices
 from cluster.allocator import keep_freed_memory
 from cluster.auth import ClusterTokenInterceptor
 from cluster.grpc_util import make_server
@@ -98,7 +97,7 @@ class NodeOptions:
         512  # prefill: prompts shorter than this send their KV in one piece, not layer by layer
     )
     kv_transfer_timeout_s: float = 30.0  # a KV write not landed by then fails (and quarantines its blocks)
-    # TP > 1: each rank exchanges its own KV heads with the same rank of a peer of the same degree (rank_kv.py).
+    # Each rank writes the KV heads it holds to the peer's ranks holding them, at any degrees (rank_kv.py).
     kv_rank_to_rank: bool = True
 
 
@@ -267,7 +266,7 @@ def _engine_config(options: NodeOptions, node_id: str) -> EngineConfig:
         tensor_parallel=options.tensor_parallel,
         rank_extension=(
             rank_kv.rank_extension(
-                options.kv_backend, node_id, options.tensor_parallel, _rank_transport_options(options)
+                options.kv_backend, node_id, options.tensor_parallel, _transport_options(options)
             )
             if ranks_transfer
             else None
@@ -280,15 +279,14 @@ def _ranks_transfer(options: NodeOptions) -> bool:
     return options.role != "colocated" and options.kv_rank_to_rank
 
 
-def _rank_transport_options(options: NodeOptions) -> dict[str, Any]:
-    """What each rank's transport is made with (the host: UCX's interface for NIXL, the bind address for torch)."""
-    extra: dict[str, Any] = {
+def _transport_options(options: NodeOptions) -> dict[str, Any]:
+    """What the node's and its ranks' transports are made with (rank_kv.open_transport): they listen on the address
+    peers dial alone (a pod IP on Kubernetes, never every interface)."""
+    return {
         "transfer_timeout_s": options.kv_transfer_timeout_s,
         "host": _public_host(options),
+        "cluster_token": options.cluster_token,
     }
-    if options.kv_backend == "torch":
-        extra["cluster_token"] = options.cluster_token
-    return extra
 
 
 def _public_host(options: NodeOptions) -> str:
@@ -298,16 +296,9 @@ def _public_host(options: NodeOptions) -> str:
 def _make_transport(options: NodeOptions, node_id: str, engine: LLMEngine) -> Any:
     if options.role == "colocated":
         return None
-    from kvtransfer import create_transport
-
-    # The transport listens on the address peers dial alone (a pod IP on Kubernetes, never every interface).
-    extra: dict[str, Any] = {"transfer_timeout_s": options.kv_transfer_timeout_s}
-    if options.kv_backend == "torch":
-        extra |= {"host": _public_host(options), "cluster_token": options.cluster_token}
-    else:  # UCX's TCP transport on that address's interface (RDMA ports stay available)
-        default_ucx_net_devices(_public_host(options))
-    transport = create_transport(options.kv_backend, node_id, **extra)
-    transport.register(engine.kv_layers)
+    transport = rank_kv.open_transport(
+        options.kv_backend, node_id, engine.kv_layers, _transport_options(options)
+    )
     if not _ranks_transfer(options):
         return transport
     world = engine.config.tensor_parallel
@@ -320,7 +311,7 @@ def _make_transport(options: NodeOptions, node_id: str, engine: LLMEngine) -> An
             backend=options.kv_backend,
             node_id=node_id,
             world=world,
-            transport_options=_rank_transport_options(options),
+            transport_options=_transport_options(options),
         )
     config = engine.model_config
 

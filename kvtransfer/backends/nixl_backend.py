@@ -207,8 +207,9 @@ class NixlTransport(KVTransport):
                 raise TransferError(f"not connected to KV peer {peer!r}")
             src, dst = check_write(layout, target.node.layout, layer, src_blocks, dst_blocks, notify, heads)
             now = time.monotonic()
-            per_block = layout.block_bytes if heads is None else heads.bytes_per_block(layout)
-            handle = NixlHandle(peer, layer, len(src) * per_block, now + self.transfer_timeout_s, started=now)
+            handle = NixlHandle(
+                peer, layer, layout.write_bytes(len(src), heads), now + self.transfer_timeout_s, started=now
+            )
             try:
                 if not src:  # nothing to copy: only the announcement
                     if notify is not None:

@@ -282,11 +282,9 @@ class InboundPair:
         slices = _run_slices(kv_layer, dst, runs) if runs else None
         if slices is not None and kv_layer.device.type == "cpu":
             return _Landing(header, [self._recv(target) for target in slices], None, None)
-        staging = self._staging.get(timeout=self._timeout_s)
-        num_bytes = len(dst) * layout.block_bytes
-        if staging.numel() < num_bytes:
-            staging = torch.empty(num_bytes, dtype=torch.uint8)
-        staged = staging[:num_bytes].view(kv_layer.dtype).view(-1, *layout.block_shape)
+        staging, staged = self._staged(
+            len(dst) * layout.block_bytes, kv_layer.dtype, (-1, *layout.block_shape)
+        )
         if slices is None:  # one gathered message for scattered blocks
             ids = torch.tensor(dst, dtype=torch.int32, device=kv_layer.device)
             works = [self._recv(staged)]
@@ -307,12 +305,8 @@ class InboundPair:
     def _start_head_slice(self, header: WriteHeader, kv_layer: torch.Tensor, heads: HeadSlice) -> _Landing:
         """A head slice lands in a staging buffer [n, 2, block_size, count, D], then in its heads of each block."""
         layout, dst = self._layout, header.dst_blocks
-        staging = self._staging.get(timeout=self._timeout_s)
-        num_bytes = len(dst) * heads.bytes_per_block(layout)
-        if staging.numel() < num_bytes:
-            staging = torch.empty(num_bytes, dtype=torch.uint8)
         shape = (len(dst), 2, layout.block_size, heads.count, layout.head_dim)
-        staged = staging[:num_bytes].view(kv_layer.dtype).view(shape)
+        staging, staged = self._staged(layout.write_bytes(len(dst), heads), kv_layer.dtype, shape)
         index = torch.tensor(dst, dtype=torch.long, device=kv_layer.device)
         first = heads.dst_start
 
@@ -320,6 +314,15 @@ class InboundPair:
             kv_layer[index, :, :, first : first + heads.count] = staged.to(kv_layer.device)
 
         return _Landing(header, [self._recv(staged)], finish, staging)
+
+    def _staged(
+        self, num_bytes: int, dtype: torch.dtype, shape: tuple[int, ...]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """A staging buffer (grown if short; give it back once landed) and its first num_bytes as `shape`."""
+        staging = self._staging.get(timeout=self._timeout_s)
+        if staging.numel() < num_bytes:
+            staging = torch.empty(num_bytes, dtype=torch.uint8)
+        return staging, staging[:num_bytes].view(dtype).view(shape)
 
     def _recv(self, target: torch.Tensor) -> Any:
         return self.link.group.recv([byte_view(target)], 0, DATA_TAG)

@@ -269,8 +269,9 @@ class TorchTransport(KVTransport):
             raise TransferError(f"not connected to KV peer {peer!r}")
         src, dst = check_write(layout, pair.node.layout, layer, src_blocks, dst_blocks, notify, heads)
         now = time.monotonic()
-        per_block = layout.block_bytes if heads is None else heads.bytes_per_block(layout)
-        handle = TorchHandle(peer, layer, len(src) * per_block, now + self.transfer_timeout_s, started=now)
+        handle = TorchHandle(
+            peer, layer, layout.write_bytes(len(src), heads), now + self.transfer_timeout_s, started=now
+        )
         pair.submit(Job(handle, src, dst, notify, heads))
         return handle
 
